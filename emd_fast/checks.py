@@ -1,0 +1,45 @@
+"""Boundary checks: one-line errors that name the offending argument, raised before any work is done."""
+from __future__ import annotations
+
+import torch
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` must have the shape and device of ``ref`` (dtype may differ)."""
+    for name, x in others.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def check_per_example(ref_name: str, ref: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    """Every tensor in ``vectors`` must be a per-example (N,) vector on ref's device, N = ref.shape[0]."""
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != ref.shape[0]:
+            raise ValueError(f"{name} must have shape ({ref.shape[0]},) to match {ref_name} {tuple(ref.shape)}, "
+                             f"got {tuple(v.shape)}")
+        if v.device != ref.device:
+            raise ValueError(f"{name} is on {v.device} but {ref_name} is on {ref.device}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(**tensors: torch.Tensor | None) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; expected one of float32, bfloat16, float16")
+
+
+def check_finite(what: str, x: torch.Tensor) -> None:
+    """Raise FloatingPointError if x holds NaN/inf (one host sync; used on the reference path)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = "nan" if bool(torch.isnan(x).any()) else "inf"
+        raise FloatingPointError(f"{what} contains {bad}")

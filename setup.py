@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="emd_fast",
+    version="0.1.0",
+    description="EM Distillation (EMD) of diffusion models into one-step generators, with fused Triton kernels",
+    python_requires=">=3.10",
+    # `kernels/` is a top-level folder of the repo but is installed as `emd_fast.kernels`
+    # (the bare name `kernels` belongs to another PyPI package).
+    packages=["emd_fast", "emd_fast.kernels"],
+    package_dir={"emd_fast": "emd_fast", "emd_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "einops",
+        "nvtx",
+        "tqdm",  # progress bars with live postfix: not worth rewriting
+        "matplotlib",  # PNG plots of samples against the teacher
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["emd-train=emd_fast.train:main"]},
+)

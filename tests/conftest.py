@@ -1,0 +1,26 @@
+"""Test set-up: without a GPU, Triton kernels run in the interpreter (TRITON_INTERPRET=1).
+
+The variable must be set before triton is first imported, so it is set here, at collection time.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device the machine has: cpu always, cuda where present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where Triton kernels run: the GPU if there is one, else the CPU through the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
