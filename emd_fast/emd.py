@@ -1,0 +1,180 @@
+"""The EMD iteration: E-step (K Langevin steps), M-step generator loss, student denoising-score update.
+
+Notation follows DESIGN.md: x_t = alpha_t g(z) + sigma_t eps, delta = s_T - s_psi. The elementwise parts go
+through an ``ops`` backend: :class:`ReferenceOps` (plain PyTorch, :mod:`emd_fast.ops`) or the fused Triton
+kernels (:mod:`emd_fast.fast`); the networks and the control flow are shared, so both paths run the same algorithm.
+
+Sampling variants (the paper's ablation):
+    "eps,z"  reparametrized: Langevin on (eps, z); moving z moves x_t with eps held fixed.
+    "x,z"    joint: Langevin on (x_t, z); moving z leaves x_t fixed and changes eps = (x_t - alpha g(z)) / sigma.
+    "eps"    eps only, z fixed.      "x"  x_t only, z fixed.
+The x-space step size is sigma_t^2 * gamma_eps, which makes an x step equal to an eps step when z is fixed: so
+"x" and "eps" are the same chain (a test checks it) and "x,z" differs from "eps,z" only in how z's move is coupled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops as reference
+from .checks import check_finite
+from .schedules import WEIGHTINGS, expand_like
+
+VARIANTS = ("eps,z", "x,z", "eps", "x")
+
+
+@dataclass
+class EMDConfig:
+    """Hyperparameters of one EMD iteration (the paper's knobs)."""
+
+    K: int = 8  # Langevin steps per E-step; 0 = no MCMC
+    gamma_eps: float = 0.3  # step size on eps (x-space chains use sigma_t^2 * gamma_eps)
+    gamma_z: float = 0.01  # step size on z (variants "eps,z" and "x,z")
+    variant: str = "eps,z"
+    cancel_noise: bool = True  # subtract the book-kept noise eta_K from the M-step residual
+    gen_weighting: str = "inv_snr"  # w(t) of the M-step loss
+    student_weighting: str = "edm"  # w~(t) of the student DSM loss
+    t_min: float | None = None  # E-step / M-step noise-level range (None: the schedule's)
+    t_max: float | None = None
+    check_finite: bool = True  # check every network output for NaN/inf (one host sync each)
+
+    def validate(self) -> "EMDConfig":
+        if not isinstance(self.K, int) or self.K < 0:
+            raise ValueError(f"K must be an integer >= 0, got {self.K}")
+        if not self.gamma_eps > 0:
+            raise ValueError(f"gamma_eps must be > 0, got {self.gamma_eps}")
+        if not 0 < self.gamma_eps < 1:
+            raise ValueError(f"gamma_eps must be < 1 (the eps chain contracts by 1 - gamma_eps), got {self.gamma_eps}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.moves_z and not 0 < self.gamma_z < 1:
+            raise ValueError(f"gamma_z must be in (0, 1) for variant {self.variant!r}, got {self.gamma_z}")
+        for name in ("gen_weighting", "student_weighting"):
+            if getattr(self, name) not in WEIGHTINGS:
+                raise ValueError(f"{name} must be one of {WEIGHTINGS}, got {getattr(self, name)!r}")
+        return self
+
+    @property
+    def moves_z(self) -> bool:
+        return self.variant in ("eps,z", "x,z")
+
+    @property
+    def in_x(self) -> bool:
+        return self.variant.startswith("x")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ReferenceOps:
+    """The reference backend: ops.py functions, noise from one torch.Generator."""
+
+    langevin_eps_step = staticmethod(reference.langevin_eps_step)
+    langevin_z_step = staticmethod(reference.langevin_z_step)
+    generator_loss = staticmethod(reference.generator_loss)
+    dsm_loss = staticmethod(reference.dsm_loss)
+
+    def __init__(self, rng: torch.Generator):
+        self.rng = rng
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+
+
+@dataclass
+class EStep:
+    """E-step output, all (N, ...) except t/alpha/sigma (N,). eta is None without noise cancellation."""
+
+    z: torch.Tensor
+    eps: torch.Tensor
+    eta: torch.Tensor | None
+    x_t: torch.Tensor
+    x0: torch.Tensor  # g(z_0), the generator's own sample at the start (the student trains on it)
+    t: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+
+
+class EMD:
+    """The math of one EMD iteration, independent of optimizers and bookkeeping.
+
+    teacher: has .denoise(x_t, t, y) and .schedule; generator: z (N, ...) -> x (N, ...);
+    student: D_psi(x_t, t, y) -> (N, ...). ops: ReferenceOps or a fused backend with the same methods.
+    """
+
+    def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0):
+        self.teacher, self.generator, self.student = teacher, generator, student
+        self.schedule, self.cfg, self.ops, self.sigma_data = teacher.schedule, cfg.validate(), ops, sigma_data
+
+    def _generate(self, z, y, with_vjp: bool):
+        """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v."""
+        if not with_vjp:
+            with torch.no_grad():
+                return self._finite("generator output", self.generator(z, y)), None
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = self.generator(z, y)
+        self._finite("generator output", g)
+        return g.detach(), lambda v: torch.autograd.grad(g, z, v)[0]
+
+    @torch.no_grad()
+    def _denoisers(self, x_t, t, y):
+        d_t = self._finite("teacher denoiser output", self.teacher.denoise(x_t, t, y))
+        d_s = self._finite("student denoiser output", self.student(x_t, t, y))
+        return d_t, d_s
+
+    def _finite(self, what, x):
+        if self.cfg.check_finite:
+            check_finite(what, x)
+        return x
+
+    def e_step(self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, y=None) -> EStep:
+        """K Langevin steps targeting p_T(x_t) p_theta(z | x_t), started from the generator's own joint.
+
+        z, eps: (N, ...) initial latent and noise (z_0, eps_0 ~ N(0, I)); t: (N,).
+        """
+        cfg, ops = self.cfg, self.ops
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        a, s = expand_like(alpha, eps), expand_like(sigma, eps)
+        eta = eps.clone() if cfg.cancel_noise else None  # eta_0 = eps_0
+        g, pullback = self._generate(z, y, with_vjp=cfg.moves_z and cfg.K > 0)
+        x0, x_t = g, a * g + s * eps
+        for k in range(cfg.K):
+            if k > 0 and cfg.moves_z:
+                g, pullback = self._generate(z, y, with_vjp=True)
+                if cfg.in_x:
+                    eps = (x_t - a * g) / s  # x_t held fixed while z moved
+                else:
+                    x_t = a * g + s * eps  # eps held fixed while z moved
+            d_t, d_s = self._denoisers(x_t, t, y)
+            eps_new, eta, v, x_t = ops.langevin_eps_step(eps, eta, d_t, d_s, alpha, sigma, cfg.gamma_eps,
+                                                         ops.randn_like(eps), g)
+            if cfg.moves_z:
+                # grad_z log pi = alpha J^T delta - z  on (eps, z);  alpha J^T eps / sigma - z  on (x, z)
+                vec = a * eps / s if cfg.in_x else v
+                z = ops.langevin_z_step(z, pullback(vec), cfg.gamma_z, ops.randn_like(z))
+            eps = eps_new
+        return EStep(z=z, eps=eps, eta=eta, x_t=x_t, x0=x0, t=t, alpha=alpha, sigma=sigma)
+
+    def generator_loss(self, es: EStep, y=None) -> torch.Tensor:
+        """M-step: w(t) ||sg(x_t) - alpha g_theta(sg(z_K))||^2 / (2 sigma^2), with the noise-cancelled residual."""
+        g = self.generator(es.z.detach(), y)
+        self._finite("generator output", g)
+        eps = es.eps
+        if self.cfg.in_x and self.cfg.moves_z:
+            a, s = expand_like(es.alpha, g), expand_like(es.sigma, g)
+            eps = (es.x_t - a * g.detach()) / s
+        w = self.schedule.weight(self.cfg.gen_weighting, es.t, self.sigma_data)
+        return self.ops.generator_loss(g, eps, es.eta, es.alpha, es.sigma, w)
+
+    def student_loss(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y=None) -> torch.Tensor:
+        """Student DSM: w~(t) ||D_psi(alpha x + sigma eps, t) - x||^2 on generator samples x (detached), t: (N,)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x = x.detach()
+        x_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
+        d = self.student(x_t, t, y)
+        w = self.schedule.weight(self.cfg.student_weighting, t, self.sigma_data)
+        return self.ops.dsm_loss(d, x, w)

@@ -1,0 +1,81 @@
+"""Networks for vector data: an EDM-preconditioned MLP denoiser and the one-step generator built on it.
+
+Preconditioning (Karras et al. 2022) written for any Schedule: with s = sigma_t / alpha_t and x = x_t / alpha_t,
+    D(x_t, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
+    c_skip = s_d^2 / (s^2 + s_d^2),  c_out = s s_d / sqrt(s^2 + s_d^2),  c_in = 1 / sqrt(s^2 + s_d^2),  c_noise = log(s) / 4.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .checks import check_per_example
+from .schedules import Schedule, expand_like
+
+
+class FourierEmbedding(nn.Module):
+    """c_noise (N,) -> (N, dim) random Fourier features (fixed frequencies)."""
+
+    def __init__(self, dim: int, scale: float = 4.0, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, c):
+        arg = 2 * math.pi * c[:, None] * self.freqs[None]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class MLPDenoiser(nn.Module):
+    """D(x_t, t, y): (N, D) x (N,) -> (N, D). A residual MLP whose blocks are modulated by the noise embedding."""
+
+    def __init__(self, dim: int, schedule: Schedule, hidden: int = 128, depth: int = 3, emb_dim: int = 64,
+                 sigma_data: float = 1.0):
+        super().__init__()
+        self.dim, self.schedule, self.sigma_data = dim, schedule, sigma_data
+        self.arch = {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim, "sigma_data": sigma_data}
+        self.embed = nn.Sequential(FourierEmbedding(emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU())
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.mods = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x_t.dim() != 2 or x_t.shape[1] != self.dim:
+            raise ValueError(f"x_t must have shape (N, {self.dim}), got {tuple(x_t.shape)}")
+        check_per_example("x_t", x_t, t=t)
+        alpha, sigma = self.schedule.alpha_sigma(t.float())
+        s, sd = sigma / alpha, self.sigma_data
+        x = x_t / expand_like(alpha, x_t)
+        c_skip, c_out, c_in = (expand_like(c, x) for c in (sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(),
+                                                            1 / (s**2 + sd**2).sqrt()))
+        emb = self.embed(s.log() / 4)
+        h = self.inp(c_in * x)
+        for block, mod in zip(self.blocks, self.mods):
+            scale, shift = mod(emb).chunk(2, dim=1)
+            h = h + block(nn.functional.silu(h * (1 + scale) + shift))
+        return c_skip * x + c_out * self.out(nn.functional.silu(h))
+
+
+class Generator(nn.Module):
+    """One-step generator g(z) = D(sigma_{t*} z, t*): a denoiser evaluated at the fixed noise level t*.
+
+    z: (N, D) -> x: (N, D). Initialised from a (copy of the) teacher denoiser as in the EMD paper, so at
+    initialisation g(z) is exactly the teacher's denoiser at log-SNR lambda*.
+    """
+
+    def __init__(self, denoiser: nn.Module, t_star: float):
+        super().__init__()
+        self.denoiser, self.t_star = denoiser, float(t_star)
+        self.sigma_star = float(denoiser.schedule.sigma(torch.tensor(self.t_star, dtype=torch.float64)))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.float32)
+        return self.denoiser(self.sigma_star * z, t, y)
+
+    @classmethod
+    def from_teacher(cls, teacher_net: nn.Module, t_star: float) -> "Generator":
+        return cls(copy.deepcopy(teacher_net).requires_grad_(True).train(), t_star)

@@ -1,0 +1,39 @@
+"""Small building blocks shared by the tests."""
+import torch
+from torch import nn
+
+from emd_fast.networks import Generator, MLPDenoiser
+from emd_fast.problems import ring2d
+from emd_fast.schedules import VPCosine
+
+
+class LinearGenerator(nn.Module):
+    """g(z) = A z + b, (N, D) -> (N, D)."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.as_tensor(a)), nn.Parameter(torch.as_tensor(b))
+
+    def forward(self, z, y=None):
+        return z @ self.a.T + self.b
+
+
+class ExactDenoiser(nn.Module):
+    """Wraps an analytic teacher's denoiser as a student network D(x_t, t, y)."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x_t, t, y=None):
+        return self.teacher.denoise(x_t, t)
+
+
+def small_problem(seed=0, hidden=32):
+    """(teacher, generator, student) on ring2d with small random MLPs."""
+    torch.manual_seed(seed)
+    sch = VPCosine()
+    teacher = ring2d(sch)
+    gen = Generator(MLPDenoiser(2, sch, hidden=hidden, depth=2, sigma_data=2.0), t_star=0.9)
+    student = MLPDenoiser(2, sch, hidden=hidden, depth=2, sigma_data=2.0)
+    return teacher, gen, student

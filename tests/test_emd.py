@@ -1,0 +1,166 @@
+"""Mathematical properties of the reference EMD iteration."""
+import copy
+
+import pytest
+import torch
+
+from emd_fast.distiller import Distiller
+from emd_fast.emd import EMD, EMDConfig, ReferenceOps
+from emd_fast.schedules import VPCosine, expand_like
+from emd_fast.teachers import GaussianMixtureTeacher, score_from_denoiser
+
+from helpers import ExactDenoiser, LinearGenerator, small_problem
+
+
+def make_emd(cfg, seed=0, problem=None):
+    teacher, gen, student = problem or small_problem(seed)
+    return EMD(teacher, gen, student, cfg, ReferenceOps(torch.Generator().manual_seed(seed + 100)), sigma_data=2.0)
+
+
+def inputs(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g), 0.1 + 0.8 * torch.rand(n, generator=g)
+
+
+def test_k1_cancelled_gradient_equals_diff_instruct():
+    """EMD-1 on eps with noise cancellation: grad = gamma_eps * Diff-Instruct grad E[w alpha J^T (s_psi - s_T)]."""
+    cfg = EMDConfig(K=1, gamma_eps=0.2, variant="eps", cancel_noise=True)
+    emd = make_emd(cfg)
+    z, eps, t = inputs()
+    loss = emd.generator_loss(emd.e_step(z, eps, t))
+    params = list(emd.generator.parameters())
+    got = torch.autograd.grad(loss, params)
+
+    # Diff-Instruct, computed independently: scores at x_t = alpha g(z) + sigma eps_0
+    sch = emd.schedule
+    g = emd.generator(z)
+    alpha, sigma = (expand_like(v, g) for v in sch.alpha_sigma(t))
+    x_t = (alpha * g + sigma * eps).detach()
+    with torch.no_grad():
+        delta = emd.teacher.score(x_t, t) - score_from_denoiser(sch, x_t, t, emd.student(x_t, t))
+    w = expand_like(sch.weight(cfg.gen_weighting, t, 2.0), g)
+    surrogate = (w * alpha * (-delta) * g).sum() / g.numel()  # d/dtheta = E[w alpha (s_psi - s_T) dg/dtheta]
+    want = torch.autograd.grad(surrogate, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, cfg.gamma_eps * b, rtol=1e-5, atol=1e-8)
+    assert max(float(a.abs().max()) for a in got) > 0
+
+
+class RecordingTeacher:
+    def __init__(self, teacher):
+        self.teacher, self.schedule, self.data_shape, self.seen = teacher, teacher.schedule, teacher.data_shape, []
+
+    def denoise(self, x_t, t, y=None):
+        self.seen.append(x_t.clone())
+        return self.teacher.denoise(x_t, t)
+
+
+@pytest.mark.parametrize("variant", ["eps,z", "eps"])
+def test_cancellation_removes_exactly_the_bookkept_noise(variant):
+    """eps_K - eta_K = sum_k gamma (1 - gamma)^(K-1-k) sigma delta_k: only the drift survives."""
+    teacher, gen, student = small_problem()
+    rec = RecordingTeacher(teacher)
+    K, gamma = 5, 0.3
+    emd = make_emd(EMDConfig(K=K, gamma_eps=gamma, gamma_z=0.05, variant=variant), problem=(rec, gen, student))
+    z, eps, t = inputs()
+    es = emd.e_step(z, eps, t)
+    sigma = es.sigma[:, None]
+    drift = torch.zeros_like(eps)
+    with torch.no_grad():
+        for x_t in rec.seen:
+            delta = teacher.score(x_t, t) - score_from_denoiser(teacher.schedule, x_t, t, student(x_t, t))
+            drift = (1 - gamma) * drift + gamma * sigma * delta
+    assert len(rec.seen) == K
+    torch.testing.assert_close(es.eps - es.eta, drift, rtol=1e-4, atol=1e-5)
+    assert float((es.eps - drift).abs().mean()) > 0.1  # the noise that cancellation removes is not small
+
+
+def test_x_and_eps_chains_coincide_when_z_is_fixed():
+    z, eps, t = inputs()
+    out = {}
+    for variant in ("x", "eps"):
+        emd = make_emd(EMDConfig(K=4, gamma_eps=0.25, variant=variant))
+        es = emd.e_step(z, eps, t)
+        out[variant] = (es, emd.generator_loss(es))
+    torch.testing.assert_close(out["x"][0].eps, out["eps"][0].eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x"][1], out["eps"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_k0_with_cancellation_gives_zero_gradient():
+    emd = make_emd(EMDConfig(K=0, variant="eps,z"))
+    z, eps, t = inputs()
+    loss = emd.generator_loss(emd.e_step(z, eps, t))
+    assert all(float(g.abs().max()) == 0 for g in torch.autograd.grad(loss, list(emd.generator.parameters())))
+
+
+@pytest.mark.parametrize("variant", ["eps,z", "x,z"])
+def test_langevin_with_exact_scores_keeps_the_target_invariant(variant):
+    """Linear generator, Gaussian teacher, exact student: the (x_t, z) target p_T(x_t) p_theta(z | x_t) is Gaussian
+    and known; started there, K Langevin steps (both variables) must leave its mean and covariance unchanged."""
+    sch = VPCosine()
+    a = torch.tensor([[1.0, 0.3], [-0.2, 0.8]], dtype=torch.float64)
+    b = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    mu = torch.tensor([-0.4, 0.6], dtype=torch.float64)
+    s_cov = torch.tensor([[0.5, 0.1], [0.1, 0.3]], dtype=torch.float64)
+    teacher = GaussianMixtureTeacher(mu[None], s_cov[None], [1.0], sch)
+    p_theta = GaussianMixtureTeacher(b[None], (a @ a.T)[None], [1.0], sch)  # law of g(z) = A z + b
+    gen = LinearGenerator(a.float(), b.float())
+    n, tt = 40_000, 0.5
+    t = torch.full((n,), tt)
+    al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(tt, dtype=torch.float64)))
+    g = torch.Generator().manual_seed(0)
+    # exact sample of the target: x_t ~ p_T,t ; z | x_t ~ N(m, P) under p_theta
+    x_t = teacher.sample_t(t, g).double()
+    prec = torch.eye(2, dtype=torch.float64) + (al / si) ** 2 * a.T @ a
+    cov_post = torch.linalg.inv(prec)
+    m = (x_t - al * b) @ (cov_post @ a.T * al / si**2).T
+    z = m + torch.randn(n, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov_post).T
+    eps = (x_t - al * (z @ a.T + b)) / si
+    stacked0 = torch.cat([x_t, z], 1)
+
+    cfg = EMDConfig(K=40, gamma_eps=0.02, gamma_z=0.02, variant=variant)
+    emd = EMD(teacher, gen, ExactDenoiser(p_theta), cfg, ReferenceOps(torch.Generator().manual_seed(1)))
+    es = emd.e_step(z.float(), eps.float(), t)
+    x_k = es.x_t if variant == "x,z" else al * gen(es.z).detach() + si * es.eps
+    stacked = torch.cat([x_k.double(), es.z.double()], 1)
+    moved = (stacked - stacked0).norm(dim=1).mean()
+    assert moved > 0.5  # the chain really moved
+    torch.testing.assert_close(stacked.mean(0), stacked0.mean(0), atol=0.03, rtol=0)
+    torch.testing.assert_close(stacked.T.cov(), stacked0.T.cov(), atol=0.04, rtol=0)
+
+
+def test_bad_hyperparameters():
+    for kwargs, msg in [({"K": -1}, "K must be"), ({"gamma_eps": -0.1}, "gamma_eps must be > 0"),
+                        ({"gamma_eps": 1.5}, "gamma_eps must be < 1"), ({"gamma_z": 0.0}, "gamma_z must be in"),
+                        ({"variant": "z"}, "variant must be"), ({"gen_weighting": "x"}, "gen_weighting")]:
+        with pytest.raises(ValueError, match=msg):
+            EMDConfig(**kwargs).validate()
+    EMDConfig(variant="eps", gamma_z=0.0).validate()  # gamma_z unused when z is fixed
+
+
+class NaNTeacher(RecordingTeacher):
+    def denoise(self, x_t, t, y=None):
+        out = self.teacher.denoise(x_t, t)
+        out[3, 1] = float("nan")
+        return out
+
+
+def test_nan_from_teacher_is_caught_and_parameters_untouched():
+    teacher, gen, student = small_problem()
+    dist = Distiller(NaNTeacher(teacher), gen, student, EMDConfig(K=2), batch=16, lr_g=1e-3, lr_s=1e-3)
+    before = copy.deepcopy(dist.state_tensors())
+    with pytest.raises(FloatingPointError, match="teacher denoiser output contains nan"):
+        dist.step()
+    after = dist.state_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "rng")
+
+
+def test_nonfinite_loss_leaves_parameters_unchanged():
+    teacher, gen, student = small_problem()
+    dist = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-3, lr_s=1e-3)
+    dist.step()
+    snapshot = {k: v.clone() for k, v in gen.state_dict().items()}
+    loss = (gen(torch.randn(4, 2)) * float("nan")).mean()
+    with pytest.raises(FloatingPointError, match="generator loss or gradient is nan/inf at step 2"):
+        dist._update(dist.opt_g, loss, "generator")
+    assert all(torch.equal(snapshot[k], v) for k, v in gen.state_dict().items())
