@@ -181,7 +181,9 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     else:
         write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, "teacher_fit_loss": run.fit_loss,
                                                 "teacher": run.teacher.to_config(), "torch": torch.__version__})
-        (out / "metrics.jsonl").write_text("")
+        init_metrics, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
+        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     setup_s = time.perf_counter() - t0
 
     def checkpoint():

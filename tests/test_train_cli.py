@@ -23,7 +23,8 @@ def final_tensors(out):
 
 
 def losses(out):
-    return [(r["step"], r["loss_g"], r["loss_s"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss_g"], r["loss_s"]) for r in records if r["step"] > 0]
 
 
 def test_run_directory(tmp_path, capsys):
@@ -36,6 +37,8 @@ def test_run_directory(tmp_path, capsys):
     assert summary["steps"] == 6 and summary["iters_per_s"] > 0
     assert {"modes_covered", "mode_tv", "energy_distance", "mean_loglik", "off_mode"} <= set(summary["final"])
     assert len(losses(out)) == 6
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and "mode_tv" in first  # the generator at initialisation
     assert "modes covered" in capsys.readouterr().out
     assert (out / "samples/final.png").read_bytes()[:4] == b"\x89PNG"
 
