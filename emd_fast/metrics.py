@@ -36,7 +36,8 @@ def mixture_metrics(samples: torch.Tensor, teacher: GaussianMixtureTeacher, exac
     """samples: (N, D) generator samples; exact: (M, D) exact teacher samples for the energy distance.
 
     Returns modes_covered (count), mode_tv (total variation between the sample and true weights of the M modes and
-    the off-mode bin), off_mode (fraction of samples on no mode), energy_distance, mean_loglik (mean log p(x) under
+    the off-mode bin), off_mode (fraction of samples on no mode), mode_spread (mean squared Mahalanobis distance
+    per dimension of on-mode samples to their mode: ~1 for exact samples, < 1 under-dispersed), energy_distance, mean_loglik (mean log p(x) under
     the true mixture), and the per-mode weights.
     """
     if samples.dim() != 2 or samples.shape[1] != teacher.dim:
@@ -50,12 +51,14 @@ def mixture_metrics(samples: torch.Tensor, teacher: GaussianMixtureTeacher, exac
     on_mode = d2.gather(1, label[:, None])[:, 0] < chi2_quantile(teacher.dim)
     label = torch.where(on_mode, label, torch.full_like(label, m))  # bin m = off-mode
     freq = torch.bincount(label, minlength=m + 1).double() / samples.shape[0]
+    d2_on = d2.gather(1, label.clamp(max=m - 1)[:, None])[:, 0][on_mode]
     true = torch.cat([teacher.weights, torch.zeros(1, dtype=torch.float64)])
     return {
         "modes_covered": int((freq[:m] >= COVERAGE_FRACTION * true[:m]).sum()),
         "num_modes": m,
         "mode_tv": float(0.5 * (freq - true).abs().sum()),
         "off_mode": float(freq[m]),
+        "mode_spread": float(d2_on.mean() / teacher.dim) if bool(on_mode.any()) else float("nan"),
         "energy_distance": energy_distance(samples, exact.double().cpu()),
         "mean_loglik": float(teacher.log_prob(samples).mean()),
         "mode_weights": [round(v, 4) for v in freq[:m].tolist()],

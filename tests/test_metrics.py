@@ -10,6 +10,7 @@ def test_exact_samples_score_perfectly():
     m = reference_metrics(teacher, 4000, torch.Generator().manual_seed(0))
     assert m["modes_covered"] == 8 and m["mode_tv"] < 0.04 and m["off_mode"] < 0.01
     assert m["energy_distance"] < 0.01
+    assert 0.9 < m["mode_spread"] < 1.05
 
 
 def test_collapse_and_blur_are_penalised():
@@ -18,6 +19,7 @@ def test_collapse_and_blur_are_penalised():
     collapsed = teacher.means[7].float() + 0.05 * torch.randn(2000, 2)
     m = mixture_metrics(collapsed, teacher, exact)
     assert m["modes_covered"] == 1 and m["mode_tv"] > 0.7
+    assert m["mode_spread"] < 0.1  # std 0.05 around a mode of std 0.2: under-dispersed
     blurred = exact + 0.6 * torch.randn_like(exact)  # mass smeared between the modes
     m = mixture_metrics(blurred, teacher, exact)
     assert m["off_mode"] > 0.3 and m["mode_tv"] > 0.3 and m["mean_loglik"] < -3
