@@ -17,7 +17,7 @@ class Distiller:
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
-                 sigma_data: float = 1.0, device="cpu"):
+                 sigma_data: float = 1.0, num_classes: int = 0, device="cpu"):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         for name, lr in (("lr_g", lr_g), ("lr_s", lr_s)):
@@ -28,7 +28,7 @@ class Distiller:
                 raise ValueError(f"{name} must lie in [0, 1), got {tuple(betas)}")
         self.device = torch.device(device)
         self.teacher, self.generator, self.student = teacher, generator.to(self.device), student.to(self.device)
-        self.batch, self.shape, self.step_count = batch, tuple(teacher.data_shape), 0
+        self.batch, self.shape, self.num_classes, self.step_count = batch, tuple(teacher.data_shape), num_classes, 0
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.emd = EMD(teacher, self.generator, self.student, cfg, ReferenceOps(self.rng), sigma_data)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g))
@@ -41,17 +41,23 @@ class Distiller:
     def _randn(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.shape), generator=self.rng, device=self.device)
 
+    def _labels(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Uniform class labels (n,) for a class-conditional teacher, else None."""
+        if not self.num_classes:
+            return None
+        return torch.randint(self.num_classes, (n,), generator=generator, device=self.device)
+
     def _sample_t(self, n: int) -> torch.Tensor:
         return self.teacher.schedule.sample_t(n, self.rng, self.device, self.cfg.t_min, self.cfg.t_max)
 
     def step(self) -> dict[str, torch.Tensor]:
         """One EMD iteration: E-step, generator M-step update, student DSM update. Returns detached losses."""
         n = self.batch
-        z, eps, t = self._randn(n), self._randn(n), self._sample_t(n)
-        es = self.emd.e_step(z, eps, t)
-        loss_g = self.emd.generator_loss(es)
+        z, eps, t, y = self._randn(n), self._randn(n), self._sample_t(n), self._labels(n, self.rng)
+        es = self.emd.e_step(z, eps, t, y)
+        loss_g = self.emd.generator_loss(es, y)
         self._update(self.opt_g, loss_g, "generator")
-        loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n))
+        loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
         self._update(self.opt_s, loss_s, "student")
         self.step_count += 1
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
@@ -67,10 +73,12 @@ class Distiller:
         opt.step()
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n one-step samples g(z), z ~ N(0, I) from ``generator``: (n, *data_shape) fp32."""
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n one-step samples g(z, y), z ~ N(0, I) and uniform labels y from ``generator``: (n, *data_shape) fp32,
+        and the labels (n,) (None for an unconditional teacher)."""
         z = torch.randn((n, *self.shape), generator=generator, device=self.device)
-        return self.generator(z)
+        y = self._labels(n, generator)
+        return self.generator(z, y), y
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn
 
+from .metrics import mixture_metrics, reference_metrics
 from .networks import Generator, MLPDenoiser
+from .plots import plot_run
 from .schedules import Schedule
 from .teachers import GaussianMixtureTeacher
 
@@ -82,3 +84,54 @@ def init_networks(teacher_net: nn.Module, t_star: float) -> tuple[Generator, nn.
     """Generator = teacher denoiser at t* (lambda*), student = copy of the teacher denoiser (both trainable)."""
     student = copy.deepcopy(teacher_net).requires_grad_(True).train()
     return Generator.from_teacher(teacher_net, t_star), student
+
+
+class MixtureProblem:
+    """An embedded Gaussian-mixture preset: exact teacher, MLP networks, exact metrics and scatter plots.
+
+    The interface the training CLI uses for every problem: ``teacher``, ``sigma_data``, ``num_classes``,
+    ``teacher_network``, ``metrics``, ``floor``, ``plot``, ``summary_lines``.
+    """
+
+    num_classes = 0
+
+    def __init__(self, preset: str, schedule: Schedule, cfg: dict):
+        self.cfg, self.teacher = cfg, make_teacher(preset, schedule)
+        self.sigma_data = data_std(self.teacher)
+        self.exact, _ = self.teacher.sample(cfg["eval_samples"], torch.Generator().manual_seed(cfg["seed"] + 2))
+
+    def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
+        """An MLP copy of the exact teacher denoiser (regressed onto it unless ``fit`` is False: resuming)."""
+        cfg = self.cfg
+        net = MLPDenoiser(self.teacher.dim, self.teacher.schedule, cfg["hidden"], cfg["depth"],
+                          sigma_data=self.sigma_data).to(device)
+        if not fit:
+            return net, {}
+        rng = torch.Generator(device).manual_seed(cfg["seed"] + 1)
+        return net, {"teacher_fit_loss": fit_denoiser(net, self.teacher, cfg["teacher_fit_steps"], 512, rng)}
+
+    def metrics(self, samples: torch.Tensor, y=None) -> dict:
+        return mixture_metrics(samples, self.teacher, self.exact)
+
+    def floor(self) -> dict:
+        """The metrics of exact teacher samples: what a perfect generator scores."""
+        return reference_metrics(self.teacher, self.cfg["eval_samples"],
+                                 torch.Generator().manual_seed(self.cfg["seed"] + 4))
+
+    def plot(self, path, samples, y, metrics, history, title) -> None:
+        plot_run(path, samples, self.exact, self.teacher, metrics, history, title)
+
+    @staticmethod
+    def progress(m: dict) -> dict:
+        return {"modes": f"{m['modes_covered']}/{m['num_modes']}", "tv": f"{m['mode_tv']:.3f}"}
+
+    @staticmethod
+    def summary_lines(f: dict, floor: dict) -> list[str]:
+        return [
+            f"modes covered   {f['modes_covered']}/{f['num_modes']}   (exact samples: {floor['modes_covered']})",
+            f"mode-weight TV  {f['mode_tv']:.4f}   (exact samples: {floor['mode_tv']:.4f})",
+            f"off-mode        {f['off_mode']:.4f}   (exact samples: {floor['off_mode']:.4f})",
+            f"mode spread     {f['mode_spread']:.3f}    (exact samples: {floor['mode_spread']:.3f}; < 1: under-dispersed)",
+            f"energy distance {f['energy_distance']:.4f}   (exact samples: {floor['energy_distance']:.4f})",
+            f"mean log-lik    {f['mean_loglik']:.3f}   (exact samples: {floor['mean_loglik']:.3f})",
+        ]

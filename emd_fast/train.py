@@ -21,12 +21,10 @@ from . import problems
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
 from .distiller import Distiller
 from .emd import VARIANTS, EMDConfig
-from .metrics import mixture_metrics, reference_metrics
-from .networks import MLPDenoiser
-from .plots import plot_run
 from .schedules import SCHEDULES, WEIGHTINGS, make_schedule
 
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
+PROBLEMS = {"ring2d": problems.MixtureProblem, "gmm16d": problems.MixtureProblem}
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet"}
 
 
@@ -37,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each iteration: K Langevin steps on (eps, z) targeting p_T(x_t) p_theta(z|x_t) (E-step), a "
                     "generator update on the noise-cancelled denoising loss (M-step), and a student score update.")
     a = p.add_argument_group("problem")
-    a.add_argument("--preset", choices=problems.PRESETS, default="ring2d",
+    a.add_argument("--preset", choices=tuple(PROBLEMS), default="ring2d",
                    help="embedded teacher: ring2d = 8 unequal modes in 2-D; gmm16d = 10 modes in 16-D")
     a.add_argument("--schedule", choices=tuple(SCHEDULES), default="vp_cosine", help="noise schedule")
     a.add_argument("--hidden", type=int, default=128, help="MLP width of the generator / student")
@@ -92,35 +90,33 @@ def _jsonable(cfg: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
+def make_problem(cfg: dict):
+    return PROBLEMS[cfg["preset"]](cfg["preset"], make_schedule(cfg["schedule"]), cfg)
+
+
 class Run:
-    """Everything built from a config: schedule, teacher, networks, the Distiller and the evaluation samples."""
+    """Everything built from a config: the problem (teacher, metrics, plots), the networks and the Distiller."""
 
     def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool):
-        self.cfg = cfg
-        schedule = make_schedule(cfg["schedule"])
-        self.teacher = problems.make_teacher(cfg["preset"], schedule)
-        self.t_star = schedule.t_at_lambda(cfg["lambda_star"])
-        sigma_data = problems.data_std(self.teacher)
+        self.cfg, self.problem = cfg, make_problem(cfg)
+        self.teacher = self.problem.teacher
+        self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
         torch.manual_seed(cfg["seed"])  # network initialisation
-        net = MLPDenoiser(self.teacher.dim, schedule, cfg["hidden"], cfg["depth"], sigma_data=sigma_data).to(device)
-        self.fit_loss = None
-        if fit_teacher:
-            fit_rng = torch.Generator(device).manual_seed(cfg["seed"] + 1)
-            self.fit_loss = problems.fit_denoiser(net, self.teacher, cfg["teacher_fit_steps"], 512, fit_rng)
+        net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
         generator, student = problems.init_networks(net, self.t_star)
         emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], variant=cfg["variant"],
                             cancel_noise=cfg["cancel_noise"], gen_weighting=cfg["gen_weighting"],
                             student_weighting=cfg["student_weighting"], t_min=cfg["t_min"], t_max=cfg["t_max"])
         self.distiller = Distiller(self.teacher, generator, student, emd_cfg, batch=cfg["batch"], lr_g=cfg["lr_g"],
                                    lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
-                                   seed=cfg["seed"], sigma_data=sigma_data, device=device)
-        self.exact, _ = self.teacher.sample(cfg["eval_samples"], torch.Generator().manual_seed(cfg["seed"] + 2))
+                                   seed=cfg["seed"], sigma_data=self.problem.sigma_data,
+                                   num_classes=self.problem.num_classes, device=device)
 
-    def evaluate(self) -> tuple[dict, torch.Tensor]:
-        """Metrics of eval_samples generator samples from a fixed z (the same every evaluation)."""
+    def evaluate(self) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation)."""
         rng = torch.Generator(self.distiller.device).manual_seed(self.cfg["seed"] + 3)
-        samples = self.distiller.sample(self.cfg["eval_samples"], rng)
-        return mixture_metrics(samples, self.teacher, self.exact), samples
+        samples, y = self.distiller.sample(self.cfg["eval_samples"], rng)
+        return self.problem.metrics(samples, y), samples, y
 
 
 def validate(cfg: dict) -> None:
@@ -179,9 +175,9 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         dist.load_state_tensors(tensors, state["step"], str(latest))
         _truncate_metrics(out / "metrics.jsonl", state["step"])
     else:
-        write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, "teacher_fit_loss": run.fit_loss,
+        write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
                                                 "teacher": run.teacher.to_config(), "torch": torch.__version__})
-        init_metrics, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
+        init_metrics, _, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
         rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
         (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     setup_s = time.perf_counter() - t0
@@ -190,11 +186,11 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         state = {"config": saved_cfg, "torch": torch.__version__}
         save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors(), state, keep=cfg["keep"])
 
-    def plot(name, metrics, samples):
+    def plot(name, metrics, samples, y):
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {cfg['preset']}, "
                  f"step {dist.step_count}")
-        plot_run(out / "samples" / name, samples, run.exact, run.teacher, metrics, history, title)
+        run.problem.plot(out / "samples" / name, samples, y, metrics, history, title)
 
     log = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"], desc="EMD", unit="it",
@@ -208,19 +204,18 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
             step = dist.step_count
             rec = {"step": step, **{k: float(v) for k, v in losses.items()}}
             if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-                metrics, samples = run.evaluate()
+                metrics, samples, y = run.evaluate()
                 rec |= {k: v for k, v in metrics.items() if k != "mode_weights"}
                 last = metrics
                 if cfg["plot_every"] and step % cfg["plot_every"] == 0:
-                    plot(f"step_{step:07d}.png", metrics, samples)
+                    plot(f"step_{step:07d}.png", metrics, samples, y)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
                 checkpoint()
             bar.update(1)
             bar.set_postfix(loss_g=f"{rec['loss_g']:.3g}", loss_s=f"{rec['loss_s']:.3g}",
-                            modes=f"{last.get('modes_covered', '?')}/{run.teacher.num_modes}",
-                            tv=f"{last.get('mode_tv', float('nan')):.3f}", refresh=False)
+                            **(run.problem.progress(last) if last else {}), refresh=False)
     except KeyboardInterrupt:
         bar.close()
         checkpoint()
@@ -232,15 +227,14 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     bar.close()
     if dist.step_count % max(cfg["ckpt_every"], 1) != 0 or not cfg["ckpt_every"]:
         checkpoint()
-    final, samples = run.evaluate()
-    plot("final.png", final, samples)
+    final, samples, y = run.evaluate()
+    plot("final.png", final, samples, y)
     steps_run = dist.step_count - start_step
     summary = {
-        "out": str(out), "steps": dist.step_count, "device": str(device), "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
+        "out": str(out), "preset": cfg["preset"], "steps": dist.step_count, "device": str(device), "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
-        "final": final, "exact_sample_floor": reference_metrics(run.teacher, cfg["eval_samples"],
-                                                                torch.Generator().manual_seed(cfg["seed"] + 4)),
+        "final": final, "exact_sample_floor": run.problem.floor(),
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
@@ -253,18 +247,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def format_summary(s: dict, out: Path) -> str:
-    f, floor = s["final"], s["exact_sample_floor"]
+def format_summary(s: dict, lines: list[str]) -> str:
     return "\n".join([
-        f"run directory: {out}",
+        f"run directory: {s['out']}",
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s)",
-        f"modes covered   {f['modes_covered']}/{f['num_modes']}   (exact samples: {floor['modes_covered']})",
-        f"mode-weight TV  {f['mode_tv']:.4f}   (exact samples: {floor['mode_tv']:.4f})",
-        f"mode spread     {f['mode_spread']:.3f}    (exact samples: {floor['mode_spread']:.3f}; < 1 is under-dispersed)",
-        f"energy distance {f['energy_distance']:.4f}   (exact samples: {floor['energy_distance']:.4f})",
-        f"mean log-lik    {f['mean_loglik']:.3f}   (exact samples: {floor['mean_loglik']:.3f})",
-        f"plot: {out / 'samples' / 'final.png'}",
+        *lines,
+        f"plot: {Path(s['out']) / 'samples' / 'final.png'}",
     ])
 
 
@@ -280,7 +269,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(format_summary(summary, Path(summary["out"])))
+    lines = PROBLEMS[summary["preset"]].summary_lines(summary["final"], summary["exact_sample_floor"])
+    print(format_summary(summary, lines))
     return 0
 
 
