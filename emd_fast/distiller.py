@@ -6,6 +6,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict
 from .emd import EMD, EMDConfig, ReferenceOps
+from .profiling import phase
 
 
 class Distiller:
@@ -64,13 +65,15 @@ class Distiller:
 
     def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, name: str) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with phase(f"{name} backward"):
+            loss.backward()
         if self.cfg.check_finite:
             grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
             if not bool(torch.isfinite(loss)) or not all(bool(torch.isfinite(g).all()) for g in grads):
                 raise FloatingPointError(f"{name} loss or gradient is nan/inf at step {self.step_count + 1}; "
                                          f"parameters were left unchanged")
-        opt.step()
+        with phase(f"{name} optimizer"):
+            opt.step()
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:

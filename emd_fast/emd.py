@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops as reference
 from .checks import check_finite
+from .profiling import phase
 from .schedules import WEIGHTINGS, expand_like
 
 VARIANTS = ("eps,z", "x,z", "eps", "x")
@@ -112,18 +113,25 @@ class EMD:
     def _generate(self, z, y, with_vjp: bool):
         """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v."""
         if not with_vjp:
-            with torch.no_grad():
+            with torch.no_grad(), phase("generator forward"):
                 return self._finite("generator output", self.generator(z, y)), None
         z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), phase("generator forward"):
             g = self.generator(z, y)
         self._finite("generator output", g)
-        return g.detach(), lambda v: torch.autograd.grad(g, z, v)[0]
+
+        def pullback(v):
+            with phase("generator VJP"):
+                return torch.autograd.grad(g, z, v)[0]
+
+        return g.detach(), pullback
 
     @torch.no_grad()
     def _denoisers(self, x_t, t, y):
-        d_t = self._finite("teacher denoiser output", self.teacher.denoise(x_t, t, y))
-        d_s = self._finite("student denoiser output", self.student(x_t, t, y))
+        with phase("teacher forward"):
+            d_t = self._finite("teacher denoiser output", self.teacher.denoise(x_t, t, y))
+        with phase("student forward"):
+            d_s = self._finite("student denoiser output", self.student(x_t, t, y))
         return d_t, d_s
 
     def _finite(self, what, x):
@@ -150,31 +158,35 @@ class EMD:
                 else:
                     x_t = a * g + s * eps  # eps held fixed while z moved
             d_t, d_s = self._denoisers(x_t, t, y)
-            eps_new, eta, v, x_t = ops.langevin_eps_step(eps, eta, d_t, d_s, alpha, sigma, cfg.gamma_eps,
-                                                         ops.randn_like(eps), g)
+            with phase("langevin eps update"):
+                eps_new, eta, v, x_t = ops.langevin_eps_step(eps, eta, d_t, d_s, alpha, sigma, cfg.gamma_eps,
+                                                             ops.randn_like(eps), g)
             if cfg.moves_z:
                 # grad_z log pi = alpha J^T delta - z  on (eps, z);  alpha J^T eps / sigma - z  on (x, z)
-                vec = a * eps / s if cfg.in_x else v
-                z = ops.langevin_z_step(z, pullback(vec), cfg.gamma_z, ops.randn_like(z))
+                jtv = pullback(a * eps / s if cfg.in_x else v)
+                with phase("langevin z update"):
+                    z = ops.langevin_z_step(z, jtv, cfg.gamma_z, ops.randn_like(z))
             eps = eps_new
         return EStep(z=z, eps=eps, eta=eta, x_t=x_t, x0=x0, t=t, alpha=alpha, sigma=sigma)
 
     def generator_loss(self, es: EStep, y=None) -> torch.Tensor:
         """M-step: w(t) ||sg(x_t) - alpha g_theta(sg(z_K))||^2 / (2 sigma^2), with the noise-cancelled residual."""
-        g = self.generator(es.z.detach(), y)
-        self._finite("generator output", g)
-        eps = es.eps
-        if self.cfg.in_x and self.cfg.moves_z:
-            a, s = expand_like(es.alpha, g), expand_like(es.sigma, g)
-            eps = (es.x_t - a * g.detach()) / s
-        w = self.schedule.weight(self.cfg.gen_weighting, es.t, self.sigma_data)
-        return self.ops.generator_loss(g, eps, es.eta, es.alpha, es.sigma, w)
+        with phase("M-step forward"):
+            g = self.generator(es.z.detach(), y)
+            self._finite("generator output", g)
+            eps = es.eps
+            if self.cfg.in_x and self.cfg.moves_z:
+                a, s = expand_like(es.alpha, g), expand_like(es.sigma, g)
+                eps = (es.x_t - a * g.detach()) / s
+            w = self.schedule.weight(self.cfg.gen_weighting, es.t, self.sigma_data)
+            return self.ops.generator_loss(g, eps, es.eta, es.alpha, es.sigma, w)
 
     def student_loss(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y=None) -> torch.Tensor:
         """Student DSM: w~(t) ||D_psi(alpha x + sigma eps, t) - x||^2 on generator samples x (detached), t: (N,)."""
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        x = x.detach()
-        x_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
-        d = self.student(x_t, t, y)
-        w = self.schedule.weight(self.cfg.student_weighting, t, self.sigma_data)
-        return self.ops.dsm_loss(d, x, w)
+        with phase("student DSM forward"):
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            x = x.detach()
+            x_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
+            d = self.student(x_t, t, y)
+            w = self.schedule.weight(self.cfg.student_weighting, t, self.sigma_data)
+            return self.ops.dsm_loss(d, x, w)

@@ -7,6 +7,7 @@ there is one, else the CPU, and writes a run directory:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -21,11 +22,13 @@ from . import problems
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
 from .distiller import Distiller
 from .emd import VARIANTS, EMDConfig
+from .profiling import PhaseTimer
 from .schedules import SCHEDULES, WEIGHTINGS, make_schedule
 
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 PROBLEMS = {"ring2d": problems.MixtureProblem, "gmm16d": problems.MixtureProblem}
-RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet"}
+RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
+                "phase_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
     r.add_argument("--plot-every", type=int, default=0, help="steps between PNG plots (0: only the final one)")
     r.add_argument("--keep", type=int, default=3, help="checkpoints kept (0: all)")
+    r.add_argument("--phase-every", type=int, default=50,
+                   help="time the phases of every N-th iteration (synchronising the device; 0: never)")
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -123,7 +128,7 @@ def validate(cfg: dict) -> None:
     for key in ("steps", "batch", "hidden", "depth", "eval_samples"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("eval_every", "ckpt_every", "plot_every", "teacher_fit_steps", "keep"):
+    for key in ("eval_every", "ckpt_every", "plot_every", "teacher_fit_steps", "keep", "phase_every"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     for key in ("lr_g", "lr_s"):
@@ -196,11 +201,15 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"], desc="EMD", unit="it",
                dynamic_ncols=True)
     train_s, start_step, last = 0.0, dist.step_count, {}
+    timer, timed_iters = PhaseTimer(device), 0
     try:
         while dist.step_count < cfg["steps"]:
+            timed = cfg["phase_every"] and (dist.step_count + 1) % cfg["phase_every"] == 0
             ts = time.perf_counter()
-            losses = dist.step()
+            with timer if timed else contextlib.nullcontext():
+                losses = dist.step()
             train_s += time.perf_counter() - ts
+            timed_iters += bool(timed)
             step = dist.step_count
             rec = {"step": step, **{k: float(v) for k, v in losses.items()}}
             if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
@@ -234,6 +243,7 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         "out": str(out), "preset": cfg["preset"], "steps": dist.step_count, "device": str(device), "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
+        "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
         "final": final, "exact_sample_floor": run.problem.floor(),
     }
     write_json_atomic(out / "summary.json", summary)
@@ -253,6 +263,7 @@ def format_summary(s: dict, lines: list[str]) -> str:
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s)",
         *lines,
+        "time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items()),
         f"plot: {Path(s['out']) / 'samples' / 'final.png'}",
     ])
 

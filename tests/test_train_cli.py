@@ -35,12 +35,25 @@ def test_run_directory(tmp_path, capsys):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000004.json", "step_0000006.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["iters_per_s"] > 0
+    assert summary["phase_timed_iters"] == 0  # --phase-every 50 > 6 steps
     assert {"modes_covered", "mode_tv", "energy_distance", "mean_loglik", "off_mode"} <= set(summary["final"])
     assert len(losses(out)) == 6
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and "mode_tv" in first  # the generator at initialisation
     assert "modes covered" in capsys.readouterr().out
     assert (out / "samples/final.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_phase_timing(tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "4", "--phase-every", "2") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    phases = summary["phase_ms_per_iter"]
+    assert summary["phase_timed_iters"] == 2
+    for name in ("teacher forward", "student forward", "generator forward", "generator VJP", "langevin eps update",
+                 "langevin z update", "M-step forward", "generator backward", "generator optimizer",
+                 "student DSM forward", "student backward", "student optimizer"):
+        assert phases[name] > 0, name
 
 
 def test_resume_continues_exactly(tmp_path):
