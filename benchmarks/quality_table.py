@@ -24,6 +24,9 @@ CONFIGS = {
     "EMD-8 (eps,z) no cancel": ["--K", "8", "--no-cancel-noise"],
     "EMD-16 (eps,z) no cancel": ["--K", "16", "--no-cancel-noise"],
     "EMD-8 (x,z) cancel": ["--K", "8", "--variant", "x,z"],
+    "EMD-8 (eps,z) cancel, gamma_eps=0.1": ["--K", "8", "--gamma-eps", "0.1"],
+    "EMD-1 (eps,.) cancel, lambda*=-8": ["--K", "1", "--variant", "eps", "--lambda-star", "-8"],
+    "EMD-8 (eps,z) cancel, lambda*=-8": ["--K", "8", "--lambda-star", "-8"],
 }
 METRICS = ("modes_covered", "mode_tv", "off_mode", "mode_spread", "energy_distance", "mean_loglik")
 

@@ -13,12 +13,15 @@ class Distiller:
     """One EMD training run.
 
     teacher: .denoise / .schedule / .data_shape; generator: z (N, *data_shape) -> x; student: D_psi(x_t, t, y).
-    All randomness (z, eps, t and the Langevin noise) comes from one torch.Generator seeded with ``seed``.
+    All randomness (z, eps, t and the Langevin noise) comes from one torch.Generator seeded with ``seed``; with the
+    triton backend the Langevin noise is drawn inside the kernels from a NoiseStream seeded with ``seed`` instead
+    (``kernel_noise=False``: from the torch.Generator, as on the reference path).
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
-                 sigma_data: float = 1.0, num_classes: int = 0, device="cpu"):
+                 sigma_data: float = 1.0, num_classes: int = 0, backend: str = "reference", kernel_noise: bool = True,
+                 device="cpu"):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         for name, lr in (("lr_g", lr_g), ("lr_s", lr_s)):
@@ -31,7 +34,8 @@ class Distiller:
         self.teacher, self.generator, self.student = teacher, generator.to(self.device), student.to(self.device)
         self.batch, self.shape, self.num_classes, self.step_count = batch, tuple(teacher.data_shape), num_classes, 0
         self.rng = torch.Generator(self.device).manual_seed(seed)
-        self.emd = EMD(teacher, self.generator, self.student, cfg, ReferenceOps(self.rng), sigma_data)
+        self.emd = EMD(teacher, self.generator, self.student, cfg, make_ops(backend, self.rng, seed, self.device,
+                                                                              kernel_noise), sigma_data)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g))
         self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s, betas=tuple(betas_s))
 
@@ -92,7 +96,7 @@ class Distiller:
             for idx, st in opt.state_dict()["state"].items():
                 out |= {f"{prefix}.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()}
         out["rng"] = self.rng.get_state()
-        return out
+        return out | self.emd.ops.state_tensors()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         load_state_dict_strict(self.generator, tensors, "generator.", source)
@@ -111,4 +115,22 @@ class Distiller:
         if "rng" not in tensors:
             raise CheckpointError(f"{source}: no random-generator state")
         self.rng.set_state(tensors["rng"])
+        self.emd.ops.load_state_tensors(tensors)
         self.step_count = step
+
+
+BACKENDS = ("reference", "triton")
+
+
+def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):
+    """The elementwise backend of the EMD iteration: plain PyTorch or the fused Triton kernels."""
+    if backend == "reference":
+        return ReferenceOps(rng)
+    if backend == "triton":
+        from .fast import TritonOps
+        from .kernels import triton_available
+
+        if not triton_available():
+            raise ValueError("backend 'triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
+        return TritonOps(rng, seed, device, kernel_noise)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -84,6 +84,12 @@ class ReferenceOps:
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}  # all its randomness is the run's torch.Generator, checkpointed by the Distiller
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
 
 @dataclass
 class EStep:

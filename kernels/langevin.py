@@ -1,0 +1,170 @@
+"""Fused Langevin steps of the EMD E-step (twins: ``emd_fast.ops.langevin_eps_step`` / ``langevin_z_step``).
+
+One kernel pass reads each input once and writes each output once; the math is fp32 whatever the input
+dtype (fp32 / bf16 / fp16), outputs are in the dtype of the chain variable. The noise is either given
+(``noise=``, element by element equal to the reference) or drawn in the kernel from a ``NoiseStream``
+(Philox 4x32-10 keyed by the seed, counter = stream counter + element block; Box-Muller to normals).
+Layout: contiguous or channels_last inputs are read in place; others are copied once (``.contiguous()``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from emd_fast.checks import check_per_example
+
+from ._common import (NUM_WARPS, SUB, check_gamma, check_inputs, flat, is_channels_last, launch_shape,
+                      load_per_row, per_example, program_start, unflat)
+
+
+class NoiseStream:
+    """A reproducible, never-repeating stream of standard normals for the Langevin kernels.
+
+    The state is a device int64 tensor ``[seed, counter]``: kernels read it through a pointer and the
+    counter is advanced on the device after each launch, so a step never syncs with the host and can be
+    captured in a CUDA graph. A launch over n elements consumes ``cdiv(n, 4 * SUB) * SUB`` Philox
+    counters (4 normals each), so no draw is ever reused; the same seed gives the same sequence of draws.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str):
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        self.state = torch.tensor([int(seed), 0], dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def advance(self, counters: int) -> None:
+        """Move the counter past ``counters`` Philox counters (in place, on the device)."""
+        self.state[1:].add_(counters)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{"state": int64 (2,) CPU tensor [seed, counter]} for a checkpoint (syncs: not for the step)."""
+        return {"state": self.state.detach().cpu().clone()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore in place (the device tensor keeps its address, so captured CUDA graphs stay valid)."""
+        s = state_dict["state"]
+        if s.shape != (2,) or s.dtype != torch.int64:
+            raise ValueError(f"NoiseStream state must be an int64 tensor of shape (2,), got {s.dtype} {tuple(s.shape)}")
+        self.state.copy_(s)
+
+
+@triton.jit
+def _box_muller(i, j):
+    """Two uint32 blocks -> two independent N(0, 1) fp32 blocks (24-bit uniforms, u1 in (0, 1])."""
+    u1 = ((i >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08
+    theta = (j >> 8).to(tl.float32) * (6.283185307179586 * 5.9604644775390625e-08)
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    return r * tl.cos(theta), r * tl.sin(theta)
+
+
+@triton.jit
+def _langevin_kernel(x_ptr, a_ptr, b_ptr, eta_ptr, g_ptr, alpha_ptr, sigma_ptr, noise_ptr, state_ptr,
+                     x_out, eta_out, v_out, xt_out, numel, row_numel, gamma, keep, root,
+                     SCORE: tl.constexpr, HAS_ETA: tl.constexpr, HAS_G: tl.constexpr, HAS_NOISE: tl.constexpr,
+                     BIG: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr):
+    """x' = x + gamma * (target - x) + root * n over 4 sub-blocks of SUB elements.
+
+    SCORE: target = sigma * delta, delta = alpha * (a - b) / sigma^2 (a, b: teacher, student denoisers),
+    v = alpha * delta, and optionally eta' = keep * eta + root * n, x_t' = alpha * g + sigma * x'.
+    Otherwise target = a (the z-step: a = J^T v).
+    """
+    first = program_start(4 * SUB, BIG)
+    if not HAS_NOISE:
+        seed = tl.load(state_ptr)
+        c = tl.load(state_ptr + 1) + tl.program_id(0).to(tl.int64) * SUB + tl.arange(0, SUB)
+        lo = (c & 0xFFFFFFFF).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, lo, (c >> 32).to(tl.uint32), lo * 0, lo * 0)
+        n0, n1 = _box_muller(r0, r1)
+        n2, n3 = _box_muller(r2, r3)
+    for q in tl.static_range(4):
+        start = first + q * SUB
+        o = start + tl.arange(0, SUB)
+        mask = o < numel
+        if HAS_NOISE:
+            n = tl.load(noise_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        else:
+            n = (n0 if q == 0 else n1) if q < 2 else (n2 if q == 2 else n3)
+        x = tl.load(x_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        if SCORE:
+            al = load_per_row(alpha_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
+            si = load_per_row(sigma_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
+            delta = al * (a - tl.load(b_ptr + o, mask=mask, other=0.0).to(tl.float32)) / (si * si)
+            x_new = x + gamma * (si * delta - x) + root * n
+            tl.store(v_out + o, al * delta, mask=mask)
+            if HAS_ETA:
+                eta = tl.load(eta_ptr + o, mask=mask, other=0.0).to(tl.float32)
+                tl.store(eta_out + o, keep * eta + root * n, mask=mask)
+            if HAS_G:
+                g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
+                tl.store(xt_out + o, al * g + si * x_new, mask=mask)
+        else:
+            x_new = x + gamma * (a - x) + root * n
+        tl.store(x_out + o, x_new, mask=mask)
+
+
+def _check_noise_source(ref_name, ref, noise, stream):
+    if (noise is None) == (stream is None):
+        raise ValueError("pass exactly one of noise (a tensor) or stream (a NoiseStream)")
+    if stream is not None and stream.device != ref.device:
+        raise ValueError(f"stream is on {stream.device} but {ref_name} is on {ref.device}")
+
+
+def _or(x, default):
+    return default if x is None else x
+
+
+def _launch(ref, cl, gamma, noise, stream, x, a, b=None, eta=None, g=None, alpha=None, sigma=None):
+    """Run the kernel on flat inputs; returns (x', eta', v, x_t') shaped and typed like ref (or None)."""
+    score = alpha is not None
+    numel, row_numel = x.numel(), x.numel() // ref.shape[0]
+    x_new, eta_new, v, xt = (torch.empty(numel, dtype=ref.dtype, device=ref.device) if want else None
+                             for want in (True, eta is not None, score, g is not None))
+    dummy = x  # stands in for absent tensors; never touched (the matching constexpr flag is off)
+    grid, big, aligned = launch_shape(numel, row_numel, SUB)
+    _langevin_kernel[grid](
+        x, a, _or(b, dummy), _or(eta, dummy), _or(g, dummy), _or(alpha, dummy), _or(sigma, dummy),
+        _or(noise, dummy), stream.state if stream is not None else dummy,
+        x_new, _or(eta_new, dummy), _or(v, dummy), _or(xt, dummy),
+        numel, row_numel, float(gamma), float(1 - gamma), math.sqrt(2 * gamma),
+        SCORE=score, HAS_ETA=eta is not None, HAS_G=g is not None, HAS_NOISE=noise is not None,
+        BIG=big, ALIGNED=aligned, SUB=SUB, num_warps=NUM_WARPS)
+    if stream is not None:
+        stream.advance(grid[0] * SUB)
+    return tuple(None if out is None else unflat(out, ref.shape, cl) for out in (x_new, eta_new, v, xt))
+
+
+def langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise=None, g=None, stream=None):
+    """One fused Langevin step on eps with noise book-keeping (the math of ``ops.langevin_eps_step``).
+
+    eps, eta, d_teacher, d_student, noise, g: (N, ...) fp32/bf16/fp16 on one device; alpha, sigma: (N,);
+    gamma: float > 0. eta None: no book-keeping (eta' None); g None: no x_t' output. Noise: exactly one of
+    ``noise`` (N, ...) or ``stream`` (a NoiseStream, drawn in the kernel).
+    Returns (eps', eta', v, x_t'), each (N, ...) in eps.dtype (layout of eps if channels_last, else contiguous).
+    """
+    check_inputs("eps", eps, eta=eta, d_teacher=d_teacher, d_student=d_student, noise=noise, g=g)
+    check_per_example("eps", eps, alpha=alpha, sigma=sigma)
+    check_gamma("gamma_eps", gamma)
+    _check_noise_source("eps", eps, noise, stream)
+    cl = is_channels_last(eps)
+    return _launch(eps, cl, gamma, flat(noise, cl), stream, flat(eps, cl), flat(d_teacher, cl), flat(d_student, cl),
+                   flat(eta, cl), flat(g, cl), per_example(alpha), per_example(sigma))
+
+
+def langevin_z_step(z, jtv, gamma, noise=None, stream=None):
+    """One fused Langevin step on the latent: z' = z + gamma * (jtv - z) + sqrt(2 gamma) * noise.
+
+    z, jtv (= J_g(z)^T v), noise: (N, ...) on one device; gamma: float > 0; exactly one of ``noise`` or
+    ``stream``. Returns z' (N, ...) in z.dtype.
+    """
+    check_inputs("z", z, jtv=jtv, noise=noise)
+    check_gamma("gamma_z", gamma)
+    _check_noise_source("z", z, noise, stream)
+    cl = is_channels_last(z)
+    return _launch(z, cl, gamma, flat(noise, cl), stream, flat(z, cl), flat(jtv, cl))[0]
