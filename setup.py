@@ -9,6 +9,8 @@ setup(
     # (the bare name `kernels` belongs to another PyPI package).
     packages=["emd_fast", "emd_fast.kernels"],
     package_dir={"emd_fast": "emd_fast", "emd_fast.kernels": "kernels"},
+    # the digits teacher and classifier that `python -m emd_fast.pretrain` trains (a few MB; nothing is downloaded)
+    package_data={"emd_fast": ["assets/*"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -17,6 +19,7 @@ setup(
         "nvtx",
         "tqdm",  # progress bars with live postfix: not worth rewriting
         "matplotlib",  # PNG plots of samples against the teacher
+        "scikit-learn",  # ships the 8x8 handwritten digits (sklearn.datasets.load_digits) the digits preset uses
     ],
     extras_require={
         "triton": ["triton>=3.0"],

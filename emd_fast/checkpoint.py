@@ -19,7 +19,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or belongs to another configuration."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -49,7 +49,7 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     _atomic_replace(tmp, weights)
     meta = directory / f"{stem}.json"
-    write_json_atomic(meta, {**state, "step": step, "tensors_file": weights.name, "sha256": _sha256(weights)})
+    write_json_atomic(meta, {**state, "step": step, "tensors_file": weights.name, "sha256": sha256_file(weights)})
     if keep:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink()
@@ -72,7 +72,7 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     weights = meta_path.with_name(state.get("tensors_file", ""))
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {meta_path} refers to missing tensors file {weights.name}")
-    if _sha256(weights) != state.get("sha256"):
+    if sha256_file(weights) != state.get("sha256"):
         raise CheckpointError(f"checkpoint {weights} is corrupt: its SHA-256 does not match {meta_path.name}")
     return load_file(str(weights)), state
 

@@ -18,15 +18,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import problems
+from . import digits, problems
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
-from .distiller import Distiller
+from .distiller import BACKENDS, Distiller
 from .emd import VARIANTS, EMDConfig
 from .profiling import PhaseTimer
 from .schedules import SCHEDULES, WEIGHTINGS, make_schedule
 
+PROBLEMS = {"ring2d": problems.MixtureProblem, "gmm16d": problems.MixtureProblem, "digits": digits.DigitsProblem}
+# Per-preset defaults: they replace the parser's defaults of the options not given on the command line.
+PRESET_DEFAULTS = {
+    "digits": dict(schedule="edm", K=4, gamma_eps=0.3, gamma_z=0.01, lambda_star=-4.0, lr_g=1e-4, lr_s=1e-3,
+                   batch=64, steps=300, eval_every=50, ckpt_every=100, eval_samples=1000),
+}
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
-PROBLEMS = {"ring2d": problems.MixtureProblem, "gmm16d": problems.MixtureProblem}
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every"}
 
@@ -36,10 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m emd_fast.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="EM Distillation (Xie et al. 2024) of a diffusion teacher into a one-step generator. "
                     "Each iteration: K Langevin steps on (eps, z) targeting p_T(x_t) p_theta(z|x_t) (E-step), a "
-                    "generator update on the noise-cancelled denoising loss (M-step), and a student score update.")
+                    "generator update on the noise-cancelled denoising loss (M-step), and a student score update.",
+        epilog="preset defaults, used for the options not given: " + "; ".join(
+            f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+            for name, d in PRESET_DEFAULTS.items()))
     a = p.add_argument_group("problem")
     a.add_argument("--preset", choices=tuple(PROBLEMS), default="ring2d",
-                   help="embedded teacher: ring2d = 8 unequal modes in 2-D; gmm16d = 10 modes in 16-D")
+                   help="embedded teacher: ring2d = 8 unequal modes in 2-D; gmm16d = 10 modes in 16-D; digits = "
+                        "class-conditional U-Net on sklearn's 8x8 digits (its own defaults: see the end)")
     a.add_argument("--schedule", choices=tuple(SCHEDULES), default="vp_cosine", help="noise schedule")
     a.add_argument("--hidden", type=int, default=128, help="MLP width of the generator / student")
     a.add_argument("--depth", type=int, default=3, help="residual blocks of the generator / student MLP")
@@ -60,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--student-weighting", choices=WEIGHTINGS, default="edm", help="w(t) of the student loss")
     e.add_argument("--t-min", type=float, default=None, help="smallest noise level t sampled (default: schedule's)")
     e.add_argument("--t-max", type=float, default=None, help="largest noise level t sampled (default: schedule's)")
+    e.add_argument("--backend", choices=BACKENDS, default="reference",
+                   help="elementwise work of the iteration: plain PyTorch, or the fused Triton kernels (Langevin "
+                        "update with in-kernel Philox noise, noise-cancelled M-step loss, student DSM loss)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1500, help="training iterations")
     o.add_argument("--batch", type=int, default=256, help="batch size")
@@ -95,6 +107,12 @@ def _jsonable(cfg: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
+def with_preset_defaults(cfg: dict, explicit: set[str], keys=None) -> dict:
+    """cfg with its preset's PRESET_DEFAULTS for the options (among ``keys``, default all) not in ``explicit``."""
+    defaults = PRESET_DEFAULTS.get(cfg["preset"], {})
+    return cfg | {k: v for k, v in defaults.items() if k not in explicit and (keys is None or k in keys)}
+
+
 def make_problem(cfg: dict):
     return PROBLEMS[cfg["preset"]](cfg["preset"], make_schedule(cfg["schedule"]), cfg)
 
@@ -115,7 +133,7 @@ class Run:
         self.distiller = Distiller(self.teacher, generator, student, emd_cfg, batch=cfg["batch"], lr_g=cfg["lr_g"],
                                    lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
                                    seed=cfg["seed"], sigma_data=self.problem.sigma_data,
-                                   num_classes=self.problem.num_classes, device=device)
+                                   num_classes=self.problem.num_classes, backend=cfg["backend"], device=device)
 
     def evaluate(self) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation)."""
@@ -153,11 +171,15 @@ def _resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
 
 
 def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
-    """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary."""
+    """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary.
+
+    Options not in ``explicit`` take their preset's defaults (PRESET_DEFAULTS); on --resume the saved run's.
+    """
+    cfg = with_preset_defaults(cfg, explicit)
     out = cfg["out"] or Path("runs") / f"{cfg['preset']}_K{cfg['K']}_seed{cfg['seed']}"
     cfg = {**cfg, "out": Path(out)}
     if cfg["resume"]:
-        cfg = _resume_config(cfg["out"], cfg, set(explicit))
+        cfg = with_preset_defaults(_resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
     validate(cfg)
     out = cfg["out"]
     ckpt_dir = out / "checkpoints"
@@ -263,7 +285,8 @@ def format_summary(s: dict, lines: list[str]) -> str:
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s)",
         *lines,
-        "time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items()),
+        *(["time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items())]
+          if s["phase_ms_per_iter"] else []),
         f"plot: {Path(s['out']) / 'samples' / 'final.png'}",
     ])
 

@@ -1,0 +1,248 @@
+"""The embedded image problem: sklearn's 8x8 handwritten digits (1797 images, 10 classes, shipped with scikit-learn).
+
+The teacher is a class-conditional U-Net trained by ``python -m emd_fast.pretrain`` and shipped in
+``emd_fast/assets/`` with the digits classifier whose features the metrics use. Pixels 0..16 are scaled to [-1, 1]
+(x = pixel / 8 - 1); images are (N, 1, 8, 8) float32.
+
+Metrics of one-step samples x with conditioning labels y (``DigitsProblem.metrics``), on images clamped to [-1, 1]:
+    class_accuracy    fraction of samples the classifier assigns to their label y
+    classes_covered   classes that receive >= 20% of a uniform share of the classifier's predictions; class_tv: the
+                      total variation of that class histogram to uniform
+    fd_real           Frechet distance of classifier features to all 1797 real digits ("FID on digits")
+    fd_teacher        Frechet distance to the teacher's many-step (Heun) samples with balanced labels
+    precision/recall  k-NN precision and recall (k = 3) of the features against the real digits
+The floor is the same metrics for an independent set of the teacher's Heun samples: what the one-step generator
+should approach.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .checkpoint import CheckpointError, sha256_file  # noqa: E402
+from .edm_import import load_unet  # noqa: E402
+from .image_metrics import DigitsClassifier, class_coverage, frechet_distance, precision_recall  # noqa: E402
+from .sampling import heun_sample  # noqa: E402
+from .schedules import Schedule  # noqa: E402
+from .teachers import NetworkTeacher  # noqa: E402
+
+ASSETS = Path(__file__).with_name("assets")
+TEACHER_FILE = ASSETS / "digits_teacher.safetensors"
+CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
+INFO_FILE = ASSETS / "digits_info.json"
+IMAGE_SHAPE, NUM_CLASSES = (1, 8, 8), 10
+HEUN_STEPS = 18  # the teacher's many-step sampler: 18 Heun steps = 35 network evaluations
+CLASSIFIER_FORMAT = "emd_fast.digits_classifier"
+
+
+def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's digits: images (1797, 1, 8, 8) float32 in [-1, 1] and labels (1797,) int64."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing is downloaded
+
+    data = load_digits()
+    x = torch.as_tensor(data.images, dtype=torch.float32)[:, None] / 8 - 1
+    return x, torch.as_tensor(data.target, dtype=torch.int64)
+
+
+def _missing(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} not found: run `python -m emd_fast.pretrain` to train the digits networks")
+
+
+def load_teacher_unet(schedule: Schedule | None = None, path: Path = TEACHER_FILE, device=None) -> nn.Module:
+    """The shipped digits U-Net in eval mode, optionally re-expressed in another schedule (the preconditioning is
+    written in s = sigma/alpha, so the denoiser is the same function of (x_t / alpha, s) in any schedule)."""
+    if not Path(path).is_file():
+        raise _missing(path)
+    net = load_unet(path, device)
+    if schedule is not None:
+        net.schedule = schedule
+    return net
+
+
+def save_classifier(net: DigitsClassifier, path: Path) -> None:
+    """Write net's weights to safetensors, its width as metadata (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"format": CLASSIFIER_FORMAT, "width": str(net.head.in_features // 4)})
+    tmp.replace(path)
+
+
+def load_classifier(path: Path = CLASSIFIER_FILE, device=None) -> DigitsClassifier:
+    """The shipped DigitsClassifier in eval mode; CheckpointError for a missing or foreign file."""
+    if not Path(path).is_file():
+        raise _missing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read classifier file {path}: {e}") from None
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{path} is not a digits classifier file (format={meta.get('format')!r})")
+    net = DigitsClassifier(width=int(meta["width"]))
+    net.load_state_dict(tensors)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int,
+               num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """The first ``per_class`` images of each class, class by class: (num_classes * per_class, C, H, W); a class
+    with fewer images is padded with NaN (drawn blank)."""
+    out = torch.full((num_classes, per_class, *images.shape[1:]), float("nan"))
+    for c in range(num_classes):
+        picked = images[labels == c][:per_class].float().cpu()
+        out[c, :len(picked)] = picked
+    return out.flatten(0, 1)
+
+
+def tile(images: torch.Tensor, cols: int) -> np.ndarray:
+    """(N, 1, H, W) -> one (rows (H + 1) - 1, cols (W + 1) - 1) array, row-major, NaN between images."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan, dtype=np.float32)
+    for i, img in enumerate(images.float().cpu().numpy()):
+        r, c = divmod(i, cols)
+        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img[0]
+    return grid
+
+
+def show(ax, grid: np.ndarray, title: str) -> None:
+    """Draw a tiled grid of [-1, 1] images: white ink on black, gaps in the axes' (white) background."""
+    ax.imshow(grid, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def save_grid(path: Path, images: torch.Tensor, cols: int, title: str = "") -> None:
+    """A PNG of images (N, 1, H, W) in [-1, 1], ``cols`` per row."""
+    grid = tile(images, cols)
+    fig, ax = plt.subplots(figsize=(max(2.5, 0.4 + grid.shape[1] / 18), 0.7 + grid.shape[0] / 18))
+    show(ax, grid, title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class DigitsTeacher(NetworkTeacher):
+    """The shipped U-Net as a teacher; ``to_config`` names the weights file (recorded in a run's config.json)."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule, path: Path):
+        super().__init__(net, schedule, IMAGE_SHAPE)
+        self.path = Path(path)
+
+    def to_config(self) -> dict:
+        return {"file": str(self.path), "sha256": sha256_file(self.path), "arch": self.net.arch}
+
+
+class DigitsProblem:
+    """The ``digits`` preset behind the training CLI (the interface of ``problems.MixtureProblem``).
+
+    Teacher: the shipped U-Net as a NetworkTeacher in ``schedule``; the generator and the student start as copies
+    of it. The real digits' features and the teacher's Heun samples are computed once, when first needed.
+    """
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self, preset: str, schedule: Schedule, cfg: dict, teacher_file: Path = TEACHER_FILE,
+                 classifier_file: Path = CLASSIFIER_FILE):
+        self.cfg, self.classifier_file = cfg, classifier_file
+        net = load_teacher_unet(schedule, teacher_file)
+        self.teacher, self.sigma_data = DigitsTeacher(net, schedule, teacher_file), net.sigma_data
+
+    def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
+        """Moves the teacher to ``device`` and returns a copy of its U-Net (``fit`` is irrelevant: it is trained)."""
+        self.teacher.to(device)
+        return copy.deepcopy(self.teacher.net), {}
+
+    @functools.cached_property
+    def classifier(self) -> DigitsClassifier:
+        return load_classifier(self.classifier_file)
+
+    @functools.cached_property
+    def real(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 1797 real digits (N, 1, 8, 8), their labels (N,) and classifier features (N, F)."""
+        x, y = load_digits_data()
+        return x, y, self.classifier.features(x).double()
+
+    def teacher_samples(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n Heun samples of the teacher with balanced labels from noise seeded by ``seed``: (n, 1, 8, 8), (n,)."""
+        device = next(self.teacher.net.parameters()).device
+        noise = torch.randn((n, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed)).to(device)
+        y = torch.arange(n, device=device) % NUM_CLASSES
+        return heun_sample(self.teacher.denoise, self.teacher.schedule, noise, y, HEUN_STEPS).cpu(), y.cpu()
+
+    @functools.cached_property
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's Heun samples that fd_teacher compares with: images, labels, features (eval_samples of them)."""
+        x, y = self.teacher_samples(self.cfg["eval_samples"], self.cfg["seed"] + 5)
+        return x, y, self.classifier.features(x.clamp(-1, 1)).double()
+
+    @torch.no_grad()
+    def metrics(self, samples: torch.Tensor, y: torch.Tensor) -> dict:
+        """Class accuracy and coverage, Frechet distances and precision/recall of samples (N, 1, 8, 8), labels (N,)."""
+        x = samples.detach().float().cpu().clamp(-1, 1)
+        feats = self.classifier.features(x)
+        pred = self.classifier.head(feats).argmax(1)
+        feats = feats.double()
+        covered, tv = class_coverage(pred, NUM_CLASSES)
+        precision, recall = precision_recall(self.real[2], feats)
+        return {"class_accuracy": float((pred == y.cpu()).double().mean()), "classes_covered": covered,
+                "class_tv": tv, "fd_real": frechet_distance(feats, self.real[2]),
+                "fd_teacher": frechet_distance(feats, self.reference[2]), "precision": precision, "recall": recall}
+
+    def floor(self) -> dict:
+        """The metrics of an independent set of the teacher's Heun samples (its fd_teacher: the sampling noise)."""
+        return self.metrics(*self.teacher_samples(self.cfg["eval_samples"], self.cfg["seed"] + 6))
+
+    def plot(self, path, samples, y, metrics, history, title) -> None:
+        """One-step samples, the teacher's Heun samples and real digits (a row per class), and the metric curves."""
+        per = 10
+        fig, axes = plt.subplots(1, 4, figsize=(22, 5.8))
+        show(axes[0], tile(class_rows(samples, y, per), per),
+             f"one-step generator: accuracy {metrics['class_accuracy']:.3f}, FD {metrics['fd_real']:.1f}")
+        show(axes[1], tile(class_rows(*self.reference[:2], per), per), f"teacher, Heun {HEUN_STEPS} steps")
+        show(axes[2], tile(class_rows(*self.real[:2], per), per), "real digits")
+        ax = axes[3]
+        evals = [h for h in history if "fd_real" in h]
+        if evals:
+            steps = [h["step"] for h in evals]
+            for key in ("fd_real", "fd_teacher"):
+                ax.plot(steps, [h[key] for h in evals], label=key)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.legend(loc="lower left")
+            acc = ax.twinx()
+            acc.plot(steps, [h["class_accuracy"] for h in evals], "k--", label="class accuracy")
+            acc.set_ylim(0, 1.02)
+            acc.legend(loc="center right")
+        ax.set_title("metrics during training")
+        fig.suptitle(title)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+    @staticmethod
+    def progress(m: dict) -> dict:
+        return {"acc": f"{m['class_accuracy']:.3f}", "fd": f"{m['fd_real']:.2f}"}
+
+    @staticmethod
+    def summary_lines(f: dict, floor: dict) -> list[str]:
+        rows = [("class accuracy", "class_accuracy", ".4f"), ("classes covered", "classes_covered", "d"),
+                ("class TV", "class_tv", ".4f"), ("FD to real", "fd_real", ".3f"),
+                ("FD to teacher", "fd_teacher", ".3f"), ("precision", "precision", ".4f"),
+                ("recall", "recall", ".4f")]
+        return [f"{name:<16}{f[k]:{fmt}}   (teacher, Heun {HEUN_STEPS} steps: {floor[k]:{fmt}})"
+                for name, k, fmt in rows]
