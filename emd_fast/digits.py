@@ -33,7 +33,8 @@ from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, sha256_file  # noqa: E402
 from .edm_import import load_unet  # noqa: E402
-from .image_metrics import DigitsClassifier, class_coverage, frechet_distance, precision_recall  # noqa: E402
+from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
+                            precision_recall)
 from .sampling import heun_sample  # noqa: E402
 from .schedules import Schedule  # noqa: E402
 from .teachers import NetworkTeacher  # noqa: E402
@@ -189,18 +190,31 @@ class DigitsProblem:
         x, y = self.teacher_samples(self.cfg["eval_samples"], self.cfg["seed"] + 5)
         return x, y, self.classifier.features(x.clamp(-1, 1)).double()
 
+    @functools.cached_property
+    def inception(self) -> tuple[InceptionFeatures, torch.Tensor] | None:
+        """The user's Inception network (--inception) and the real digits' Inception features, or None."""
+        if not self.cfg.get("inception"):
+            return None
+        net = InceptionFeatures(self.cfg["inception"])
+        return net, net(self.real[0])
+
     @torch.no_grad()
     def metrics(self, samples: torch.Tensor, y: torch.Tensor) -> dict:
-        """Class accuracy and coverage, Frechet distances and precision/recall of samples (N, 1, 8, 8), labels (N,)."""
+        """Class accuracy and coverage, Frechet distances and precision/recall of samples (N, 1, 8, 8), labels (N,);
+        with --inception also fid_inception: FID to the real digits on Inception-v3 pool features."""
         x = samples.detach().float().cpu().clamp(-1, 1)
         feats = self.classifier.features(x)
         pred = self.classifier.head(feats).argmax(1)
         feats = feats.double()
         covered, tv = class_coverage(pred, NUM_CLASSES)
         precision, recall = precision_recall(self.real[2], feats)
-        return {"class_accuracy": float((pred == y.cpu()).double().mean()), "classes_covered": covered,
-                "class_tv": tv, "fd_real": frechet_distance(feats, self.real[2]),
-                "fd_teacher": frechet_distance(feats, self.reference[2]), "precision": precision, "recall": recall}
+        out = {"class_accuracy": float((pred == y.cpu()).double().mean()), "classes_covered": covered,
+               "class_tv": tv, "fd_real": frechet_distance(feats, self.real[2]),
+               "fd_teacher": frechet_distance(feats, self.reference[2]), "precision": precision, "recall": recall}
+        if self.inception is not None:
+            net, real = self.inception
+            out["fid_inception"] = frechet_distance(net(x), real)
+        return out
 
     def floor(self) -> dict:
         """The metrics of an independent set of the teacher's Heun samples (its fd_teacher: the sampling noise)."""
@@ -244,5 +258,6 @@ class DigitsProblem:
                 ("class TV", "class_tv", ".4f"), ("FD to real", "fd_real", ".3f"),
                 ("FD to teacher", "fd_teacher", ".3f"), ("precision", "precision", ".4f"),
                 ("recall", "recall", ".4f")]
+        rows += [("FID (Inception)", "fid_inception", ".3f")] if "fid_inception" in f else []
         return [f"{name:<16}{f[k]:{fmt}}   (teacher, Heun {HEUN_STEPS} steps: {floor[k]:{fmt}})"
                 for name, k, fmt in rows]

@@ -33,7 +33,7 @@ PRESET_DEFAULTS = {
 }
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
-                "phase_every"}
+                "phase_every", "inception"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the phases of every N-th iteration (synchronising the device; 0: never)")
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--inception", type=Path, default=None,
+                   help="image presets: Inception-v3 TorchScript file (inception-2015-12-05.pt, never downloaded); "
+                        "adds FID to the real data on its features to the metrics")
     return p
 
 
@@ -149,6 +152,8 @@ def validate(cfg: dict) -> None:
     for key in ("eval_every", "ckpt_every", "plot_every", "teacher_fit_steps", "keep", "phase_every"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if cfg.get("inception") and not Path(cfg["inception"]).is_file():
+        raise ValueError(f"--inception {cfg['inception']} not found (emd_fast never downloads it)")
     for key in ("lr_g", "lr_s"):
         if not (cfg[key] > 0 and math.isfinite(cfg[key])):
             raise ValueError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")

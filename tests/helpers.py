@@ -37,3 +37,18 @@ def small_problem(seed=0, hidden=32):
     gen = Generator(MLPDenoiser(2, sch, hidden=hidden, depth=2, sigma_data=2.0), t_star=0.9)
     student = MLPDenoiser(2, sch, hidden=hidden, depth=2, sigma_data=2.0)
     return teacher, gen, student
+
+
+class FakeInception(nn.Module):
+    """Same calling convention as the TorchScript Inception file: uint8 RGB in, (N, 2048) features out."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        return x.float().mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+
+def fake_inception_file(directory):
+    """A TorchScript file with the Inception file's interface (the real one is never downloaded)."""
+    path = directory / "inception.pt"
+    torch.jit.script(FakeInception()).save(str(path))
+    return path

@@ -8,6 +8,8 @@ from emd_fast import digits, pretrain, train
 from emd_fast.checkpoint import CheckpointError
 from emd_fast.schedules import EDMSchedule, VPCosine
 
+from helpers import fake_inception_file
+
 SMALL = ["--preset", "digits", "--steps", "2", "--batch", "8", "--K", "2", "--eval-every", "1", "--eval-samples", "40",
          "--quiet", "--device", "cpu", "--phase-every", "0"]
 
@@ -87,6 +89,17 @@ def test_smoke_run(tmp_path, capsys):
     # resuming without --preset takes the run's preset, and its defaults for the runtime options
     assert train.main(["--out", str(out), "--resume", "--steps", "3", "--quiet", "--eval-every", "0"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_inception_fid_when_weights_are_supplied(tmp_path, capsys):
+    out = tmp_path / "run"
+    inception = fake_inception_file(tmp_path)
+    assert train.main(["--out", str(out), *SMALL, "--inception", str(inception)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["fid_inception"] > 0 and "fid_inception" in summary["exact_sample_floor"]
+    assert "FID (Inception)" in capsys.readouterr().out
+    assert train.main(["--out", str(tmp_path / "r2"), *SMALL, "--inception", str(tmp_path / "none.pt")]) == 2
+    assert "never downloads it" in capsys.readouterr().err
 
 
 def test_pretrain_training_functions():

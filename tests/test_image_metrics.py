@@ -4,6 +4,8 @@ import torch
 from emd_fast.image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,
                                     precision_recall)
 
+from helpers import fake_inception_file
+
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
     g = torch.Generator().manual_seed(0)
@@ -36,18 +38,8 @@ def test_digits_classifier_shapes():
     assert net(x).shape == (5, 10) and net.features(x).shape == (5, 128)
 
 
-class FakeInception(torch.nn.Module):
-    """Same calling convention as the TorchScript Inception file: uint8 RGB in, (N, 2048) features out."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        assert x.dtype == torch.uint8 and x.shape[1] == 3
-        return x.float().mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
-
-
 def test_inception_features_convention(tmp_path):
-    path = tmp_path / "inception.pt"
-    torch.jit.script(FakeInception()).save(str(path))
-    feats = InceptionFeatures(path)(torch.rand(4, 1, 8, 8) * 2 - 1)
+    feats = InceptionFeatures(fake_inception_file(tmp_path))(torch.rand(4, 1, 8, 8) * 2 - 1)
     assert feats.shape == (4, 2048) and feats.dtype == torch.float64
     with pytest.raises(FileNotFoundError, match="never downloads"):
         InceptionFeatures(tmp_path / "missing.pt")
