@@ -33,7 +33,7 @@ PRESET_DEFAULTS = {
 }
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
-                "phase_every", "inception"}
+                "phase_every", "inception", "compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the phases of every N-th iteration (synchronising the device; 0: never)")
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the generator, student and teacher network (same results up to rounding; "
+                        "checkpoints unchanged); what cannot be compiled here is said and left eager")
     r.add_argument("--inception", type=Path, default=None,
                    help="image presets: Inception-v3 TorchScript file (inception-2015-12-05.pt, never downloaded); "
                         "adds FID to the real data on its features to the metrics")
@@ -198,6 +202,10 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     t0 = time.perf_counter()
     run = Run(cfg, device, fit_teacher=latest is None)
     dist = run.distiller
+    if cfg.get("compile"):
+        from .compiled import compile_networks
+
+        print("\n".join(compile_networks(dist, mode=cfg["compile"]).lines()), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     saved_cfg = {k: v for k, v in _jsonable(cfg).items() if k not in RUNTIME_KEYS}
     if latest is not None:
