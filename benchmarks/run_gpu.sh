@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (no internet needed): the kernel tests on the GPU, then the kernel benchmark suite.
-# Writes into $OUT (default ./bench_out): tests.txt, bench_kernels.json (pytest-benchmark), bench_kernels.md.
+# Writes into $OUT (default ./bench_out): tests.txt, bench_kernels.json (pytest-benchmark), bench_kernels.md,
+# tests_all.txt (the whole suite on the GPU machine), throughput.json/.txt (full EMD iterations, benchmarks/throughput.py).
 #   benchmarks/run_gpu.sh
 #   BASELINE=path/to/baseline.json benchmarks/run_gpu.sh    # also fail on >10% regressions (compare.py)
 set -uo pipefail
@@ -21,6 +22,8 @@ rc=0
     2>&1 | tee "$OUT/tests.txt" || rc=1
 "$PY" -m pytest -q benchmarks/test_bench_kernels.py --benchmark-json="$OUT/bench_kernels.json" \
     --benchmark-columns=min,median,max,rounds 2>&1 | tee "$OUT/bench.txt" || rc=1
+"$PY" -m pytest -q tests 2>&1 | tee "$OUT/tests_all.txt" | tail -3 || rc=1   # the whole suite, GPU paths included
+"$PY" benchmarks/throughput.py --no-check-finite --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt" || rc=1
 if [ -f "$OUT/bench_kernels.json" ]; then
     "$PY" benchmarks/report.py "$OUT/bench_kernels.json" | tee "$OUT/bench_kernels.md"
     if [ -n "${BASELINE:-}" ]; then
