@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -39,15 +40,35 @@ def write_json_atomic(path: Path, obj) -> None:
     _atomic_replace(tmp, path)
 
 
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    """Write tensors (detached, contiguous, on the CPU) to ``path`` via a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _atomic_replace(tmp, path)
+
+
+def read_safetensors(path: Path, file_format: str, what: str,
+                     kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata says ``format == file_format``; CheckpointError
+    (one line) for an unreadable file ("cannot read <what> file") or a foreign format ("is not <kind> file")."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {what} file {path}: {e}") from None
+    if meta.get("format") != file_format:
+        raise CheckpointError(f"{path} is not {kind} file (format={meta.get('format')!r})")
+    return meta, tensors
+
+
 def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 3) -> Path:
     """Write one checkpoint atomically; keep the newest ``keep`` (0 = all). Returns the JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"step_{step:07d}"
     weights = directory / f"{stem}.safetensors"
-    tmp = directory / f"{stem}.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    _atomic_replace(tmp, weights)
+    save_safetensors_atomic(tensors, weights)
     meta = directory / f"{stem}.json"
     write_json_atomic(meta, {**state, "step": step, "tensors_file": weights.name, "sha256": sha256_file(weights)})
     if keep:

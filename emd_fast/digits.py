@@ -27,11 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .checkpoint import CheckpointError, sha256_file  # noqa: E402
+from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic, sha256_file  # noqa: E402
 from .edm_import import load_unet  # noqa: E402
 from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
                             precision_recall)
@@ -73,24 +71,16 @@ def load_teacher_unet(schedule: Schedule | None = None, path: Path = TEACHER_FIL
 
 
 def save_classifier(net: DigitsClassifier, path: Path) -> None:
-    """Write net's weights to safetensors, its width as metadata (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"format": CLASSIFIER_FORMAT, "width": str(net.head.in_features // 4)})
-    tmp.replace(path)
+    """Write net's weights to safetensors, its width as metadata (atomically)."""
+    save_safetensors_atomic({k: v.float() for k, v in net.state_dict().items()}, path,
+                            {"format": CLASSIFIER_FORMAT, "width": str(net.head.in_features // 4)})
 
 
 def load_classifier(path: Path = CLASSIFIER_FILE, device=None) -> DigitsClassifier:
     """The shipped DigitsClassifier in eval mode; CheckpointError for a missing or foreign file."""
     if not Path(path).is_file():
         raise _missing(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read classifier file {path}: {e}") from None
-    if meta.get("format") != CLASSIFIER_FORMAT:
-        raise CheckpointError(f"{path} is not a digits classifier file (format={meta.get('format')!r})")
+    meta, tensors = read_safetensors(path, CLASSIFIER_FORMAT, "classifier", "a digits classifier")
     net = DigitsClassifier(width=int(meta["width"]))
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False)

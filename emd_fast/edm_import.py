@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic
 from .schedules import EDMSchedule, make_schedule
 from .unet import UNET_CONFIGS, UNetBlock, UNetDenoiser
 
@@ -99,11 +95,9 @@ def save_unet(net: UNetDenoiser, path: str | Path, config_name: str = "custom") 
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, config_name: str, arch: dict, schedule: dict) -> None:
-    """Write our-named tensors with the metadata load_unet reads (temp file + rename)."""
+    """Write our-named tensors with the metadata load_unet reads (atomically)."""
     meta = {"format": FORMAT, "config": config_name, "arch": json.dumps(arch), "schedule": json.dumps(schedule)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, meta)
 
 
 def load_unet(path: str | Path, device=None) -> UNetDenoiser:
@@ -111,14 +105,7 @@ def load_unet(path: str | Path, device=None) -> UNetDenoiser:
 
     CheckpointError (one line) for a missing or corrupt file, foreign metadata, or keys/shapes that do not match.
     """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read U-Net file {path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an emd_fast U-Net file (metadata format={meta.get('format')!r})")
+    meta, tensors = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net")
     try:
         arch, sched = json.loads(meta["arch"]), json.loads(meta["schedule"])
     except (KeyError, json.JSONDecodeError) as e:
