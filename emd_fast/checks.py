@@ -43,3 +43,9 @@ def check_finite(what: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = "nan" if bool(torch.isnan(x).any()) else "inf"
         raise FloatingPointError(f"{what} contains {bad}")
+
+
+def check_like(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Float dtypes for all, and the shape and device of ``ref`` for every tensor in ``others``."""
+    check_float(**{ref_name: ref}, **others)
+    check_same(ref_name, ref, **others)

@@ -73,7 +73,8 @@ class Distiller:
             loss.backward()
         if self.cfg.check_finite:
             grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-            if not bool(torch.isfinite(loss)) or not all(bool(torch.isfinite(g).all()) for g in grads):
+            finite = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)])
+            if not bool(finite.all()):  # one host sync for the loss and every gradient
                 raise FloatingPointError(f"{name} loss or gradient is nan/inf at step {self.step_count + 1}; "
                                          f"parameters were left unchanged")
         with phase(f"{name} optimizer"):

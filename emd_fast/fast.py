@@ -1,6 +1,6 @@
 """The fused backend: the elementwise parts of an EMD iteration as Triton kernels (``emd_fast.kernels``).
 
-``TritonOps`` has the methods of :class:`emd_fast.emd.ReferenceOps`, so the EMD iteration is the same code on both
+``TritonOps`` is :class:`emd_fast.emd.ReferenceOps` with the elementwise methods replaced, so the EMD iteration is the same code on both
 paths. Noise: by default the Langevin kernels draw it themselves (Philox, from a seeded ``NoiseStream`` whose counter
 advances on the device: reproducible, never reused, no host sync); with ``kernel_noise=False`` it is drawn from the
 run's torch.Generator exactly as on the reference path, so a fast iteration can be compared element by element.
@@ -10,21 +10,20 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .emd import ReferenceOps
 
 
-class TritonOps:
+class TritonOps(ReferenceOps):
     generator_loss = staticmethod(kernels.generator_loss)
     dsm_loss = staticmethod(kernels.dsm_loss)
 
     def __init__(self, rng: torch.Generator, seed: int, device, kernel_noise: bool = True):
-        self.rng = rng
+        super().__init__(rng)
         self.stream = kernels.NoiseStream(seed, device) if kernel_noise else None
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor | None:
         """None (the kernel draws the noise) or explicit noise from the run's generator (equivalence mode)."""
-        if self.stream is not None:
-            return None
-        return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+        return None if self.stream is not None else super().randn_like(x)
 
     def langevin_eps_step(self, eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise, g=None):
         return kernels.langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise=noise, g=g,

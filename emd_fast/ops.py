@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .checks import check_float, check_per_example, check_same
+from .checks import check_like, check_per_example
 from .schedules import expand_like
 
 
@@ -26,7 +26,7 @@ def langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise
 
     Returns (eps', eta', v, x'), each (N, ...) in eps.dtype (eta', x' may be None).
     """
-    _check_step_inputs("eps", eps, eta=eta, d_teacher=d_teacher, d_student=d_student, noise=noise, g=g)
+    check_like("eps", eps, eta=eta, d_teacher=d_teacher, d_student=d_student, noise=noise, g=g)
     check_per_example("eps", eps, alpha=alpha, sigma=sigma)
     if not gamma > 0:
         raise ValueError(f"gamma_eps must be > 0, got {gamma}")
@@ -48,7 +48,7 @@ def langevin_z_step(z, jtv, gamma, noise):
 
     z, jtv (= J_g(z)^T v from the VJP), noise: (N, ...). Returns z' in z.dtype.
     """
-    _check_step_inputs("z", z, jtv=jtv, noise=noise)
+    check_like("z", z, jtv=jtv, noise=noise)
     if not gamma > 0:
         raise ValueError(f"gamma_z must be > 0, got {gamma}")
     f32 = torch.float32
@@ -64,7 +64,7 @@ def generator_loss(g, eps, eta, alpha, sigma, weight):
     whose value is mean(w r^2) / 2 and whose gradient is dL/dg = -w alpha r / (sigma * numel).
     g, eps, eta: (N, ...); alpha, sigma, weight: (N,). Returns an fp32 scalar.
     """
-    _check_step_inputs("g", g, eps=eps, eta=eta)
+    check_like("g", g, eps=eps, eta=eta)
     check_per_example("g", g, alpha=alpha, sigma=sigma, weight=weight)
     f32 = torch.float32
     a, s, w = (expand_like(v.to(f32), g) for v in (alpha, sigma, weight))
@@ -80,12 +80,7 @@ def dsm_loss(d, x, weight):
     d (the student's denoiser output, differentiable), x (the clean generator sample): (N, ...);
     weight: (N,). Returns an fp32 scalar.
     """
-    _check_step_inputs("d", d, x=x)
+    check_like("d", d, x=x)
     check_per_example("d", d, weight=weight)
     w = expand_like(weight.to(torch.float32), d)
     return (w * (d.to(torch.float32) - x.to(torch.float32)) ** 2).mean()
-
-
-def _check_step_inputs(ref_name: str, ref: torch.Tensor, **others):
-    check_float(**{ref_name: ref}, **others)
-    check_same(ref_name, ref, **others)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emd_fast.checks import check_float, check_same
+from emd_fast.checks import check_like
 
 SUB = 512  # elements per sub-block; a Langevin program handles 4 sub-blocks (one Philox call gives 4 normals)
 BLOCK = 4 * SUB  # elements per program
@@ -22,8 +22,7 @@ NUM_WARPS = 4
 
 def check_inputs(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     """Float dtypes, equal shapes and devices, non-empty, and a device the kernels can run on."""
-    check_float(**{ref_name: ref}, **others)
-    check_same(ref_name, ref, **others)
+    check_like(ref_name, ref, **others)
     if ref.numel() == 0:
         raise ValueError(f"{ref_name} is empty (shape {tuple(ref.shape)})")
     if ref.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
