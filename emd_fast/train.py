@@ -185,8 +185,7 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     Options not in ``explicit`` take their preset's defaults (PRESET_DEFAULTS); on --resume the saved run's.
     """
     cfg = with_preset_defaults(cfg, explicit)
-    out = cfg["out"] or Path("runs") / f"{cfg['preset']}_K{cfg['K']}_seed{cfg['seed']}"
-    cfg = {**cfg, "out": Path(out)}
+    cfg["out"] = Path(cfg["out"] or Path("runs") / f"{cfg['preset']}_K{cfg['K']}_seed{cfg['seed']}")
     if cfg["resume"]:
         cfg = with_preset_defaults(_resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
     validate(cfg)
@@ -222,6 +221,9 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     setup_s = time.perf_counter() - t0
 
+    def checkpoint_due() -> bool:
+        return bool(cfg["ckpt_every"]) and dist.step_count % cfg["ckpt_every"] == 0
+
     def checkpoint():
         state = {"config": saved_cfg, "torch": torch.__version__}
         save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors(), state, keep=cfg["keep"])
@@ -255,7 +257,7 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
                     plot(f"step_{step:07d}.png", metrics, samples, y)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            if cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
+            if checkpoint_due():
                 checkpoint()
             bar.update(1)
             bar.set_postfix(loss_g=f"{rec['loss_g']:.3g}", loss_s=f"{rec['loss_s']:.3g}",
@@ -269,13 +271,14 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     finally:
         log.close()
     bar.close()
-    if dist.step_count % max(cfg["ckpt_every"], 1) != 0 or not cfg["ckpt_every"]:
+    if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
         checkpoint()
     final, samples, y = run.evaluate()
     plot("final.png", final, samples, y)
     steps_run = dist.step_count - start_step
     summary = {
-        "out": str(out), "preset": cfg["preset"], "steps": dist.step_count, "device": str(device), "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
+        "out": str(out), "preset": cfg["preset"], "steps": dist.step_count, "device": str(device),
+        "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
         "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
