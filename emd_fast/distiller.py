@@ -1,6 +1,9 @@
 """A distillation run's state: the networks, their optimizers and the one random stream; ``step()`` = one iteration."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -8,20 +11,56 @@ from .checkpoint import CheckpointError, load_state_dict_strict
 from .emd import EMD, EMDConfig, ReferenceOps
 from .profiling import phase
 
+BACKENDS = ("reference", "triton")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+FINITE_CHECKS = ("sync", "deferred")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How an iteration runs. None of these change what it computes beyond float rounding (bf16: see README).
+
+    backend: elementwise work in plain PyTorch ("reference") or the fused Triton kernels ("triton");
+    kernel_noise: triton only: the Langevin noise is drawn inside the kernels from a seeded NoiseStream (False: from
+        the run's torch.Generator, element for element as on the reference path);
+    precision: "fp32", or "bf16": every network call under torch.autocast(bfloat16); the weights (fp32 masters), the
+        optimizer state, the Langevin chain and the losses stay fp32;
+    channels_last: image networks and the data tensors in NHWC memory order (a GPU convolution speed-up);
+    finite_check: "sync" checks every network output and gradient for nan/inf and raises at once (host syncs);
+        "deferred" keeps a device-side flag: an update with a non-finite loss or gradient, and every one after it, is
+        skipped by the fused Adam step itself, and ``raise_if_nonfinite()`` reports it at the next host sync.
+        "deferred" has no host sync in ``step()``, which is what CUDA-graph capture needs.
+    """
+
+    backend: str = "reference"
+    kernel_noise: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
+    finite_check: str = "sync"
+
+    def validate(self) -> "Execution":
+        for name, allowed in (("backend", BACKENDS), ("precision", tuple(PRECISIONS)),
+                              ("finite_check", FINITE_CHECKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        return self
+
+    def replace(self, **changes) -> "Execution":
+        return dataclasses.replace(self, **changes).validate()
+
 
 class Distiller:
     """One EMD training run.
 
     teacher: .denoise / .schedule / .data_shape; generator: z (N, *data_shape) -> x; student: D_psi(x_t, t, y).
     All randomness (z, eps, t and the Langevin noise) comes from one torch.Generator seeded with ``seed``; with the
-    triton backend the Langevin noise is drawn inside the kernels from a NoiseStream seeded with ``seed`` instead
-    (``kernel_noise=False``: from the torch.Generator, as on the reference path).
+    triton backend and kernel noise the Langevin noise comes from a NoiseStream seeded with ``seed`` instead.
+    ``execution`` says how the iteration runs (backend, precision, memory format, finite checks): see Execution.
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
-                 sigma_data: float = 1.0, num_classes: int = 0, backend: str = "reference", kernel_noise: bool = True,
-                 device="cpu"):
+                 sigma_data: float = 1.0, num_classes: int = 0, execution: Execution = Execution(), device="cpu"):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         for name, lr in (("lr_g", lr_g), ("lr_s", lr_s)):
@@ -30,21 +69,38 @@ class Distiller:
         for name, betas in (("betas_g", betas_g), ("betas_s", betas_s)):
             if not all(0 <= b < 1 for b in betas):
                 raise ValueError(f"{name} must lie in [0, 1), got {tuple(betas)}")
-        self.device = torch.device(device)
-        self.teacher, self.generator, self.student = teacher, generator.to(self.device), student.to(self.device)
-        self.batch, self.shape, self.num_classes, self.step_count = batch, tuple(teacher.data_shape), num_classes, 0
+        self.device, self.execution = torch.device(device), execution.validate()
+        self.shape = tuple(teacher.data_shape)
+        self.memory_format = (torch.channels_last if execution.channels_last and len(self.shape) == 3
+                              else torch.contiguous_format)
+        nets = [generator, student] + ([teacher] if isinstance(teacher, nn.Module) else [])
+        for net in nets:
+            net.to(self.device, memory_format=self.memory_format)
+        self.teacher, self.generator, self.student = teacher, generator, student
+        self.batch, self.num_classes, self.step_count = batch, num_classes, 0
         self.rng = torch.Generator(self.device).manual_seed(seed)
-        self.emd = EMD(teacher, self.generator, self.student, cfg, make_ops(backend, self.rng, seed, self.device,
-                                                                              kernel_noise), sigma_data)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g))
-        self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s, betas=tuple(betas_s))
+        self.deferred = execution.finite_check == "deferred"
+        ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
+        self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, check_outputs=not self.deferred,
+                       autocast=PRECISIONS[execution.precision])
+        # deferred checks: fused Adam reads found_inf and skips its update on the device while it is 1;
+        # capturable (step counts on the device) where CUDA graphs can capture it
+        adam = dict(fused=True, capturable=self.device.type == "cuda") if self.deferred else {}
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g), **adam)
+        self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s, betas=tuple(betas_s), **adam)
+        self.found_inf = torch.zeros(1, device=self.device)  # 1.0 once a non-finite loss/gradient was met (deferred)
+        self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # iterations before that
+        if self.deferred:
+            self.opt_g.found_inf = self.opt_s.found_inf = self.found_inf
 
     @property
     def cfg(self) -> EMDConfig:
         return self.emd.cfg
 
     def _randn(self, n: int) -> torch.Tensor:
-        return torch.randn((n, *self.shape), generator=self.rng, device=self.device)
+        """(n, *data_shape) standard normals in the run's memory format (drawn in NCHW order on every path)."""
+        x = torch.randn((n, *self.shape), generator=self.rng, device=self.device)
+        return x.contiguous(memory_format=self.memory_format)
 
     def _labels(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
         """Uniform class labels (n,) for a class-conditional teacher, else None."""
@@ -64,6 +120,8 @@ class Distiller:
         self._update(self.opt_g, loss_g, "generator")
         loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
         self._update(self.opt_s, loss_s, "student")
+        if self.deferred:
+            self.finite_steps.add_(1 - self.found_inf[0].long())
         self.step_count += 1
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
 
@@ -71,14 +129,25 @@ class Distiller:
         opt.zero_grad(set_to_none=True)
         with phase(f"{name} backward"):
             loss.backward()
-        if self.cfg.check_finite:
-            grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-            finite = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)])
-            if not bool(finite.all()):  # one host sync for the loss and every gradient
-                raise FloatingPointError(f"{name} loss or gradient is nan/inf at step {self.step_count + 1}; "
-                                         f"parameters were left unchanged")
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        # nan/inf anywhere in the loss or a gradient makes this sum non-finite (one multi-tensor norm launch)
+        finite = torch.isfinite(loss.detach() + torch.stack(torch._foreach_norm(grads)).sum())
+        if self.deferred:
+            torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
+        elif not bool(finite):  # one host sync for the loss and every gradient
+            raise FloatingPointError(f"{name} loss or gradient is nan/inf at step {self.step_count + 1}; "
+                                     f"parameters were left unchanged")
         with phase(f"{name} optimizer"):
             opt.step()
+
+    def raise_if_nonfinite(self) -> None:
+        """Deferred checks: FloatingPointError if an iteration so far met a nan/inf loss or gradient (one host sync;
+        call it before trusting the parameters, e.g. before a checkpoint). No-op with sync checks."""
+        if self.deferred and bool(self.found_inf):
+            good = int(self.finite_steps)
+            raise FloatingPointError(f"a loss or gradient became nan/inf at step {good + 1}; that update and every "
+                                     f"later one were skipped (the parameters are those of step {good}, up to the "
+                                     f"generator update of step {good + 1} if only the student's was non-finite)")
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,9 +187,8 @@ class Distiller:
         self.rng.set_state(tensors["rng"])
         self.emd.ops.load_state_tensors(tensors)
         self.step_count = step
-
-
-BACKENDS = ("reference", "triton")
+        self.found_inf.zero_()
+        self.finite_steps.fill_(step)
 
 
 def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):

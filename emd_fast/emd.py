@@ -40,7 +40,6 @@ class EMDConfig:
     student_weighting: str = "edm"  # w~(t) of the student DSM loss
     t_min: float | None = None  # E-step / M-step noise-level range (None: the schedule's)
     t_max: float | None = None
-    check_finite: bool = True  # check every network output for NaN/inf (one host sync each)
 
     def validate(self) -> "EMDConfig":
         if not isinstance(self.K, int) or self.K < 0:
@@ -110,21 +109,35 @@ class EMD:
 
     teacher: has .denoise(x_t, t, y) and .schedule; generator: z (N, ...) -> x (N, ...);
     student: D_psi(x_t, t, y) -> (N, ...). ops: ReferenceOps or a fused backend with the same methods.
+    check_outputs: check every network output for NaN/inf (one host sync each). autocast: None, or the dtype
+    (torch.bfloat16) the network calls run in under torch.autocast; their outputs are returned in fp32.
     """
 
-    def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0):
+    def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0,
+                 check_outputs: bool = True, autocast: torch.dtype | None = None):
         self.teacher, self.generator, self.student = teacher, generator, student
         self.schedule, self.cfg, self.ops, self.sigma_data = teacher.schedule, cfg.validate(), ops, sigma_data
+        self.check_outputs, self.autocast = check_outputs, autocast
+
+    def _net(self, what: str, net, *args) -> torch.Tensor:
+        """net(*args) under the run's autocast (fp32 result), checked for NaN/inf if check_outputs."""
+        if self.autocast is None:
+            out = net(*args)
+        else:
+            with torch.autocast(args[0].device.type, dtype=self.autocast):
+                out = net(*args).float()
+        if self.check_outputs:
+            check_finite(what, out)
+        return out
 
     def _generate(self, z, y, with_vjp: bool):
         """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v."""
         if not with_vjp:
             with torch.no_grad(), phase("generator forward"):
-                return self._finite("generator output", self.generator(z, y)), None
+                return self._net("generator output", self.generator, z, y), None
         z = z.detach().requires_grad_(True)
         with torch.enable_grad(), phase("generator forward"):
-            g = self.generator(z, y)
-        self._finite("generator output", g)
+            g = self._net("generator output", self.generator, z, y)
 
         def pullback(v):
             with phase("generator VJP"):
@@ -135,15 +148,10 @@ class EMD:
     @torch.no_grad()
     def _denoisers(self, x_t, t, y):
         with phase("teacher forward"):
-            d_t = self._finite("teacher denoiser output", self.teacher.denoise(x_t, t, y))
+            d_t = self._net("teacher denoiser output", self.teacher.denoise, x_t, t, y)
         with phase("student forward"):
-            d_s = self._finite("student denoiser output", self.student(x_t, t, y))
+            d_s = self._net("student denoiser output", self.student, x_t, t, y)
         return d_t, d_s
-
-    def _finite(self, what, x):
-        if self.cfg.check_finite:
-            check_finite(what, x)
-        return x
 
     def e_step(self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, y=None) -> EStep:
         """K Langevin steps targeting p_T(x_t) p_theta(z | x_t), started from the generator's own joint.
@@ -178,8 +186,7 @@ class EMD:
     def generator_loss(self, es: EStep, y=None) -> torch.Tensor:
         """M-step: w(t) ||sg(x_t) - alpha g_theta(sg(z_K))||^2 / (2 sigma^2), with the noise-cancelled residual."""
         with phase("M-step forward"):
-            g = self.generator(es.z.detach(), y)
-            self._finite("generator output", g)
+            g = self._net("generator output", self.generator, es.z.detach(), y)
             eps = es.eps
             if self.cfg.in_x and self.cfg.moves_z:
                 a, s = expand_like(es.alpha, g), expand_like(es.sigma, g)
@@ -193,6 +200,6 @@ class EMD:
             alpha, sigma = self.schedule.alpha_sigma(t)
             x = x.detach()
             x_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
-            d = self.student(x_t, t, y)
+            d = self._net("student denoiser output", self.student, x_t, t, y)
             w = self.schedule.weight(self.cfg.student_weighting, t, self.sigma_data)
             return self.ops.dsm_loss(d, x, w)

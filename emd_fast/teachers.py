@@ -75,6 +75,7 @@ class GaussianMixtureTeacher:
         self.schedule, self.data_shape = schedule, (d,)
         self.means, self.covs, self.weights = means, covs, weights / weights.sum()
         self._evals, self._evecs = evals, evecs  # (M, D), (M, D, D): Sigma_k = U diag(l) U^T
+        self._on_device: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @property
     def num_modes(self) -> int:
@@ -92,14 +93,23 @@ class GaussianMixtureTeacher:
         with C_k = alpha^2 Sigma_k + sigma^2 I and per-example alpha, sigma of shape (N,)."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must have shape (N, {self.dim}), got {tuple(x_t.shape)}")
+        mu, lam, u, logw = self._constants(x_t.device, x_t.dtype)
         dt = x_t.dtype
-        mu, lam, u, logw = (v.to(x_t.device, dt) for v in (self.means, self._evals, self._evecs, self.weights.log()))
         alpha, sigma = alpha.to(dt)[:, None, None], sigma.to(dt)[:, None, None]
         var = alpha**2 * lam[None] + sigma**2  # (N, M, D) eigenvalues of C_k
         proj = torch.einsum("nmd,mde->nme", x_t[:, None, :] - alpha * mu[None], u)  # in each eigenbasis
         logp = logw - 0.5 * ((proj**2 / var).sum(-1) + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
         prec_diff = torch.einsum("nme,mde->nmd", proj / var, u)
         return logp, prec_diff
+
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(means, eigenvalues, eigenvectors, log-weights) in ``dtype`` on ``device``, copied there once: a training
+        step then makes no host-to-device copies (which a CUDA graph could not capture)."""
+        key = (device, dtype)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(v.to(device, dtype) for v in (self.means, self._evals, self._evecs,
+                                                                       self.weights.log()))
+        return self._on_device[key]
 
     def _noisy_terms(self, x_t, t):
         check_per_example("x_t", x_t, t=t)
@@ -116,9 +126,11 @@ class GaussianMixtureTeacher:
         return -(resp[:, :, None] * prec_diff).sum(1)
 
     def denoise(self, x_t, t, y=None):
-        """E[x | x_t] = (x_t + sigma^2 s(x_t)) / alpha (Tweedie), (N, D)."""
-        alpha, sigma = (expand_like(v.to(x_t.dtype), x_t) for v in self.schedule.alpha_sigma(t))
-        return (x_t + sigma**2 * self.score(x_t, t)) / alpha
+        """E[x | x_t] = (x_t + sigma^2 s(x_t)) / alpha (Tweedie), (N, D). Exact in x_t's dtype: an enclosing
+        autocast (a bf16 training run) does not apply to the analytic teacher."""
+        with torch.autocast(x_t.device.type, enabled=False):
+            alpha, sigma = (expand_like(v.to(x_t.dtype), x_t) for v in self.schedule.alpha_sigma(t))
+            return (x_t + sigma**2 * self.score(x_t, t)) / alpha
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density of the clean mixture (alpha=1, sigma=0), (N,)."""
@@ -136,7 +148,7 @@ class GaussianMixtureTeacher:
         """Squared Mahalanobis distance of clean samples to every component, (N, M)."""
         ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         _, prec_diff = self._terms(x, ones, torch.zeros_like(ones))
-        diff = x[:, None, :] - self.means.to(x.device, x.dtype)[None]
+        diff = x[:, None, :] - self._constants(x.device, x.dtype)[0][None]
         return (diff * prec_diff).sum(-1)
 
     def sample(self, n: int, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

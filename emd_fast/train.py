@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from . import digits, problems
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
-from .distiller import BACKENDS, Distiller
+from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS, Distiller, Execution
 from .emd import VARIANTS, EMDConfig
 from .profiling import PhaseTimer
 from .schedules import SCHEDULES, WEIGHTINGS, make_schedule
@@ -33,7 +34,8 @@ PRESET_DEFAULTS = {
 }
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
-                "phase_every", "inception", "compile"}
+                "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check"}
+LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--student-weighting", choices=WEIGHTINGS, default="edm", help="w(t) of the student loss")
     e.add_argument("--t-min", type=float, default=None, help="smallest noise level t sampled (default: schedule's)")
     e.add_argument("--t-max", type=float, default=None, help="largest noise level t sampled (default: schedule's)")
-    e.add_argument("--backend", choices=BACKENDS, default="reference",
+    f = p.add_argument_group("speed (none changes what is computed beyond float rounding)")
+    f.add_argument("--fast", action="store_true",
+                   help="the fastest settings this machine supports, for the speed options not given: on a GPU "
+                        "--backend triton --compile --cuda-graph --finite-check deferred --channels-last (images "
+                        "only); on a CPU --compile --finite-check deferred. What is skipped is said")
+    f.add_argument("--backend", choices=BACKENDS, default="reference",
                    help="elementwise work of the iteration: plain PyTorch, or the fused Triton kernels (Langevin "
                         "update with in-kernel Philox noise, noise-cancelled M-step loss, student DSM loss)")
+    f.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the generator, student and teacher network (same results up to rounding; "
+                        "checkpoints unchanged); what cannot be compiled here is said and left eager")
+    f.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the whole iteration in one CUDA graph after 3 eager ones (needs a CUDA device and "
+                        "--finite-check deferred)")
+    f.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="bf16: the network calls under autocast(bfloat16); fp32 master weights, optimizer state, "
+                        "Langevin chain and losses; an analytic teacher stays exact fp32")
+    f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="image networks and data in NHWC memory order")
+    f.add_argument("--finite-check", choices=FINITE_CHECKS, default="sync",
+                   help="sync: check every network output and gradient for nan/inf and stop at once (host syncs); "
+                        "deferred: a device-side flag makes the fused Adam skip non-finite updates and the run "
+                        "stops at the next log write (every %d steps), before any checkpoint" % LOG_EVERY)
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1500, help="training iterations")
     o.add_argument("--batch", type=int, default=256, help="batch size")
@@ -92,10 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the phases of every N-th iteration (synchronising the device; 0: never)")
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=("default", "max-autotune-no-cudagraphs"),
-                   help="torch.compile the generator, student and teacher network (same results up to rounding; "
-                        "checkpoints unchanged); what cannot be compiled here is said and left eager")
     r.add_argument("--inception", type=Path, default=None,
                    help="image presets: Inception-v3 TorchScript file (inception-2015-12-05.pt, never downloaded); "
                         "adds FID to the real data on its features to the metrics")
@@ -137,16 +156,44 @@ class Run:
         emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], variant=cfg["variant"],
                             cancel_noise=cfg["cancel_noise"], gen_weighting=cfg["gen_weighting"],
                             student_weighting=cfg["student_weighting"], t_min=cfg["t_min"], t_max=cfg["t_max"])
+        # configs saved before --precision existed have none; channels_last and finite_check are runtime options
+        execution = Execution(backend=cfg["backend"], precision=cfg.get("precision", "fp32"),
+                              channels_last=cfg.get("channels_last", False),
+                              finite_check=cfg.get("finite_check", "sync"))
         self.distiller = Distiller(self.teacher, generator, student, emd_cfg, batch=cfg["batch"], lr_g=cfg["lr_g"],
                                    lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
                                    seed=cfg["seed"], sigma_data=self.problem.sigma_data,
-                                   num_classes=self.problem.num_classes, backend=cfg["backend"], device=device)
+                                   num_classes=self.problem.num_classes, execution=execution, device=device)
 
     def evaluate(self) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation)."""
         rng = torch.Generator(self.distiller.device).manual_seed(self.cfg["seed"] + 3)
         samples, y = self.distiller.sample(self.cfg["eval_samples"], rng)
         return self.problem.metrics(samples, y), samples, y
+
+
+def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device) -> tuple[dict, list[str]]:
+    """--fast: the fastest speed settings for ``device`` for the options not in ``explicit`` (the backend only for a
+    new run: a resumed run keeps its own). Returns the new cfg and one line per setting left out, with the reason."""
+    if not cfg["fast"]:
+        return cfg, []
+    from .kernels import triton_available
+
+    gpu = device.type == "cuda"
+    fast, skipped = {"compile": "default", "finite_check": "deferred"}, []
+    if gpu and triton_available():
+        fast["backend"] = "triton"
+    else:
+        skipped.append("fused Triton kernels: " + ("triton is not installed" if gpu else
+                                                   "they need a CUDA GPU (on a CPU they run only interpreted, "
+                                                   "for tests)"))
+    if gpu:
+        fast |= {"cuda_graph": True, "channels_last": True}  # channels_last applies to image data only
+    else:
+        skipped.append(f"CUDA graphs: no CUDA device (running on {device})")
+        skipped.append("channels_last: a GPU convolution layout, not used on the CPU")
+    keep = explicit | ({"backend"} if cfg["resume"] else set())
+    return cfg | {k: v for k, v in fast.items() if k not in keep}, [f"--fast: skipped {line}" for line in skipped]
 
 
 def validate(cfg: dict) -> None:
@@ -188,12 +235,13 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     cfg["out"] = Path(cfg["out"] or Path("runs") / f"{cfg['preset']}_K{cfg['K']}_seed{cfg['seed']}")
     if cfg["resume"]:
         cfg = with_preset_defaults(_resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
+    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, notes = with_fast_defaults(cfg, set(explicit), device)
     validate(cfg)
     out = cfg["out"]
     ckpt_dir = out / "checkpoints"
     if not cfg["resume"] and list_checkpoints(ckpt_dir):
         raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     latest = list_checkpoints(ckpt_dir)[-1] if cfg["resume"] else None
     if cfg["resume"] and latest is None:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
@@ -201,10 +249,19 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     t0 = time.perf_counter()
     run = Run(cfg, device, fit_teacher=latest is None)
     dist = run.distiller
-    if cfg.get("compile"):
+    if cfg["compile"]:
         from .compiled import compile_networks
 
-        print("\n".join(compile_networks(dist, mode=cfg["compile"]).lines()), file=sys.stderr)
+        notes += compile_networks(dist, mode=cfg["compile"]).lines()
+    step = dist.step
+    if cfg["cuda_graph"]:
+        from .graphs import GraphedStep, graphs_unavailable
+
+        if why := graphs_unavailable(dist):
+            raise ValueError(f"--cuda-graph: {why}")
+        step = GraphedStep(dist)
+    if notes:
+        print("\n".join(notes), file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     saved_cfg = {k: v for k, v in _jsonable(cfg).items() if k not in RUNTIME_KEYS}
     if latest is not None:
@@ -234,43 +291,51 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
                  f"step {dist.step_count}")
         run.problem.plot(out / "samples" / name, samples, y, metrics, history, title)
 
-    log = open(out / "metrics.jsonl", "a")
+    log = MetricsLog(out / "metrics.jsonl", dist)
     bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"], desc="EMD", unit="it",
                dynamic_ncols=True)
-    train_s, start_step, last = 0.0, dist.step_count, {}
+    graphed = cfg["cuda_graph"]
+    other_s, start_step, last = 0.0, dist.step_count, {}
     timer, timed_iters = PhaseTimer(device), 0
+    loop_t0 = time.perf_counter()
     try:
         while dist.step_count < cfg["steps"]:
-            timed = cfg["phase_every"] and (dist.step_count + 1) % cfg["phase_every"] == 0
-            ts = time.perf_counter()
+            timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
             with timer if timed else contextlib.nullcontext():
-                losses = dist.step()
-            train_s += time.perf_counter() - ts
+                losses = step()
             timed_iters += bool(timed)
-            step = dist.step_count
-            rec = {"step": step, **{k: float(v) for k, v in losses.items()}}
-            if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-                metrics, samples, y = run.evaluate()
-                rec |= {k: v for k, v in metrics.items() if k != "mode_weights"}
-                last = metrics
-                if cfg["plot_every"] and step % cfg["plot_every"] == 0:
-                    plot(f"step_{step:07d}.png", metrics, samples, y)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if checkpoint_due():
-                checkpoint()
+            n = dist.step_count
+            evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
+            log.add(n, losses)
+            if evaluate or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
+                log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
+                ts = time.perf_counter()
+                metrics = None
+                if evaluate:
+                    metrics, samples, y = run.evaluate()
+                    last = metrics
+                log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
+                if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
+                    plot(f"step_{n:07d}.png", metrics, samples, y)
+                if checkpoint_due():
+                    checkpoint()
+                other_s += time.perf_counter() - ts
+                bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
             bar.update(1)
-            bar.set_postfix(loss_g=f"{rec['loss_g']:.3g}", loss_s=f"{rec['loss_s']:.3g}",
-                            **(run.problem.progress(last) if last else {}), refresh=False)
     except KeyboardInterrupt:
         bar.close()
+        log.sync()
         checkpoint()
         print(f"interrupted at step {dist.step_count}: checkpoint written; continue with --resume --out {out}",
               file=sys.stderr)
         raise
+    except FloatingPointError:
+        log.sync(check=False)  # keep the losses logged before the failure
+        raise
     finally:
         log.close()
     bar.close()
+    train_s = time.perf_counter() - loop_t0 - other_s
     if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
         checkpoint()
     final, samples, y = run.evaluate()
@@ -278,14 +343,57 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     steps_run = dist.step_count - start_step
     summary = {
         "out": str(out), "preset": cfg["preset"], "steps": dist.step_count, "device": str(device),
+        "execution": {**dataclasses.asdict(dist.execution), "compile": cfg["compile"], "cuda_graph": graphed},
         "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
         "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
+        "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
+                       if graphed else f"every {cfg['phase_every']}-th iteration, device synchronised per phase"
+                       if cfg["phase_every"] else "none (--phase-every 0)"),
         "final": final, "exact_sample_floor": run.problem.floor(),
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per iteration. The losses stay on the device until ``sync`` reads all pending ones
+    with one host sync (checking the deferred finite flag first); ``write`` appends them, evaluation metrics joined
+    to the last one."""
+
+    def __init__(self, path: Path, distiller: Distiller):
+        self.file, self.distiller = open(path, "a"), distiller
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.ready: list[dict] = []
+        self.last: dict = {}
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, losses))
+
+    def sync(self, check: bool = True) -> None:
+        if check:
+            self.distiller.raise_if_nonfinite()
+        if self.pending:
+            values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
+            self.ready += [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
+            self.pending.clear()
+
+    def write(self, metrics: dict | None = None) -> None:
+        if metrics and self.ready:
+            self.ready[-1] |= metrics
+        for rec in self.ready:
+            self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.last = self.ready[-1] if self.ready else self.last
+        self.ready.clear()
+
+    def postfix(self) -> dict[str, str]:
+        return {k: f"{self.last[k]:.3g}" for k in ("loss_g", "loss_s") if k in self.last}
+
+    def close(self) -> None:
+        self.write()
+        self.file.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

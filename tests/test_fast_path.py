@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from emd_fast.distiller import Distiller
+from emd_fast.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
 
 from helpers import small_problem
@@ -12,7 +12,7 @@ def make(backend, variant="eps,z", cancel=True, kernel_noise=False, seed=0, devi
     teacher, gen, student = small_problem(seed=3, hidden=16)
     cfg = EMDConfig(K=3, gamma_eps=0.3, gamma_z=0.05, variant=variant, cancel_noise=cancel)
     return Distiller(teacher, gen, student, cfg, batch=24, lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=2.0,
-                     backend=backend, kernel_noise=kernel_noise, device=device)
+                     execution=Execution(backend=backend, kernel_noise=kernel_noise), device=device)
 
 
 def params(dist):
