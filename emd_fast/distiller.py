@@ -88,7 +88,7 @@ class Distiller:
         adam = dict(fused=True, capturable=self.device.type == "cuda") if self.deferred else {}
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g), **adam)
         self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s, betas=tuple(betas_s), **adam)
-        self.found_inf = torch.zeros(1, device=self.device)  # 1.0 once a non-finite loss/gradient was met (deferred)
+        self.found_inf = torch.zeros((), device=self.device)  # 1.0 once a non-finite loss/gradient was met (deferred)
         self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # iterations before that
         if self.deferred:
             self.opt_g.found_inf = self.opt_s.found_inf = self.found_inf
@@ -121,7 +121,7 @@ class Distiller:
         loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
         self._update(self.opt_s, loss_s, "student")
         if self.deferred:
-            self.finite_steps.add_(1 - self.found_inf[0].long())
+            self.finite_steps.add_(1 - self.found_inf.long())
         self.step_count += 1
         return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
 
