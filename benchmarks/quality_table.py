@@ -27,6 +27,8 @@ CONFIGS = {
     "EMD-8 (eps,z) cancel, gamma_eps=0.1": ["--K", "8", "--gamma-eps", "0.1"],
     "EMD-1 (eps,.) cancel, lambda*=-8": ["--K", "1", "--variant", "eps", "--lambda-star", "-8"],
     "EMD-8 (eps,z) cancel, lambda*=-8": ["--K", "8", "--lambda-star", "-8"],
+    "EMD-8 (eps,z) cancel, bf16 networks": ["--K", "8", "--precision", "bf16"],
+    "EMD-8 (eps,z) cancel, deferred checks (fused Adam)": ["--K", "8", "--finite-check", "deferred"],
 }
 METRICS = ("modes_covered", "mode_tv", "off_mode", "mode_spread", "energy_distance", "mean_loglik")
 

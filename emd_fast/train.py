@@ -408,6 +408,7 @@ def format_summary(s: dict, lines: list[str]) -> str:
         f"run directory: {s['out']}",
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s)",
+        "execution: " + ", ".join(f"{k} {v}" for k, v in s["execution"].items()),
         *lines,
         *(["time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items())]
           if s["phase_ms_per_iter"] else []),
