@@ -28,6 +28,17 @@ def time_ms(fn) -> float:
     return 1e3 * statistics.median(times)
 
 
+def synced(fn):
+    """fn followed by a device synchronisation (pytest-benchmark's wall clock then covers the GPU work)."""
+    def call():
+        out = fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+
+    return call
+
+
 @functools.cache
 def run_facts() -> dict:
     """Device, versions and the copy bandwidth (GB/s, read + write) of a 1 GiB (CPU: 16 MiB) fp32 copy."""

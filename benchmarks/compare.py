@@ -48,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("new")
     parser.add_argument("--threshold", type=float, default=0.10, help="allowed slow-down, a fraction (default 0.10)")
     args = parser.parse_args(argv)
-    lines, slower = compare(load_benchmarks(args.baseline), load_benchmarks(args.new), args.threshold)
+    return verdict(*compare(load_benchmarks(args.baseline), load_benchmarks(args.new), args.threshold),
+                   args.threshold)
+
+
+def verdict(lines: list[str], slower: list[str], threshold: float) -> int:
+    """Print a comparison's report; exit status 1 if anything got slower than allowed, else 0."""
     print("\n".join(lines))
     if slower:
-        print(f"{len(slower)} benchmark(s) more than {100 * args.threshold:g}% slower than the baseline")
+        print(f"{len(slower)} benchmark(s) more than {100 * threshold:g}% slower than the baseline")
         return 1
     return 0
 

@@ -9,7 +9,7 @@ mode on tiny sizes, so CI exercises the suite quickly; its numbers mean nothing.
 """
 import pytest
 import torch
-from benchtools import ON_GPU, SMOKE, run_facts, time_ms
+from benchtools import ON_GPU, SMOKE, run_facts, synced, time_ms
 
 from emd_fast import kernels, ops
 
@@ -82,17 +82,11 @@ def test_bench(benchmark, kernel, impl, size, dtype):
     fn = {"triton": fused, "eager": reference, "compile": torch.compile(reference) if impl == "compile" else None}[impl]
     call = (lambda: torch.autograd.grad(fn(*args), args[0])) if kernel in LOSSES else (lambda: fn(*args))
 
-    def call_and_sync():
-        out = call()
-        if ON_GPU:
-            torch.cuda.synchronize()
-        return out
-
     benchmark.group = f"{kernel}-{size}-{str(dtype).removeprefix('torch.')}"
     numel = args[0].numel()
     nbytes = tensors_moved * numel * args[0].element_size()
     ms = time_ms(call)  # also the warm-up (and torch.compile's compilation) before pytest-benchmark's rounds
-    benchmark.pedantic(call_and_sync, rounds=3 if SMOKE else 30, warmup_rounds=1)
+    benchmark.pedantic(synced(call), rounds=3 if SMOKE else 30, warmup_rounds=1)
     gbps = nbytes / ms / 1e6
     benchmark.extra_info.update(
         kernel=kernel, impl=impl, size=size, shape=list(shape), dtype=str(dtype), bytes=nbytes,

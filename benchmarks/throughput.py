@@ -1,26 +1,39 @@
-"""Throughput of a full EMD training iteration (``Distiller.step``): iterations/s, samples/s, TFLOP/s and MFU.
+"""Throughput of a full EMD training iteration: iterations/s, samples/s, TFLOP/s, MFU and speed-ups.
 
     python benchmarks/throughput.py                      # GPU: realistic sizes; no GPU: the smoke sizes
     python benchmarks/throughput.py --smoke --out t.json
-    python benchmarks/throughput.py --problems unet --K 1 16 --iters 20 --peak-tflops 800
+    python benchmarks/throughput.py --problems unet --K 1 16 --impls eager graph-bf16 --peak-tflops 800
+    python benchmarks/throughput.py --skip compile/triton  # leave out variants (IMPL/BACKEND)
+    python benchmarks/throughput.py --baseline old.json  # also exit 1 if a row is >10% slower than in old.json
 
-Variants: backend reference | triton (fused elementwise kernels) x eager | compile (torch.compile of the generator,
-the student and the teacher's network where it is one: ``emd_fast.compiled``) x K (Langevin steps per E-step).
+Variants: backend reference | triton (fused elementwise kernels) x impl x K (Langevin steps per E-step), impl one of
+  eager       eager networks, finite checks "sync" (a host sync per update): the training default;
+  compile     torch.compile of the generator, the student and the teacher's network where it is one
+              (``emd_fast.compiled``), finite checks "sync";
+  graph       compile + finite checks "deferred" (no host sync) + the whole iteration replayed as one CUDA graph
+              (``emd_fast.graphs.GraphedStep``); the U-Net problem runs channels_last;
+  graph-bf16  graph with every network call under bf16 autocast (fp32 master weights).
+The graph variants need CUDA: where they cannot run they are reported as skipped, with the reason, in a note.
+Each compiled impl gets its own compiled copy of the networks, shared by its backends and K: compilation is paid
+once per (problem, impl), in the first warm-up iteration.
 Problems:
   vector  ring2d's exact GaussianMixtureTeacher with the CLI's default MLP generator / student (hidden 128,
           depth 3), batch 256 (the same on GPU and in the smoke mode);
   unet    a NetworkTeacher over a UNetDenoiser: on GPU batch 64 of 3x64x64 with a mid-sized ADM config
           (model_channels 64, channel_mult 1-2-3-4, 2 blocks, attention at 16 and 8; "adm64-mc64" below);
           in the smoke mode the "tiny" config (1x8x8, 10 classes) with batch 4.
-Timing: warm-up iterations first (torch.compile compiles then), then ``--iters`` timed iterations; on GPU each
-iteration is timed with CUDA events (median), on the CPU with the wall clock (median). The iteration is the one
-training runs: with the finite checks (host syncs) unless --no-check-finite.
+Timing: ``--warmup`` untimed iterations (the graph variants run GraphedStep's eager warm-up and the capture before
+these), then ``--iters`` timed ones, each timed with CUDA events on GPU, the wall clock on the CPU; the median is
+reported. The iteration is the one training runs (``Distiller.step``, or the graph replay).
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one eager reference iteration (forward and backward
 matmul / conv / attention FLOPs of every network call, the generator VJPs included; elementwise work is not
-counted). The FLOPs are the same for every backend and compile variant of a (problem, K). TFLOP/s = FLOPs / time;
-MFU = that over --peak-tflops (default 800: the dense bf16 matmul rate measured on an H100 in DESIGN.md; the
-networks here run in fp32, so MFU against the bf16 rate is a lower bound on what the hardware could give).
-EMD-K/EMD-1 is each row's time over the K=1 row of the same problem, backend and compile variant.
+counted), the same for every variant of a (problem, K). TFLOP/s = FLOPs / time; MFU = that over --peak-tflops
+(default 800: the dense bf16 matmul rate measured on an H100, DESIGN.md): the honest figure for graph-bf16; for the
+fp32 variants (fp32 matmuls, TF32 convolutions by default) it is a lower bound on what the hardware could give.
+Columns: "vs eager ref" is the row's it/s over that of the eager reference row of the same problem and K, measured
+in the same run; EMD-K/EMD-1 is the row's time over the K=1 row of the same problem, backend and impl. The summary
+gives, per problem at K=16, the fastest variant's speed-up over the eager reference against issue 4's targets
+(vector >= 10x, U-Net >= 2x) and its MFU.
 
 Without a GPU (or with --smoke) sizes are tiny, the triton backend runs in the Triton interpreter and compile uses
 the aot_eager backend by default (inductor's C++ build takes tens of seconds per network on a CPU): the smoke run
@@ -37,6 +50,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,10 +62,12 @@ if not ON_GPU:
 import triton  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+import compare  # noqa: E402
 from emd_fast import problems  # noqa: E402
 from emd_fast.compiled import compile_networks  # noqa: E402
-from emd_fast.distiller import Distiller  # noqa: E402
+from emd_fast.distiller import Distiller, Execution  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
+from emd_fast.graphs import GraphedStep, graphs_unavailable  # noqa: E402
 from emd_fast.networks import MLPDenoiser  # noqa: E402
 from emd_fast.schedules import make_schedule  # noqa: E402
 from emd_fast.teachers import NetworkTeacher  # noqa: E402
@@ -59,7 +75,12 @@ from emd_fast.unet import UNET_CONFIGS, UNetDenoiser  # noqa: E402
 
 PROBLEMS = ("vector", "unet")
 BACKENDS = ("reference", "triton")
-IMPLS = ("eager", "compile")
+IMPLS = {  # impl: (torch.compile the networks, whole-iteration CUDA graph, precision of the network calls)
+    "eager": (False, False, "fp32"), "compile": (True, False, "fp32"),
+    "graph": (True, True, "fp32"), "graph-bf16": (True, True, "bf16")}
+TARGETS = {"vector": 10.0, "unet": 2.0}  # issue 4: EMD-16 it/s over the eager reference's, at least
+SUMMARY_K = 16
+VERDICT = {True: "met", False: "NOT met", None: "not judged in the smoke mode"}
 LAMBDA_STAR = -4.0  # the CLI default
 UNET_GPU = dict(img_channels=3, img_resolution=64, label_dim=0, model_channels=64, channel_mult=[1, 2, 3, 4],
                 num_blocks=2, attn_resolutions=[16, 8], channels_per_head=64, dropout=0.0, sigma_data=0.5)
@@ -71,8 +92,10 @@ def problem_spec(name: str, smoke: bool) -> dict:
         return dict(name=name, batch=256, label="ring2d MLP h128 d3, batch 256")
     if name == "unet":
         if smoke:
-            return dict(name=name, batch=4, config=UNET_CONFIGS["tiny"], label="U-Net tiny 1x8x8, batch 4")
-        return dict(name=name, batch=64, config=UNET_GPU, label="U-Net adm64-mc64 3x64x64, batch 64")
+            spec = dict(name=name, batch=4, config=UNET_CONFIGS["tiny"], label="U-Net tiny 1x8x8, batch 4")
+        else:
+            spec = dict(name=name, batch=64, config=UNET_GPU, label="U-Net adm64-mc64 3x64x64, batch 64")
+        return spec | dict(label=spec["label"] + "; graph variants channels_last")
     raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
 
 
@@ -99,19 +122,41 @@ def build_networks(spec: dict, device: torch.device, seed: int = 0):
     return teacher, generator, student, sigma_data, num_classes
 
 
-def make_distiller(nets, batch: int, K: int, backend: str, device, check_finite: bool = True) -> Distiller:
+def variant_execution(impl: str, backend: str, problem: str) -> Execution:
+    """How an iteration of the variant runs (the graph variants: deferred checks, channels_last for images)."""
+    _, graph, precision = IMPLS[impl]
+    return Execution(backend=backend, precision=precision, channels_last=graph and problem == "unet",
+                     finite_check="deferred" if graph else "sync")
+
+
+def make_distiller(nets, batch: int, K: int, execution: Execution, device) -> Distiller:
     teacher, generator, student, sigma_data, num_classes = nets
-    cfg = EMDConfig(K=K, check_finite=check_finite)
-    return Distiller(teacher, generator, student, cfg, batch=batch, lr_g=1e-4, lr_s=1e-3, seed=0,
-                     sigma_data=sigma_data, num_classes=num_classes, backend=backend, device=device)
+    return Distiller(teacher, generator, student, EMDConfig(K=K), batch=batch, lr_g=1e-4, lr_s=1e-3, seed=0,
+                     sigma_data=sigma_data, num_classes=num_classes, execution=execution, device=device)
 
 
-def compiled_copy(nets, device, backend: str | None):
-    """Deep copies of the networks with torch.compile applied in place (the eager originals stay eager)."""
-    teacher, generator, student, sigma_data, num_classes = copy.deepcopy(nets)
-    probe = make_distiller((teacher, generator, student, sigma_data, num_classes), 2, 1, "reference", device)
-    report = compile_networks(probe, backend=backend)
-    return (teacher, generator, student, sigma_data, num_classes), report
+def impl_networks(nets, spec: dict, impl: str, device, compile_backend: str | None):
+    """(networks, notes, why not) of an impl: the eager networks, or for a compiled impl a deep copy, in the impl's
+    memory format, with torch.compile applied in place (the eager originals stay eager); why not: the reason the
+    impl cannot run here (nothing compiled then), None if it can."""
+    compiled, graph, _ = IMPLS[impl]
+    if not compiled:
+        return nets, [], None
+    nets = copy.deepcopy(nets)
+    probe = make_distiller(nets, 2, 1, variant_execution(impl, "reference", spec["name"]), device)
+    if graph and (why := graphs_unavailable(probe)):
+        return nets, [], why
+    return nets, compile_networks(probe, backend=compile_backend).lines(), None
+
+
+def variant_step(nets, spec: dict, impl: str, backend: str, K: int, device):
+    """(one iteration of the variant as a callable, how many first calls are set-up to run before any timing: a
+    GraphedStep's eager warm-up and its capture)."""
+    dist = make_distiller(nets, spec["batch"], K, variant_execution(impl, backend, spec["name"]), device)
+    if IMPLS[impl][1]:
+        step = GraphedStep(dist)
+        return step, step.warmup + 1
+    return dist.step, 0
 
 
 def sync():
@@ -119,22 +164,22 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_steps(dist: Distiller, warmup: int, iters: int) -> list[float]:
-    """Seconds of each of ``iters`` iterations after ``warmup`` untimed ones (CUDA events on GPU)."""
+def time_steps(step, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``step`` after ``warmup`` untimed ones (CUDA events on GPU)."""
     for _ in range(warmup):
-        dist.step()
+        step()
     sync()
     times = []
     for _ in range(iters):
         if ON_GPU:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            dist.step()
+            step()
             end.record()
             times.append((start, end))
         else:
             t0 = time.perf_counter()
-            dist.step()
+            step()
             times.append(time.perf_counter() - t0)
     sync()
     return [s.elapsed_time(e) / 1e3 for s, e in times] if ON_GPU else times
@@ -168,7 +213,43 @@ def machine_facts() -> dict:
             "triton": triton.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name() if ON_GPU else None,
             "device": "cuda" if ON_GPU else "cpu", "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "threads": torch.get_num_threads()}
+            "tf32_conv": torch.backends.cudnn.allow_tf32, "threads": torch.get_num_threads()}
+
+
+def find(rows: list[dict], **key) -> dict | None:
+    return next((r for r in rows if all(r[k] == v for k, v in key.items())), None)
+
+
+def summary(rows: list[dict], smoke: bool) -> list[dict]:
+    """Per problem at K=16: the fastest variant, its speed-up over the eager reference against issue 4's target (not
+    judged in the smoke mode), and its MFU."""
+    out = []
+    for problem, target in TARGETS.items():
+        rivals = [r for r in rows if (r["problem"], r["K"]) == (problem, SUMMARY_K) and r["speedup_vs_eager_ref"]]
+        if rivals:
+            best = max(rivals, key=lambda r: r["iters_per_s"])
+            speedup = best["speedup_vs_eager_ref"]
+            out.append(dict(problem=problem, K=SUMMARY_K, impl=best["impl"], backend=best["backend"],
+                            speedup_vs_eager_ref=speedup, target=target,
+                            target_met=None if smoke else speedup >= target, mfu=best["mfu"]))
+    return out
+
+
+def measure_row(nets, spec: dict, impl: str, backend: str, K: int, flops: int, device, args) -> dict:
+    """Time one variant (set-up and warm-up first, then ``args.iters`` timed iterations): its row of the table."""
+    t0 = time.perf_counter()
+    step, setup = variant_step(nets, spec, impl, backend, K, device)
+    times = time_steps(step, setup + args.warmup, args.iters)
+    sec = statistics.median(times)
+    tflops = flops / sec / 1e12
+    if not args.quiet:
+        print(f"  {spec['name']} {backend} {impl} K={K}: {1e3 * sec:.2f} ms/iter ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr)
+    return dict(problem=spec["name"], problem_label=spec["label"], backend=backend, impl=impl, K=K,
+                execution=asdict(variant_execution(impl, backend, spec["name"])), batch=spec["batch"],
+                ms_per_iter=1e3 * sec, iters_per_s=1 / sec, samples_per_s=spec["batch"] / sec, flops_per_iter=flops,
+                tflops=tflops, mfu=tflops / args.peak_tflops, ms_all=[1e3 * t for t in times],
+                wall_s=time.perf_counter() - t0)
 
 
 def measure(args) -> dict:
@@ -178,53 +259,59 @@ def measure(args) -> dict:
     for pname in args.problems:
         spec = problem_spec(pname, args.smoke)
         nets = build_networks(spec, device)
-        flops = {K: count_flops(make_distiller(copy.deepcopy(nets), spec["batch"], K, "reference", device,
-                                               args.check_finite)) for K in args.K}
-        variants = {"eager": nets}
-        if "compile" in args.impls:
-            variants["compile"], report = compiled_copy(nets, device, compile_backend)
-            notes += [f"{pname}: {line}" for line in report.lines()]
+        flops = {K: count_flops(make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), device))
+                 for K in args.K}
         for impl in args.impls:
-            for backend in args.backends:
-                for K in args.K:
-                    t0 = time.perf_counter()
-                    dist = make_distiller(variants[impl], spec["batch"], K, backend, device, args.check_finite)
-                    times = time_steps(dist, args.warmup, args.iters)
-                    sec = statistics.median(times)
-                    tflops = flops[K] / sec / 1e12
-                    rows.append(dict(problem=pname, problem_label=spec["label"], backend=backend, impl=impl, K=K,
-                                     batch=spec["batch"], ms_per_iter=1e3 * sec, iters_per_s=1 / sec,
-                                     samples_per_s=spec["batch"] / sec, flops_per_iter=flops[K],
-                                     tflops=tflops, mfu=tflops / args.peak_tflops,
-                                     ms_all=[1e3 * t for t in times], wall_s=time.perf_counter() - t0))
-                    if not args.quiet:
-                        print(f"  {pname} {backend} {impl} K={K}: {1e3 * sec:.2f} ms/iter "
-                              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            impl_nets, lines, why = impl_networks(nets, spec, impl, device, compile_backend)
+            notes += [n for n in (f"{pname}: {line}" for line in lines) if n not in notes]
+            if why:
+                notes.append(f"{pname}: {impl} skipped: {why}")
+                continue
+            notes += [f"{pname}: {impl}/{b} left out (--skip)" for b in args.backends if f"{impl}/{b}" in args.skip]
+            rows += [measure_row(impl_nets, spec, impl, backend, K, flops[K], device, args)
+                     for backend in args.backends if f"{impl}/{backend}" not in args.skip for K in args.K]
     for r in rows:
-        base = next((b for b in rows if (b["problem"], b["backend"], b["impl"], b["K"]) ==
-                     (r["problem"], r["backend"], r["impl"], 1)), None)
-        r["time_vs_K1"] = r["ms_per_iter"] / base["ms_per_iter"] if base else None
+        k1 = find(rows, problem=r["problem"], backend=r["backend"], impl=r["impl"], K=1)
+        ref = find(rows, problem=r["problem"], backend="reference", impl="eager", K=r["K"])
+        r["time_vs_K1"] = r["ms_per_iter"] / k1["ms_per_iter"] if k1 else None
+        r["speedup_vs_eager_ref"] = r["iters_per_s"] / ref["iters_per_s"] if ref else None
     return {**machine_facts(), "smoke": args.smoke, "peak_tflops": args.peak_tflops,
-            "peak_note": "measured dense bf16 matmul rate (H100, DESIGN.md); networks run in fp32",
-            "compile_backend": compile_backend, "check_finite": args.check_finite, "iters": args.iters,
-            "warmup": args.warmup, "notes": notes, "results": rows}
+            "peak_note": "measured dense bf16 matmul rate (H100, DESIGN.md): MFU of the bf16 rows; the fp32 rows "
+                         "(fp32 matmuls, TF32 convolutions) get a lower bound",
+            "compile_backend": compile_backend, "iters": args.iters, "warmup": args.warmup, "notes": notes,
+            "results": rows, "summary": summary(rows, args.smoke)}
+
+
+def ratio(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
 
 
 def table(res: dict) -> str:
-    head = ["problem", "backend", "compile", "K", "ms/iter", "it/s", "samples/s", "GFLOP/iter", "TFLOP/s", "MFU %",
-            "EMD-K/EMD-1"]
+    head = ["problem", "backend", "impl", "K", "ms/iter", "it/s", "samples/s", "GFLOP/iter", "TFLOP/s", "MFU %",
+            "vs eager ref", "EMD-K/EMD-1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["results"]:
-        ratio = f"{r['time_vs_K1']:.2f}" if r["time_vs_K1"] is not None else "-"
         lines.append("| " + " | ".join([
-            r["problem"], r["backend"], res["compile_backend"] if r["impl"] == "compile" else "eager", str(r["K"]),
-            f"{r['ms_per_iter']:.2f}", f"{r['iters_per_s']:.2f}", f"{r['samples_per_s']:.0f}",
-            f"{r['flops_per_iter'] / 1e9:.3g}", f"{r['tflops']:.3g}", f"{100 * r['mfu']:.3g}", ratio]) + " |")
+            r["problem"], r["backend"], r["impl"], str(r["K"]), f"{r['ms_per_iter']:.2f}", f"{r['iters_per_s']:.2f}",
+            f"{r['samples_per_s']:.0f}", f"{r['flops_per_iter'] / 1e9:.3g}", f"{r['tflops']:.3g}",
+            f"{100 * r['mfu']:.3g}", ratio(r["speedup_vs_eager_ref"], "{:.2f}x"), ratio(r["time_vs_K1"])]) + " |")
+    lines += [f"{s['problem']} EMD-{s['K']}: fastest {s['impl']} / {s['backend']}, {s['speedup_vs_eager_ref']:.2f}x "
+              f"the eager reference's it/s (issue 4 target >= {s['target']:g}x: "
+              f"{VERDICT[s['target_met']]}), MFU {100 * s['mfu']:.3g}%" for s in res["summary"]]
     where = res["gpu"] or f"CPU ({res['threads']} threads): SMOKE, not a speed claim"
     labels = {r["problem"]: r["problem_label"] for r in res["results"]}
     return "\n".join([f"EMD iteration throughput on {where}; torch {res['torch']}, triton {res['triton']}; "
                       f"MFU vs {res['peak_tflops']} TFLOP/s ({res['peak_note']})",
                       *(f"  {k}: {v}" for k, v in labels.items()), *res["notes"], *lines])
+
+
+def compare_rows(baseline: dict, new: dict, threshold: float) -> tuple[list[str], list[str]]:
+    """compare.py's comparison of the ms/iter of each variant (problem/backend/impl/K) in two throughput JSONs."""
+    def records(res):
+        return {f"{r['problem']}/{r['backend']}/{r['impl']}/K{r['K']}": {"stats": {"median": r["ms_per_iter"] / 1e3}}
+                for r in res["results"]}
+
+    return compare.compare(records(baseline), records(new), threshold)
 
 
 def main(argv=None) -> int:
@@ -235,21 +322,28 @@ def main(argv=None) -> int:
     p.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
     p.add_argument("--K", nargs="+", type=int, default=[1, 4, 16], help="Langevin steps per E-step")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-                   help="eager networks and/or torch.compile-d networks")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS),
+                   help="eager; compile (torch.compile-d networks); graph (compile + deferred checks + CUDA graph); "
+                        "graph-bf16 (graph with bf16 autocast)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="IMPL/BACKEND",
+                   help="variants to leave out, e.g. compile/triton (noted in the output)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor; aot_eager in the smoke mode)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 20; smoke 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 5; smoke 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed iterations first, after a CUDA graph's own warm-up and capture (default 5; smoke 1)")
     p.add_argument("--peak-tflops", type=float, default=800.0,
                    help="peak for MFU: the measured dense bf16 matmul rate (H100: ~800, DESIGN.md)")
-    p.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
-                   help="the per-network finite checks of training (host syncs)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="a saved throughput JSON: compare each variant's ms/iter with it, exit 1 on a slow-down")
+    p.add_argument("--threshold", type=float, default=0.10, help="allowed slow-down against --baseline, a fraction")
     p.add_argument("--out", type=Path, default=Path("runs/throughput.json"), help="JSON with every number")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if any(k < 0 for k in args.K):
         p.error("--K values must be >= 0")
+    if unknown := set(args.skip) - {f"{i}/{b}" for i in IMPLS for b in BACKENDS}:
+        p.error(f"--skip takes IMPL/BACKEND pairs, e.g. compile/triton; got {sorted(unknown)}")
     args.iters = args.iters or (3 if args.smoke else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     res = measure(args)
@@ -257,6 +351,10 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(res, indent=1))
     print(table(res))
     print(f"written: {args.out}")
+    if args.baseline:
+        print(f"against {args.baseline}:")
+        return compare.verdict(*compare_rows(json.loads(args.baseline.read_text()), res, args.threshold),
+                               args.threshold)
     return 0
 
 

@@ -1,0 +1,35 @@
+"""``benchmarks/throughput.py`` end to end at the smoke sizes: the JSON's rows, ratio columns, skip notes, K=16
+summary and the --baseline regression check (the numbers themselves mean nothing on a CPU)."""
+import json
+
+import pytest
+import torch
+import throughput
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run: the graph variants are skipped there")
+def test_smoke_run_reports_ratios_skips_and_regressions(tmp_path, capsys):
+    """Vector problem, eager and graph, reference and triton, K 1 and 16, one timed iteration: the graph variants
+    are a skip note (no row), ratios are against the eager reference / K=1 rows, --skip leaves a variant out, and a
+    baseline that was faster fails the run."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"results": [
+        dict(problem="vector", backend="reference", impl="eager", K=1, ms_per_iter=1e-6),
+        dict(problem="vector", backend="reference", impl="compile", K=1, ms_per_iter=1.0)]}))
+    out = tmp_path / "t.json"
+    rc = throughput.main(["--smoke", "--problems", "vector", "--K", "1", "16", "--impls", "eager", "graph",
+                          "--skip", "eager/triton", "--iters", "1", "--warmup", "0", "--quiet", "--out", str(out),
+                          "--baseline", str(baseline)])
+    res = json.loads(out.read_text())
+    assert rc == 1  # the first baseline row was faster
+    assert [(r["backend"], r["impl"], r["K"]) for r in res["results"]] == [("reference", "eager", 1),
+                                                                           ("reference", "eager", 16)]
+    assert [r["speedup_vs_eager_ref"] for r in res["results"]] == [1.0, 1.0]
+    assert res["results"][0]["time_vs_K1"] == 1.0 and res["results"][1]["flops_per_iter"] > 0
+    assert any("graph skipped: CUDA graphs need a CUDA device" in n for n in res["notes"])
+    assert "vector: eager/triton left out (--skip)" in res["notes"]
+    [s] = res["summary"]
+    assert (s["problem"], s["K"], s["impl"], s["target_met"]) == ("vector", 16, "eager", None)
+    text = capsys.readouterr().out
+    assert "| vs eager ref |" in text and "vector EMD-16: fastest eager / reference" in text
+    assert "SLOWER" in text and "only in baseline: vector/reference/compile/K1" in text
