@@ -13,6 +13,7 @@ The x-space step size is sigma_t^2 * gamma_eps, which makes an x step equal to a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -104,6 +105,20 @@ class EStep:
     sigma: torch.Tensor
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Inside, the module's parameters do not require grad: a VJP through an output made here computes J^T v only.
+    (Eager autograd prunes the weight gradients anyway; a torch.compile-d backward would compute them all.)"""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class EMD:
     """The math of one EMD iteration, independent of optimizers and bookkeeping.
 
@@ -136,7 +151,7 @@ class EMD:
             with torch.no_grad(), phase("generator forward"):
                 return self._net("generator output", self.generator, z, y), None
         z = z.detach().requires_grad_(True)
-        with torch.enable_grad(), phase("generator forward"):
+        with torch.enable_grad(), frozen(self.generator), phase("generator forward"):
             g = self._net("generator output", self.generator, z, y)
 
         def pullback(v):

@@ -36,6 +36,7 @@ PRESET_DEFAULTS = {
 RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check"}
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
+WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +298,8 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     graphed = cfg["cuda_graph"]
     other_s, start_step, last = 0.0, dist.step_count, {}
     timer, timed_iters = PhaseTimer(device), 0
-    loop_t0 = time.perf_counter()
+    loop_t0 = warm_t0 = time.perf_counter()
+    warm_other_s = 0.0
     try:
         while dist.step_count < cfg["steps"]:
             timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
@@ -305,6 +307,10 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
                 losses = step()
             timed_iters += bool(timed)
             n = dist.step_count
+            if n - start_step == WARM_ITERS:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                warm_t0, warm_other_s = time.perf_counter(), other_s
             evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
             log.add(n, losses)
             if evaluate or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
@@ -335,7 +341,9 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     finally:
         log.close()
     bar.close()
-    train_s = time.perf_counter() - loop_t0 - other_s
+    loop_end = time.perf_counter()
+    train_s = loop_end - loop_t0 - other_s
+    steady_s = loop_end - warm_t0 - (other_s - warm_other_s)
     if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
         checkpoint()
     final, samples, y = run.evaluate()
@@ -347,6 +355,8 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
+        "steady_iters_per_s": (round((steps_run - WARM_ITERS) / steady_s, 2)
+                               if steps_run > WARM_ITERS and steady_s > 0 else None),
         "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
         "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
                        if graphed else f"every {cfg['phase_every']}-th iteration, device synchronised per phase"
@@ -407,7 +417,8 @@ def format_summary(s: dict, lines: list[str]) -> str:
     return "\n".join([
         f"run directory: {s['out']}",
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
-        f"(setup {s['setup_s']} s, training {s['train_s']} s)",
+        f"(setup {s['setup_s']} s, training {s['train_s']} s; after the first {WARM_ITERS} iterations "
+        f"{s['steady_iters_per_s']} it/s)",
         "execution: " + ", ".join(f"{k} {v}" for k, v in s["execution"].items()),
         *lines,
         *(["time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items())]

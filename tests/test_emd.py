@@ -164,3 +164,15 @@ def test_nonfinite_loss_leaves_parameters_unchanged():
     with pytest.raises(FloatingPointError, match="generator loss or gradient is nan/inf at step 2"):
         dist._update(dist.opt_g, loss, "generator")
     assert all(torch.equal(snapshot[k], v) for k, v in gen.state_dict().items())
+
+
+def test_e_step_vjp_leaves_the_generator_weights_out():
+    """The E-step's generator calls see weights that do not require grad (emd.frozen: a compiled backward would
+    otherwise compute every weight gradient in each of the K VJPs); the M-step call sees them trainable again."""
+    teacher, gen, student = small_problem()
+    dist = Distiller(teacher, gen, student, EMDConfig(K=3), batch=16, lr_g=1e-3, lr_s=1e-3)
+    seen = []
+    gen.register_forward_pre_hook(lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
+    dist.step()
+    assert seen == [False, False, False, True]  # K E-step calls (z moves: one VJP each), then the M-step
+    assert all(p.requires_grad for p in gen.parameters())
