@@ -417,8 +417,9 @@ def format_summary(s: dict, lines: list[str]) -> str:
     return "\n".join([
         f"run directory: {s['out']}",
         f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
-        f"(setup {s['setup_s']} s, training {s['train_s']} s; after the first {WARM_ITERS} iterations "
-        f"{s['steady_iters_per_s']} it/s)",
+        f"(setup {s['setup_s']} s, training {s['train_s']} s"
+        + (f"; after the first {WARM_ITERS} iterations {s['steady_iters_per_s']} it/s)" if s["steady_iters_per_s"]
+           else ")"),
         "execution: " + ", ".join(f"{k} {v}" for k, v in s["execution"].items()),
         *lines,
         *(["time per iteration by phase (ms): " + ", ".join(f"{k} {v}" for k, v in s["phase_ms_per_iter"].items())]
