@@ -1,7 +1,6 @@
 """A distillation run's state: the networks, their optimizers and the one random stream; ``step()`` = one iteration."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +43,6 @@ class Execution:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         return self
-
-    def replace(self, **changes) -> "Execution":
-        return dataclasses.replace(self, **changes).validate()
 
 
 class Distiller:
