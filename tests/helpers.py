@@ -29,6 +29,11 @@ class ExactDenoiser(nn.Module):
         return self.teacher.denoise(x_t, t)
 
 
+def network_params(dist):
+    """Copies of a Distiller's generator and student parameters, by state-dict name."""
+    return {k: v.clone() for k, v in dist.state_tensors().items() if k.startswith(("generator.", "student."))}
+
+
 def small_problem(seed=0, hidden=32):
     """(teacher, generator, student) on ring2d with small random MLPs."""
     torch.manual_seed(seed)

@@ -14,7 +14,7 @@ from emd_fast.schedules import make_schedule
 from emd_fast.teachers import NetworkTeacher
 from emd_fast.unet import UNET_CONFIGS, UNetDenoiser
 
-from helpers import small_problem
+from helpers import network_params, small_problem
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
@@ -25,10 +25,6 @@ def make(seed=0, **execution):
     cfg = EMDConfig(K=3, gamma_eps=0.3, gamma_z=0.05)
     return Distiller(teacher, gen, student, cfg, batch=48, lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=2.0,
                      execution=Execution(**execution))
-
-
-def params(dist):
-    return {k: v.clone() for k, v in dist.state_tensors().items() if k.startswith(("generator.", "student."))}
 
 
 def run_both(a, b, iters):
@@ -49,7 +45,7 @@ def test_deferred_fast_iteration_equals_reference_over_20_steps(backend):
     fast = make(backend=backend, kernel_noise=False, finite_check="deferred")
     la, lb = run_both(ref, fast, 20)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-7)
-    pa, pb = params(ref), params(fast)
+    pa, pb = network_params(ref), network_params(fast)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6, msg=k)
     fast.raise_if_nonfinite()  # all finite: no error
@@ -91,9 +87,9 @@ def test_deferred_nonfinite_update_is_skipped_and_reported_later():
     dist = Distiller(PoisonAfter(teacher, 2 * 2 + 1), gen, student, cfg, batch=16, lr_g=1e-3, lr_s=1e-3,
                      execution=Execution(finite_check="deferred"))
     dist.step(), dist.step()
-    before = params(dist)
+    before = network_params(dist)
     dist.step(), dist.step()  # the teacher is NaN from iteration 3: no exception inside step()
-    after = params(dist)
+    after = network_params(dist)
     for k in before:
         assert torch.equal(after[k], before[k]), f"{k} was updated by a non-finite step"
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -108,11 +104,11 @@ def test_bf16_autocast_tracks_fp32():
     fp32, bf16 = make(), make(precision="bf16")
     seen = []
     bf16.student.out.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    p0 = params(fp32)
+    p0 = network_params(fp32)
     la, lb = run_both(fp32, bf16, 20)
     assert seen and set(seen) == {torch.bfloat16}
     torch.testing.assert_close(lb, la, rtol=2e-2, atol=1e-6)
-    pa, pb = params(fp32), params(bf16)
+    pa, pb = network_params(fp32), network_params(bf16)
     ua = torch.cat([(pa[k] - p0[k]).flatten() for k in p0])
     ub = torch.cat([(pb[k] - p0[k]).flatten() for k in p0])
     assert float((ub - ua).norm() / ua.norm()) < 5e-2
@@ -140,7 +136,7 @@ def test_channels_last_equals_contiguous():
     la, lb = run_both(nchw, nhwc, 4)
     assert nhwc._randn(5).is_contiguous(memory_format=torch.channels_last)  # (draws: after the comparison)
     torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-6)
-    pa, pb = params(nchw), params(nhwc)
+    pa, pb = network_params(nchw), network_params(nhwc)
     for k in pa:  # NHWC convolutions sum in another order; Adam (beta1=0) turns a rounding-level difference of a
         # near-zero gradient into an update difference up to ~lr = 1e-3: seen 7e-5 on 7 of 0.5M weights
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=2e-4, msg=k)

@@ -12,7 +12,7 @@ from emd_fast.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
 from emd_fast.graphs import GraphedStep
 
-from helpers import small_problem
+from helpers import network_params, small_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -22,10 +22,6 @@ def make(seed=0, K=3, **execution):
     cfg = EMDConfig(K=K, gamma_eps=0.3, gamma_z=0.05)
     return Distiller(teacher, gen, student, cfg, batch=48, lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=2.0,
                      execution=Execution(finite_check="deferred", **execution), device="cuda")
-
-
-def params(dist):
-    return {k: v.clone() for k, v in dist.state_tensors().items() if k.startswith(("generator.", "student."))}
 
 
 def losses(step, iters):
@@ -38,7 +34,7 @@ def losses(step, iters):
 
 def assert_same_run(a, b, la, lb, rtol=1e-5):
     torch.testing.assert_close(lb, la, rtol=rtol, atol=1e-7)
-    pa, pb = params(a), params(b)
+    pa, pb = network_params(a), network_params(b)
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=rtol, atol=1e-6, msg=k)
 
@@ -70,9 +66,9 @@ def test_nonfinite_inside_the_graph_skips_updates_and_is_reported():
     losses(step, 5)
     with torch.no_grad():
         next(dist.student.parameters()).fill_(float("nan"))  # the student now outputs NaN in every replay
-    before = {k: v for k, v in params(dist).items() if k.startswith("generator.")}
+    before = {k: v for k, v in network_params(dist).items() if k.startswith("generator.")}
     losses(step, 3)
-    after = params(dist)
+    after = network_params(dist)
     for k in before:
         assert torch.equal(after[k], before[k]), k
     with pytest.raises(FloatingPointError, match="nan/inf at step 6"):
