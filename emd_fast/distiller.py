@@ -1,13 +1,15 @@
 """A distillation run's state: the networks, their optimizers and the one random stream; ``step()`` = one iteration."""
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict
-from .emd import EMD, EMDConfig, ReferenceOps
+from .emd import EMD, EMDConfig, EStep, ReferenceOps
 from .profiling import phase
 
 BACKENDS = ("reference", "triton")
@@ -88,6 +90,7 @@ class Distiller:
         self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # iterations before that
         if self.deferred:
             self.opt_g.found_inf = self.opt_s.found_inf = self.found_inf
+        self.guard = DivergenceGuard()
 
     @property
     def cfg(self) -> EMDConfig:
@@ -108,26 +111,34 @@ class Distiller:
         return self.teacher.schedule.sample_t(n, self.rng, self.device, self.cfg.t_min, self.cfg.t_max)
 
     def step(self) -> dict[str, torch.Tensor]:
-        """One EMD iteration: E-step, generator M-step update, student DSM update. Returns detached losses."""
+        """One EMD iteration: E-step, generator M-step update, student DSM update.
+
+        Returns 0-dim device tensors (no host sync): the losses, the gradient norms and the E-step's moves (see
+        ``e_step_moves``). With sync finite checks the run's health is checked here (DivergenceError)."""
         n = self.batch
         z, eps, t, y = self._randn(n), self._randn(n), self._sample_t(n), self._labels(n, self.rng)
         es = self.emd.e_step(z, eps, t, y)
         loss_g = self.emd.generator_loss(es, y)
-        self._update(self.opt_g, loss_g, "generator")
+        grad_g = self._update(self.opt_g, loss_g, "generator")
         loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
-        self._update(self.opt_s, loss_s, "student")
+        grad_s = self._update(self.opt_s, loss_s, "student")
         if self.deferred:
             self.finite_steps.add_(1 - self.found_inf.long())
         self.step_count += 1
-        return {"loss_g": loss_g.detach(), "loss_s": loss_s.detach()}
+        out = {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(), "grad_g": grad_g, "grad_s": grad_s,
+               **e_step_moves(z, eps, es)}
+        if not self.deferred:  # one host sync for all of them
+            self.guard.check(self.step_count, dict(zip(out, torch.stack(list(out.values())).tolist())))
+        return out
 
-    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, name: str) -> None:
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, name: str) -> torch.Tensor:
+        """Backward and optimizer step; returns the gradient norm (0-dim, on the device)."""
         opt.zero_grad(set_to_none=True)
         with phase(f"{name} backward"):
             loss.backward()
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        # nan/inf anywhere in the loss or a gradient makes this sum non-finite (one multi-tensor norm launch)
-        finite = torch.isfinite(loss.detach() + torch.stack(torch._foreach_norm(grads)).sum())
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one multi-tensor norm launch
+        finite = torch.isfinite(loss.detach() + norm)  # nan/inf anywhere in the loss or a gradient
         if self.deferred:
             torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
         elif not bool(finite):  # one host sync for the loss and every gradient
@@ -135,6 +146,7 @@ class Distiller:
                                      f"parameters were left unchanged")
         with phase(f"{name} optimizer"):
             opt.step()
+        return norm
 
     def raise_if_nonfinite(self) -> None:
         """Deferred checks: FloatingPointError if an iteration so far met a nan/inf loss or gradient (one host sync;
@@ -185,6 +197,57 @@ class Distiller:
         self.step_count = step
         self.found_inf.zero_()
         self.finite_steps.fill_(step)
+
+
+def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep) -> dict[str, torch.Tensor]:
+    """How far the E-step moved its chains, from z0, eps0 (N, ...) to es.z, es.eps: the batch means of the
+    per-example RMS moves ("z_move", "eps_move"), the largest of either ("move_max") and its noise level
+    ("t_move_max"). 0-dim device tensors (no host sync)."""
+    dz, de = ((b - a).flatten(1).float().pow(2).mean(1).sqrt() for a, b in ((z0, es.z), (eps0, es.eps)))
+    worst = torch.maximum(dz, de)
+    i = worst.argmax()
+    return {"z_move": dz.mean(), "eps_move": de.mean(), "move_max": worst[i], "t_move_max": es.t[i].float()}
+
+
+class DivergenceError(FloatingPointError):
+    """A run is diverging: a monitored quantity exploded (raised before it turns into nan)."""
+
+
+class DivergenceGuard:
+    """Stops a diverging run early, naming the quantity, the step, the noise level and the knob to turn.
+
+    Both Langevin variables have N(0, I) priors and a healthy chain moves them O(1) per E-step, so a batch-mean
+    move above MAX_MOVE per element means the chains have left every plausible region; a gradient norm above
+    GRAD_JUMP times its running median (last WINDOW checked steps, after MIN_HISTORY of them) is a blow-up in
+    progress. The history is not checkpointed: after a resume it starts again.
+    """
+
+    MAX_MOVE, GRAD_JUMP, WINDOW, MIN_HISTORY = 10.0, 1e3, 200, 20
+    KNOBS = {"z": "use the noise-scaled z step (--z-step scaled), lower gamma_z (--gamma-z) or raise --t-min",
+             "eps": "lower gamma_eps (--gamma-eps) or raise --t-min"}
+
+    def __init__(self):
+        self.history = {key: deque(maxlen=self.WINDOW) for key in ("grad_g", "grad_s")}
+
+    def check(self, step: int, rec: dict[str, float]) -> None:
+        """rec: one step's values from ``Distiller.step`` as floats. DivergenceError if one exploded."""
+        for var in ("z", "eps"):
+            move = rec[f"{var}_move"]
+            if not move <= self.MAX_MOVE:
+                raise DivergenceError(
+                    f"E-step diverging at step {step}: {var} moved {move:.3g} per element on average over the K "
+                    f"Langevin steps (the largest move, {rec['move_max']:.3g}, at noise level t = "
+                    f"{rec['t_move_max']:.3g}); {self.KNOBS[var]}")
+        for key, who in (("grad_g", "generator"), ("grad_s", "student")):
+            hist, norm = self.history[key], rec[key]
+            if len(hist) >= self.MIN_HISTORY:
+                median = statistics.median(hist)
+                if norm > self.GRAD_JUMP * median:
+                    raise DivergenceError(
+                        f"{who} gradient norm jumped to {norm:.3g} at step {step}, {norm / median:.3g}x its running "
+                        f"median {median:.3g} (E-step: largest move {rec['move_max']:.3g} at t = "
+                        f"{rec['t_move_max']:.3g}); lower the learning rate, {self.KNOBS['z']}")
+            hist.append(norm)
 
 
 def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):

@@ -26,6 +26,7 @@ from .profiling import phase
 from .schedules import WEIGHTINGS, expand_like
 
 VARIANTS = ("eps,z", "x,z", "eps", "x")
+Z_STEPS = ("scaled", "fixed")
 
 
 @dataclass
@@ -34,7 +35,8 @@ class EMDConfig:
 
     K: int = 8  # Langevin steps per E-step; 0 = no MCMC
     gamma_eps: float = 0.3  # step size on eps (x-space chains use sigma_t^2 * gamma_eps)
-    gamma_z: float = 0.01  # step size on z (variants "eps,z" and "x,z")
+    gamma_z: float = 0.01  # step size on z (variants "eps,z" and "x,z"), at high noise if z_step is "scaled"
+    z_step: str = "scaled"  # "scaled": gamma_z scaled with the noise level (EMD.z_step_size); "fixed": gamma_z
     variant: str = "eps,z"
     cancel_noise: bool = True  # subtract the book-kept noise eta_K from the M-step residual
     gen_weighting: str = "inv_snr"  # w(t) of the M-step loss
@@ -53,6 +55,8 @@ class EMDConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.moves_z and not 0 < self.gamma_z < 1:
             raise ValueError(f"gamma_z must be in (0, 1) for variant {self.variant!r}, got {self.gamma_z}")
+        if self.z_step not in Z_STEPS:
+            raise ValueError(f"z_step must be one of {Z_STEPS}, got {self.z_step!r}")
         for name in ("gen_weighting", "student_weighting"):
             if getattr(self, name) not in WEIGHTINGS:
                 raise ValueError(f"{name} must be one of {WEIGHTINGS}, got {getattr(self, name)!r}")
@@ -161,6 +165,22 @@ class EMD:
 
         return g.detach(), pullback
 
+    def z_step_size(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | float:
+        """The Langevin step on z, per example (N,) for z_step "scaled", else the float gamma_z.
+
+        In z the curvature of -log pi is about I + (alpha^2 / sigma^2) J_g^T J_g: the likelihood
+        N(x_t; alpha g(z), sigma^2 I) seen through the generator. It grows without bound as t -> 0, so a fixed step
+        is unstable at low noise whenever J_g is not small. The scaled step divides gamma_z by that curvature with
+        ||J_g||^2 ~ sigma_data^2 (a generator mapping unit-variance latents to data of scale sigma_data):
+            gamma_z(t) = gamma_z * sigma^2 / (sigma^2 + alpha^2 sigma_data^2),
+        so step x curvature stays ~gamma_z at every noise level, and the step is gamma_z at high noise. It is fixed
+        for the K steps and used in drift and noise alike, so each chain is still a Langevin chain on its target.
+        """
+        if self.cfg.z_step == "fixed":
+            return self.cfg.gamma_z
+        s2 = sigma.float() ** 2
+        return self.cfg.gamma_z * s2 / (s2 + (alpha.float() * self.sigma_data) ** 2)
+
     @torch.no_grad()
     def _denoisers(self, x_t, t, y):
         with phase("teacher forward"):
@@ -178,6 +198,7 @@ class EMD:
         alpha, sigma = self.schedule.alpha_sigma(t)
         a, s = expand_like(alpha, eps), expand_like(sigma, eps)
         eta = eps.clone() if cfg.cancel_noise else None  # eta_0 = eps_0
+        gamma_z = self.z_step_size(alpha, sigma) if cfg.moves_z else None
         g, pullback = self._generate(z, y, with_vjp=cfg.moves_z and cfg.K > 0)
         x0, x_t = g, a * g + s * eps
         for k in range(cfg.K):
@@ -195,7 +216,7 @@ class EMD:
                 # grad_z log pi = alpha J^T delta - z  on (eps, z);  alpha J^T eps / sigma - z  on (x, z)
                 jtv = pullback(a * eps / s if cfg.in_x else v)
                 with phase("langevin z update"):
-                    z = ops.langevin_z_step(z, jtv, cfg.gamma_z, ops.randn_like(z))
+                    z = ops.langevin_z_step(z, jtv, gamma_z, ops.randn_like(z))
             eps = eps_new
         return EStep(z=z, eps=eps, eta=eta, x_t=x_t, x0=x0, t=t, alpha=alpha, sigma=sigma)
 

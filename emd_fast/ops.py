@@ -46,14 +46,22 @@ def langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise
 def langevin_z_step(z, jtv, gamma, noise):
     """One Langevin step on the latent: z' = z + gamma * (J_g^T v - z) + sqrt(2 gamma) * noise.
 
-    z, jtv (= J_g(z)^T v from the VJP), noise: (N, ...). Returns z' in z.dtype.
+    z, jtv (= J_g(z)^T v from the VJP), noise: (N, ...); gamma: a float > 0, or per-example step sizes (N,)
+    (the noise-scaled z step of ``emd.EMDConfig``; their values are not checked: that would need a host sync).
+    Returns z' in z.dtype.
     """
     check_like("z", z, jtv=jtv, noise=noise)
-    if not gamma > 0:
-        raise ValueError(f"gamma_z must be > 0, got {gamma}")
     f32 = torch.float32
+    if isinstance(gamma, torch.Tensor):
+        check_per_example("z", z, gamma=gamma)
+        gamma = expand_like(gamma.to(f32), z)
+        root = (2 * gamma).sqrt()
+    elif not gamma > 0:
+        raise ValueError(f"gamma_z must be > 0, got {gamma}")
+    else:
+        root = math.sqrt(2 * gamma)
     zf = z.to(f32)
-    return (zf + gamma * (jtv.to(f32) - zf) + math.sqrt(2 * gamma) * noise.to(f32)).to(z.dtype)
+    return (zf + gamma * (jtv.to(f32) - zf) + root * noise.to(f32)).to(z.dtype)
 
 
 def generator_loss(g, eps, eta, alpha, sigma, weight):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import digits, problems
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, write_json_atomic
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS, Distiller, Execution
-from .emd import VARIANTS, EMDConfig
+from .emd import VARIANTS, Z_STEPS, EMDConfig
 from .profiling import PhaseTimer
 from .schedules import SCHEDULES, WEIGHTINGS, make_schedule
 
@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("EMD")
     e.add_argument("--K", type=int, default=8, help="Langevin steps per E-step (EMD-K); 0 = no MCMC")
     e.add_argument("--gamma-eps", type=float, default=0.3, help="Langevin step size on eps")
-    e.add_argument("--gamma-z", type=float, default=0.01, help="Langevin step size on z")
+    e.add_argument("--gamma-z", type=float, default=0.01,
+                   help="Langevin step size on z (with --z-step scaled: its value at high noise)")
+    e.add_argument("--z-step", choices=Z_STEPS, default="scaled",
+                   help="scaled: gamma_z * sigma^2 / (sigma^2 + alpha^2 sigma_data^2) per example, the z-chain's "
+                        "curvature ~ alpha^2/sigma^2 J^T J divided out, stable at every noise level; fixed: gamma_z "
+                        "(diverges at low noise on ill-conditioned teachers)")
     e.add_argument("--variant", choices=VARIANTS, default="eps,z",
                    help="sampled variables: eps,z (reparametrized), x,z (joint), eps or x (z fixed)")
     e.add_argument("--cancel-noise", action=argparse.BooleanOptionalAction, default=True,
@@ -154,7 +159,8 @@ class Run:
         torch.manual_seed(cfg["seed"])  # network initialisation
         net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
         generator, student = problems.init_networks(net, self.t_star)
-        emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], variant=cfg["variant"],
+        emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
+                            variant=cfg["variant"],
                             cancel_noise=cfg["cancel_noise"], gen_weighting=cfg["gen_weighting"],
                             student_weighting=cfg["student_weighting"], t_min=cfg["t_min"], t_max=cfg["t_max"])
         # configs saved before --precision existed have none; channels_last and finite_check are runtime options
@@ -382,12 +388,17 @@ class MetricsLog:
         self.pending.append((step, losses))
 
     def sync(self, check: bool = True) -> None:
+        """Read the pending values (one host sync); with ``check``, raise if the deferred finite flag is set or
+        (deferred checks: the Distiller checked the sync path itself) a value shows divergence."""
         if check:
             self.distiller.raise_if_nonfinite()
         if self.pending:
             values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
-            self.ready += [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
+            records = [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
             self.pending.clear()
+            self.ready += records
+            for rec in records if check and self.distiller.deferred else ():
+                self.distiller.guard.check(rec["step"], rec)
 
     def write(self, metrics: dict | None = None) -> None:
         if metrics and self.ready:

@@ -64,15 +64,15 @@ def _box_muller(i, j):
 
 
 @triton.jit
-def _langevin_kernel(x_ptr, a_ptr, b_ptr, eta_ptr, g_ptr, alpha_ptr, sigma_ptr, noise_ptr, state_ptr,
+def _langevin_kernel(x_ptr, a_ptr, b_ptr, eta_ptr, g_ptr, alpha_ptr, sigma_ptr, noise_ptr, state_ptr, gamma_ptr,
                      x_out, eta_out, v_out, xt_out, numel, row_numel, gamma, keep, root,
                      SCORE: tl.constexpr, HAS_ETA: tl.constexpr, HAS_G: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     BIG: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr):
+                     GAMMA_ROW: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr):
     """x' = x + gamma * (target - x) + root * n over 4 sub-blocks of SUB elements.
 
     SCORE: target = sigma * delta, delta = alpha * (a - b) / sigma^2 (a, b: teacher, student denoisers),
     v = alpha * delta, and optionally eta' = keep * eta + root * n, x_t' = alpha * g + sigma * x'.
-    Otherwise target = a (the z-step: a = J^T v).
+    Otherwise target = a (the z-step: a = J^T v), with per-example gamma = gamma_ptr[row] if GAMMA_ROW.
     """
     first = program_start(4 * SUB, BIG)
     if not HAS_NOISE:
@@ -104,6 +104,9 @@ def _langevin_kernel(x_ptr, a_ptr, b_ptr, eta_ptr, g_ptr, alpha_ptr, sigma_ptr, 
             if HAS_G:
                 g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
                 tl.store(xt_out + o, al * g + si * x_new, mask=mask)
+        elif GAMMA_ROW:
+            gm = load_per_row(gamma_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
+            x_new = x + gm * (a - x) + tl.sqrt(2.0 * gm) * n
         else:
             x_new = x + gamma * (a - x) + root * n
         tl.store(x_out + o, x_new, mask=mask)
@@ -121,8 +124,11 @@ def _or(x, default):
 
 
 def _launch(ref, cl, gamma, noise, stream, x, a, b=None, eta=None, g=None, alpha=None, sigma=None):
-    """Run the kernel on flat inputs; returns (x', eta', v, x_t') shaped and typed like ref (or None)."""
+    """Run the kernel on flat inputs; returns (x', eta', v, x_t') shaped and typed like ref (or None).
+    gamma: a float, or (N,) per-example step sizes (z step only)."""
     score = alpha is not None
+    gamma_row = per_example(gamma) if isinstance(gamma, torch.Tensor) else None
+    gamma = 1.0 if gamma_row is not None else gamma
     numel, row_numel = x.numel(), x.numel() // ref.shape[0]
     x_new, eta_new, v, xt = (torch.empty(numel, dtype=ref.dtype, device=ref.device) if want else None
                              for want in (True, eta is not None, score, g is not None))
@@ -130,11 +136,11 @@ def _launch(ref, cl, gamma, noise, stream, x, a, b=None, eta=None, g=None, alpha
     grid, big, aligned = launch_shape(numel, row_numel, SUB)
     _langevin_kernel[grid](
         x, a, _or(b, dummy), _or(eta, dummy), _or(g, dummy), _or(alpha, dummy), _or(sigma, dummy),
-        _or(noise, dummy), stream.state if stream is not None else dummy,
+        _or(noise, dummy), stream.state if stream is not None else dummy, _or(gamma_row, dummy),
         x_new, _or(eta_new, dummy), _or(v, dummy), _or(xt, dummy),
         numel, row_numel, float(gamma), float(1 - gamma), math.sqrt(2 * gamma),
         SCORE=score, HAS_ETA=eta is not None, HAS_G=g is not None, HAS_NOISE=noise is not None,
-        BIG=big, ALIGNED=aligned, SUB=SUB, num_warps=NUM_WARPS)
+        GAMMA_ROW=gamma_row is not None, BIG=big, ALIGNED=aligned, SUB=SUB, num_warps=NUM_WARPS)
     if stream is not None:
         stream.advance(grid[0] * SUB)
     return tuple(None if out is None else unflat(out, ref.shape, cl) for out in (x_new, eta_new, v, xt))
@@ -160,11 +166,14 @@ def langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise
 def langevin_z_step(z, jtv, gamma, noise=None, stream=None):
     """One fused Langevin step on the latent: z' = z + gamma * (jtv - z) + sqrt(2 gamma) * noise.
 
-    z, jtv (= J_g(z)^T v), noise: (N, ...) on one device; gamma: float > 0; exactly one of ``noise`` or
-    ``stream``. Returns z' (N, ...) in z.dtype.
+    z, jtv (= J_g(z)^T v), noise: (N, ...) on one device; gamma: float > 0, or per-example step sizes (N,)
+    (values not checked: no host sync); exactly one of ``noise`` or ``stream``. Returns z' (N, ...) in z.dtype.
     """
     check_inputs("z", z, jtv=jtv, noise=noise)
-    check_gamma("gamma_z", gamma)
+    if isinstance(gamma, torch.Tensor):
+        check_per_example("z", z, gamma=gamma)
+    else:
+        check_gamma("gamma_z", gamma)
     _check_noise_source("z", z, noise, stream)
     cl = is_channels_last(z)
     return _launch(z, cl, gamma, flat(noise, cl), stream, flat(z, cl), flat(jtv, cl))[0]

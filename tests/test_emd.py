@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from emd_fast import problems
 from emd_fast.distiller import Distiller
 from emd_fast.emd import EMD, EMDConfig, ReferenceOps
 from emd_fast.schedules import VPCosine, expand_like
@@ -93,10 +94,13 @@ def test_k0_with_cancellation_gives_zero_gradient():
     assert all(float(g.abs().max()) == 0 for g in torch.autograd.grad(loss, list(emd.generator.parameters())))
 
 
+@pytest.mark.parametrize("t_level", [0.5, 1e-3])
 @pytest.mark.parametrize("variant", ["eps,z", "x,z"])
-def test_langevin_with_exact_scores_keeps_the_target_invariant(variant):
+def test_langevin_with_exact_scores_keeps_the_target_invariant(variant, t_level):
     """Linear generator, Gaussian teacher, exact student: the (x_t, z) target p_T(x_t) p_theta(z | x_t) is Gaussian
-    and known; started there, K Langevin steps (both variables) must leave its mean and covariance unchanged."""
+    and known; started there, K Langevin steps (both variables, the noise-scaled z step) must leave it invariant.
+    Checked in the target's whitened coordinates, so that at t = 1e-3 (where z | x_t is very narrow and a fixed
+    z step would diverge) the chain's small absolute moves are still measured against the target's own scale."""
     sch = VPCosine()
     a = torch.tensor([[1.0, 0.3], [-0.2, 0.8]], dtype=torch.float64)
     b = torch.tensor([0.5, -0.3], dtype=torch.float64)
@@ -105,34 +109,82 @@ def test_langevin_with_exact_scores_keeps_the_target_invariant(variant):
     teacher = GaussianMixtureTeacher(mu[None], s_cov[None], [1.0], sch)
     p_theta = GaussianMixtureTeacher(b[None], (a @ a.T)[None], [1.0], sch)  # law of g(z) = A z + b
     gen = LinearGenerator(a.float(), b.float())
-    n, tt = 40_000, 0.5
-    t = torch.full((n,), tt)
-    al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(tt, dtype=torch.float64)))
+    n = 40_000
+    t = torch.full((n,), t_level)
+    al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(t_level, dtype=torch.float64)))
     g = torch.Generator().manual_seed(0)
-    # exact sample of the target: x_t ~ p_T,t ; z | x_t ~ N(m, P) under p_theta
+    # exact sample of the target: x_t ~ p_T,t ; z | x_t ~ N(m, P^-1) under p_theta
     x_t = teacher.sample_t(t, g).double()
     prec = torch.eye(2, dtype=torch.float64) + (al / si) ** 2 * a.T @ a
     cov_post = torch.linalg.inv(prec)
-    m = (x_t - al * b) @ (cov_post @ a.T * al / si**2).T
+    gain = cov_post @ a.T * al / si**2  # E[z | x_t] = gain (x_t - alpha b)
+    m = (x_t - al * b) @ gain.T
     z = m + torch.randn(n, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov_post).T
     eps = (x_t - al * (z @ a.T + b)) / si
-    stacked0 = torch.cat([x_t, z], 1)
+    # the target's exact mean and covariance of (x_t, z), and its whitening
+    cov_x = al**2 * s_cov + si**2 * torch.eye(2, dtype=torch.float64)
+    mean = torch.cat([al * mu, gain @ (al * mu - al * b)])
+    cov = torch.cat([torch.cat([cov_x, cov_x @ gain.T], 1),
+                     torch.cat([gain @ cov_x, gain @ cov_x @ gain.T + cov_post], 1)])
+    white = torch.linalg.inv(torch.linalg.cholesky(cov))
+
+    def whitened(x, zz):
+        return (torch.cat([x.double(), zz.double()], 1) - mean) @ white.T
 
     cfg = EMDConfig(K=40, gamma_eps=0.02, gamma_z=0.02, variant=variant)
     emd = EMD(teacher, gen, ExactDenoiser(p_theta), cfg, ReferenceOps(torch.Generator().manual_seed(1)))
     es = emd.e_step(z.float(), eps.float(), t)
     x_k = es.x_t if variant == "x,z" else al * gen(es.z).detach() + si * es.eps
-    stacked = torch.cat([x_k.double(), es.z.double()], 1)
-    moved = (stacked - stacked0).norm(dim=1).mean()
-    assert moved > 0.5  # the chain really moved
-    torch.testing.assert_close(stacked.mean(0), stacked0.mean(0), atol=0.03, rtol=0)
-    torch.testing.assert_close(stacked.T.cov(), stacked0.T.cov(), atol=0.04, rtol=0)
+    before, after = whitened(x_t, z), whitened(x_k, es.z)
+    assert (after - before).norm(dim=1).mean() > 0.3  # the chain really moved, on the target's scale
+    torch.testing.assert_close(before.mean(0), torch.zeros(4, dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(after.mean(0), torch.zeros(4, dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(after.T.cov(), torch.eye(4, dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def ill_conditioned_mixture(sch):
+    """4 modes of std 0.01 at distance 5 from the origin (2-D): narrow modes far apart."""
+    means = 5.0 * torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    return GaussianMixtureTeacher(means, torch.full((4,), 1e-4), torch.ones(4), sch)
+
+
+@pytest.mark.parametrize("variant", ["eps,z", "x,z"])
+def test_scaled_z_step_is_stable_at_low_noise_where_a_fixed_step_diverges(variant):
+    """Exact teacher scores of an ill-conditioned mixture, exact scores of a linear generator's Gaussian law with
+    ||J_g|| = sigma_data: at t = 1e-3 the scaled z chain stays bounded; the fixed step (the same gamma_z) explodes."""
+    sch = VPCosine()
+    teacher = ill_conditioned_mixture(sch)
+    sd = problems.data_std(teacher)
+    gen = LinearGenerator(sd * torch.eye(2), torch.zeros(2))
+    student = ExactDenoiser(GaussianMixtureTeacher(torch.zeros(1, 2), torch.full((1,), sd**2), [1.0], sch))
+    g = torch.Generator().manual_seed(0)
+    z, eps, t = torch.randn(512, 2, generator=g), torch.randn(512, 2, generator=g), torch.full((512,), 1e-3)
+    moves = {}
+    for z_step in ("scaled", "fixed"):
+        cfg = EMDConfig(K=16, gamma_z=0.01, z_step=z_step, variant=variant)
+        emd = EMD(teacher, gen, student, cfg, ReferenceOps(torch.Generator().manual_seed(1)), sigma_data=sd,
+                  check_outputs=False)
+        es = emd.e_step(z, eps, t)
+        moves[z_step] = float((es.z - z).norm(dim=1).max())
+    assert moves["scaled"] < 3  # bounded: of the order of the prior's scale
+    assert not moves["fixed"] < 1e3  # the fixed step overshoots by orders of magnitude (or turns into inf/nan)
+
+
+def test_z_step_size_scales_with_the_noise_level():
+    emd = make_emd(EMDConfig(gamma_z=0.02))
+    alpha, sigma = emd.schedule.alpha_sigma(torch.tensor([1e-3, 0.5, 0.999]))
+    got = emd.z_step_size(alpha, sigma)
+    want = 0.02 * sigma**2 / (sigma**2 + (2.0 * alpha) ** 2)
+    torch.testing.assert_close(got, want)
+    assert float(got[0]) < 1e-7 and abs(float(got[2]) - 0.02) < 1e-6  # tiny at low noise, gamma_z at high noise
+    assert make_emd(EMDConfig(gamma_z=0.02, z_step="fixed")).z_step_size(alpha, sigma) == 0.02
 
 
 def test_bad_hyperparameters():
     for kwargs, msg in [({"K": -1}, "K must be"), ({"gamma_eps": -0.1}, "gamma_eps must be > 0"),
                         ({"gamma_eps": 1.5}, "gamma_eps must be < 1"), ({"gamma_z": 0.0}, "gamma_z must be in"),
-                        ({"variant": "z"}, "variant must be"), ({"gen_weighting": "x"}, "gen_weighting")]:
+                        ({"variant": "z"}, "variant must be"), ({"gen_weighting": "x"}, "gen_weighting"),
+                        ({"z_step": "adaptive"}, "z_step must be one of")]:
         with pytest.raises(ValueError, match=msg):
             EMDConfig(**kwargs).validate()
     EMDConfig(variant="eps", gamma_z=0.0).validate()  # gamma_z unused when z is fixed

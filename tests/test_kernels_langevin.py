@@ -84,6 +84,19 @@ def test_z_step_matches_reference(dtype, kernel_device):
     _assert_outputs_match([got], [ops.langevin_z_step(z, jtv, 0.21, noise)], RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 33), (3, 1500), (3, 512), (3, 2, 32, 32)], ids=str)
+def test_z_step_per_example_gamma_matches_reference(shape, dtype, kernel_device):
+    """Per-example step sizes (the noise-scaled z step), rows inside and across blocks, given or in-kernel noise."""
+    (z, jtv, noise, *_), _, _ = _step_inputs(shape, dtype, kernel_device)
+    gamma = (1e-4 + 0.3 * torch.rand(shape[0], generator=torch.Generator().manual_seed(3))).to(kernel_device)
+    got = langevin_z_step(z, jtv, gamma, noise=noise)
+    _assert_outputs_match([got], [ops.langevin_z_step(z, jtv, gamma, noise)], RTOL[dtype])
+    drawn = _draw(NoiseStream(9, kernel_device), shape).reshape(shape).to(dtype)
+    got = langevin_z_step(z, jtv, gamma, stream=NoiseStream(9, kernel_device))
+    _assert_outputs_match([got], [ops.langevin_z_step(z, jtv, gamma, drawn)], RTOL[dtype])
+
+
 def _nan_empty(monkeypatch):
     """Make torch.empty return NaN-filled floating tensors, so an element a kernel fails to write shows."""
     real_empty = torch.empty
@@ -101,7 +114,7 @@ def test_outputs_fully_written(monkeypatch, kernel_device):
     assert torch.empty(3, device=kernel_device).isnan().all()
     for kwargs in ({"noise": noise}, {"stream": NoiseStream(0, kernel_device)}):
         outs = langevin_eps_step(eps, eta, dt, ds, alpha, sigma, GAMMA, g=g, **kwargs)
-        outs += (langevin_z_step(eps, dt, GAMMA, **kwargs),)
+        outs += (langevin_z_step(eps, dt, GAMMA, **kwargs), langevin_z_step(eps, dt, alpha, **kwargs))
         for out in outs:
             assert torch.isfinite(out).all()
 

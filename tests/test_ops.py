@@ -39,6 +39,18 @@ def test_low_precision_inputs_computed_in_fp32(dtype):
         torch.testing.assert_close(o.float(), r, rtol=1e-2, atol=1e-2)
 
 
+def test_langevin_z_step_per_example_gamma():
+    """A (N,) gamma steps each row as a float gamma would (the noise-scaled z step)."""
+    z, jtv, noise = rand(5, 3, 4, seed=1), rand(5, 3, 4, seed=2), rand(5, 3, 4, seed=3)
+    gamma = torch.tensor([1e-6, 0.01, 0.1, 0.3, 0.9])
+    got = ops.langevin_z_step(z, jtv, gamma, noise)
+    for i, gi in enumerate(gamma.tolist()):
+        want = z[i] + gi * (jtv[i] - z[i]) + math.sqrt(2 * gi) * noise[i]
+        torch.testing.assert_close(got[i], want)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\)"):
+        ops.langevin_z_step(z, jtv, gamma[:4], noise)
+
+
 def test_losses_value_and_gradient():
     n, d = 6, 5
     g = rand(n, d, seed=1).requires_grad_(True)
