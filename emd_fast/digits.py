@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic, sha256_file  # noqa: E402
-from .edm_import import load_unet  # noqa: E402
+from .network_files import load_network  # noqa: E402
 from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
                             precision_recall)
 from .sampling import heun_sample  # noqa: E402
@@ -64,7 +64,7 @@ def load_teacher_unet(schedule: Schedule | None = None, path: Path = TEACHER_FIL
     written in s = sigma/alpha, so the denoiser is the same function of (x_t / alpha, s) in any schedule)."""
     if not Path(path).is_file():
         raise _missing(path)
-    net = load_unet(path, device)
+    net = load_network(path, device)
     if schedule is not None:
         net.schedule = schedule
     return net

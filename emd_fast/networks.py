@@ -1,8 +1,7 @@
 """Networks for vector data: an EDM-preconditioned MLP denoiser and the one-step generator built on it.
 
-Preconditioning (Karras et al. 2022) written for any Schedule: with s = sigma_t / alpha_t and x = x_t / alpha_t,
-    D(x_t, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
-    c_skip = s_d^2 / (s^2 + s_d^2),  c_out = s s_d / sqrt(s^2 + s_d^2),  c_in = 1 / sqrt(s^2 + s_d^2),  c_noise = log(s) / 4.
+Preconditioning (Karras et al. 2022, ``precond.EDMPrecond``) written for any Schedule: with s = sigma_t / alpha_t and
+x = x_t / alpha_t,  D(x_t, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)).
 """
 from __future__ import annotations
 
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 
 from .checks import check_per_example
-from .schedules import Schedule, expand_like
+from .precond import EDMPrecond, precondition
+from .schedules import Schedule
 
 
 class FourierEmbedding(nn.Module):
@@ -35,7 +35,7 @@ class MLPDenoiser(nn.Module):
     def __init__(self, dim: int, schedule: Schedule, hidden: int = 128, depth: int = 3, emb_dim: int = 64,
                  sigma_data: float = 1.0):
         super().__init__()
-        self.dim, self.schedule, self.sigma_data = dim, schedule, sigma_data
+        self.dim, self.schedule, self.sigma_data, self.precond = dim, schedule, sigma_data, EDMPrecond(sigma_data)
         self.arch = {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim, "sigma_data": sigma_data}
         self.embed = nn.Sequential(FourierEmbedding(emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)
@@ -47,17 +47,16 @@ class MLPDenoiser(nn.Module):
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must have shape (N, {self.dim}), got {tuple(x_t.shape)}")
         check_per_example("x_t", x_t, t=t)
-        alpha, sigma = self.schedule.alpha_sigma(t.float())
-        s, sd = sigma / alpha, self.sigma_data
-        x = x_t / expand_like(alpha, x_t)
-        c_skip, c_out, c_in = (expand_like(c, x) for c in (sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(),
-                                                            1 / (s**2 + sd**2).sqrt()))
-        emb = self.embed(s.log() / 4)
-        h = self.inp(c_in * x)
+        return precondition(self.precond, self.schedule, x_t, t, self.mlp)
+
+    def mlp(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """The raw network F: (N, D) x (N,) -> (N, D)."""
+        emb = self.embed(c_noise)
+        h = self.inp(x)
         for block, mod in zip(self.blocks, self.mods):
             scale, shift = mod(emb).chunk(2, dim=1)
             h = h + block(nn.functional.silu(h * (1 + scale) + shift))
-        return c_skip * x + c_out * self.out(nn.functional.silu(h))
+        return self.out(nn.functional.silu(h))
 
 
 class Generator(nn.Module):

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import digits
-from .edm_import import build_unet, save_unet
 from .image_metrics import DigitsClassifier
 from .schedules import EDMSchedule, expand_like
-from .unet import UNET_CONFIGS
+from .network_files import save_network
+from .unet import UNET_CONFIGS, build_network
 
 # UNET_CONFIGS["tiny"] at half the width (209k parameters): 2.5x faster on a CPU, where teacher, student and
 # generator all run it; its 18-step Heun samples are recognisable digits of every class (digits_info.json).
@@ -81,7 +81,7 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: 
                   arch: dict = DIGITS_UNET, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
     """An EMA U-Net trained with the EDM loss on images x (N, 1, 8, 8), labels y (N,); returns (net, losses)."""
     torch.manual_seed(seed)
-    net = build_unet(arch, EDMSchedule()).to(x.device).train()
+    net = build_network(arch, EDMSchedule()).to(x.device).train()
     avg = copy.deepcopy(net).eval().requires_grad_(False)
     rng = torch.Generator(x.device).manual_seed(seed)
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                                     args.seed, quiet=args.quiet)
     t2 = time.perf_counter()
     teacher_file, classifier_file = args.out / digits.TEACHER_FILE.name, args.out / digits.CLASSIFIER_FILE.name
-    save_unet(teacher, teacher_file, "digits")
+    save_network(teacher, teacher_file, "digits")
     digits.save_classifier(classifier, classifier_file)
 
     problem = digits.DigitsProblem("digits", EDMSchedule(), {"seed": args.seed, "eval_samples": args.eval_samples},

@@ -1,5 +1,7 @@
-"""The image U-Net denoiser: shapes, EDM preconditioning, EDM's attention layout, generator initialisation, errors."""
+"""The image U-Nets (ADM and DDPM++/NCSN++): shapes, preconditioning, EDM's layouts and counts, resampling, errors."""
 import copy
+import functools
+import json
 import math
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 
 from emd_fast.networks import Generator
 from emd_fast.schedules import EDMSchedule, VPCosine
-from emd_fast.unet import UNET_CONFIGS, UNetBlock, UNetDenoiser
+from emd_fast.unet import (UNET_CONFIGS, PositionalEmbedding, Resample, ResampleConv2d, SongUNetDenoiser, UNetBlock,
+                           UNetDenoiser, build_network, embed_labels)
 
 
 def randomize(module, seed=0):
@@ -25,29 +28,53 @@ def random_unet(schedule=None, seed=0, **overrides):
     return randomize(net, seed).eval()
 
 
+SONG_TINY = dict(img_channels=1, img_resolution=8, label_dim=10, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[4])
+SONG_VARIANTS = {  # DDPM++, NCSN++ and the other encoder/decoder types, in several preconditionings
+    "ddpmpp": {},
+    "ncsnpp": dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                   resample_filter=[1, 3, 3, 1], precond={"type": "ve"}),
+    "skip": dict(encoder_type="skip", decoder_type="skip", resample_filter=[1, 3, 3, 1], channel_mult=[1, 1, 2],
+                 precond={"type": "vp"}),
+    "residual-skip": dict(encoder_type="residual", decoder_type="skip"),
+}
+
+
+def random_song(variant="ddpmpp", schedule=None, seed=0, **overrides):
+    """A 1x8x8, 10-class SongUNet of the variant with random weights, eval mode."""
+    net = SongUNetDenoiser(schedule=schedule or EDMSchedule(), **(SONG_TINY | SONG_VARIANTS[variant] | overrides))
+    return randomize(net, seed).eval()
+
+
+NETS = {"adm": random_unet} | {f"song-{v}": functools.partial(random_song, v) for v in SONG_VARIANTS}
+
+
 def inputs(n, seed=1, label_dim=10):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(label_dim, (n,), generator=g) if label_dim else None
     return torch.randn(n, 1, 8, 8, generator=g), 0.05 + 5 * torch.rand(n, generator=g), y
 
 
+@pytest.mark.parametrize("kind", NETS)
 @pytest.mark.parametrize("label_dim,n", [(10, 3), (0, 5)])
-def test_output_shape(label_dim, n):
-    net = random_unet(label_dim=label_dim)
+def test_output_shape(kind, label_dim, n):
+    net = NETS[kind](label_dim=label_dim)
     out = net(*inputs(n, label_dim=label_dim))
     assert out.shape == (n, 1, 8, 8) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
 
 
-def test_backward_reaches_every_parameter():
-    net = random_unet().train()
+@pytest.mark.parametrize("kind", NETS)
+def test_backward_reaches_every_parameter(kind):
+    net = NETS[kind]().train()
     net(*inputs(3)).square().mean().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())
 
 
-def test_small_noise_returns_the_input():
-    """c_skip -> 1, c_out -> 0 as sigma/alpha -> 0, so D(x_t) ~ x_t / alpha."""
+@pytest.mark.parametrize("kind", NETS)
+def test_small_noise_returns_the_input(kind):
+    """c_skip -> 1, c_out -> 0 as sigma/alpha -> 0 (every preconditioning), so D(x_t) ~ x_t / alpha."""
     sch = VPCosine(t_min=1e-7)
-    net = random_unet(sch)
+    net = NETS[kind](sch)
     x_t, _, y = inputs(3)
     t = torch.full((3,), 1e-6)
     torch.testing.assert_close(net(x_t, t, y), x_t / sch.alpha(t)[:, None, None, None], atol=1e-4, rtol=1e-4)
@@ -73,7 +100,7 @@ def test_any_schedule_matches_edm_preconditioning():
 
 def test_attention_matches_edm_softmax_attention():
     """EDM's UNetBlock attention, written out: qkv channels are (head, channel, q|k|v), softmax over keys."""
-    block = randomize(UNetBlock(16, 16, emb_channels=8, heads=2))
+    block = randomize(UNetBlock(16, 16, emb_channels=8, num_heads=2))
     x = torch.randn(3, 16, 4, 2)
     n, c, h, w = x.shape
     q, k, v = block.qkv(block.norm2(x)).reshape(n * 2, c // 2, 3, h * w).unbind(2)
@@ -90,8 +117,9 @@ def test_generator_starts_as_the_teacher_at_t_star():
     assert torch.equal(gen(z, y), teacher(gen.sigma_star * z, torch.full((5,), 2.5), y))
 
 
-def test_channels_last_matches_contiguous():
-    net = random_unet()
+@pytest.mark.parametrize("kind", NETS)
+def test_channels_last_matches_contiguous(kind):
+    net = NETS[kind]()
     x_t, t, y = inputs(3)
     ref = net(x_t, t, y)
     torch.testing.assert_close(net(x_t.to(memory_format=torch.channels_last), t, y), ref)
@@ -104,7 +132,7 @@ def test_imagenet64_preset_is_edm_adm():
     with torch.device("meta"):
         net = UNetDenoiser(schedule=EDMSchedule(), **UNET_CONFIGS["edm-imagenet64-adm"])
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 295.90
-    heads = {name: m.heads for name, m in net.named_modules() if isinstance(m, UNetBlock) and m.heads}
+    heads = {name: m.num_heads for name, m in net.named_modules() if isinstance(m, UNetBlock) and m.num_heads}
     assert heads["enc.32x32_block0"] == 6 and heads["dec.8x8_in0"] == 12 and "dec.64x64_block0" not in heads
 
 
@@ -135,3 +163,122 @@ def test_bad_inputs(label_dim, args, match):
 def test_bad_architecture(overrides, match):
     with pytest.raises(ValueError, match=match):
         UNetDenoiser(schedule=EDMSchedule(), **(UNET_CONFIGS["tiny"] | overrides))
+
+
+@pytest.mark.parametrize("kind,overrides,match", [
+    ("song", {"embedding_type": "sinusoidal"},
+     r"embedding_type='sinusoidal'; choose one of \('positional', 'fourier'\)"),
+    ("song", {"encoder_type": "fused"}, r"encoder_type='fused'; choose one of \('standard', 'skip', 'residual'\)"),
+    ("song", {"decoder_type": "residual"}, r"decoder_type='residual'; choose one of \('standard', 'skip'\)"),
+    ("song", {"img_resolution": 7}, r"img_resolution=7 is not divisible by 2\^1"),
+    ("adm", {"sigma_data": 0.5, "precond": {"type": "edm", "sigma_data": 0.6}},
+     r"sigma_data=0.5 but the edm preconditioning has sigma_data 0.6"),
+    ("adm", {"precond": {"type": "edm", "beta_d": 1}}, r"bad edm preconditioning config"),
+    ("adm", {"network": "song"}, r"UNetDenoiser builds network 'adm', not 'song'"),
+])
+def test_bad_architecture_arguments(kind, overrides, match):
+    cls, arch = (UNetDenoiser, UNET_CONFIGS["tiny"]) if kind == "adm" else (SongUNetDenoiser, SONG_TINY)
+    with pytest.raises(ValueError, match=match):
+        cls(schedule=EDMSchedule(), **(arch | overrides))
+
+
+def test_build_network_errors():
+    with pytest.raises(ValueError, match=r"unknown network 'dit'; choose one of \('adm', 'song'\)"):
+        build_network({"network": "dit"})
+    with pytest.raises(ValueError, match="bad song architecture: .*unexpected keyword argument 'heads'"):
+        build_network(SONG_TINY | {"network": "song", "heads": 2})
+    with pytest.raises(ValueError, match="fused_resample is implemented for downsampling only"):
+        ResampleConv2d(4, 4, 3, up=True, fused_resample=True)
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_arch_rebuilds_the_network(kind):
+    """arch is JSON and complete: build_network(arch) is the same architecture, and with the state dict the same
+    function (built without initialising weights, the resampling filters rebuilt from the arch)."""
+    net = NETS[kind](VPCosine())
+    arch = json.loads(json.dumps(net.arch, allow_nan=False))
+    assert arch["network"] == net.network and arch["precond"] == net.precond.config()
+    again = build_network(arch, VPCosine(), dict(net.state_dict()))
+    assert again.arch == net.arch and type(again) is type(net)
+    x_t, _, y = inputs(3)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(again(x_t, t, y), net(x_t, t, y))
+    assert build_network(arch).arch == net.arch
+
+
+def test_song_blocks_are_ddpmpp_blocks():
+    """One head wherever there is attention; in the decoder only in a level's last block (and in0); skip_scale
+    sqrt(1/2), GroupNorm eps 1e-6, the embedding as a shift (no adaptive scale), 1x1 projections on resampling skips."""
+    net = random_song("skip", attn_resolutions=[8, 4])
+    blocks = {name: m for name, m in net.named_modules() if isinstance(m, UNetBlock)}
+    heads = {name for name, m in blocks.items() if m.num_heads}
+    assert heads == {"enc.8x8_block0", "enc.4x4_block0", "dec.2x2_in0", "dec.4x4_block1", "dec.8x8_block1"}
+    assert {m.num_heads for m in blocks.values()} == {0, 1}
+    for m in blocks.values():
+        assert (m.skip_scale, m.norm0.eps, m.adaptive_scale, m.affine.out_features) == (math.sqrt(0.5), 1e-6, False,
+                                                                                       m.out_channels)
+    assert isinstance(net.enc["4x4_down"].skip, ResampleConv2d) and net.enc["4x4_down"].skip.kernel_size == (1, 1)
+    adm = random_unet()
+    assert isinstance(adm.enc["4x4_down"].skip, Resample) and adm.enc["4x4_down"].norm0.eps == 1e-5
+    assert list(net.enc) == ["8x8_conv", "8x8_block0", "4x4_down", "4x4_aux_down", "4x4_aux_skip", "4x4_block0",
+                             "2x2_down", "2x2_aux_down", "2x2_aux_skip", "2x2_block0"]
+    assert [k for k in net.dec if "aux" in k] == ["2x2_aux_norm", "2x2_aux_conv", "4x4_aux_up", "4x4_aux_norm",
+                                                  "4x4_aux_conv", "8x8_aux_up", "8x8_aux_norm", "8x8_aux_conv"]
+
+
+@pytest.mark.parametrize("overrides,params", [
+    # EDM's own counts (its code, CIFAR-10 and FFHQ configurations, augment_dim 9) minus map_augment's weights
+    (dict(label_dim=10), 55_735_299 - 1_152),  # edm-cifar10-32x32-cond-vp (DDPM++): 55.73 M, EDM Table 7
+    (dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1]),
+     56_397_827 - 2_304),  # NCSN++, unconditional
+    (dict(img_resolution=64, channel_mult=[1, 2, 2, 2]), 61_805_571 - 1_152),  # edm-ffhq-64x64-uncond-vp
+])
+def test_song_presets_are_edm_sized(overrides, params):
+    with torch.device("meta"):
+        net = SongUNetDenoiser(schedule=EDMSchedule(), **(dict(img_channels=3, img_resolution=32, model_channels=128,
+                                                               channel_mult=[2, 2, 2]) | overrides))
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_box_filter_is_edm_resampling():
+    """The [1,1] filter as nearest upsampling / average pooling is EDM's (transposed) convolution with f f^T."""
+    x = torch.randn(2, 3, 6, 4)
+    f = torch.full((3, 1, 2, 2), 0.25)
+    torch.testing.assert_close(Resample(down=True)(x), torch.nn.functional.conv2d(x, f, groups=3, stride=2))
+    assert torch.equal(Resample(up=True)(x), torch.nn.functional.conv_transpose2d(x, 4 * f, groups=3, stride=2))
+
+
+def test_1331_filter_is_separable_binomial():
+    """[1,3,3,1] downsampling = the 1-D filter [1,3,3,1]/8 along H then W (zero padding 1, stride 2); upsampling is
+    its transpose times 4."""
+    x = torch.randn(2, 3, 8, 6)
+
+    def along(v, dim):  # 1-D filtering of (N, C, H, W) along dim 2 or 3, stride 2, padding 1
+        v = v.movedim(dim, -1)
+        shape = v.shape
+        out = torch.nn.functional.conv1d(v.reshape(-1, 1, shape[-1]), torch.tensor([[[1., 3., 3., 1.]]]) / 8,
+                                         stride=2, padding=1)
+        return out.reshape(*shape[:-1], -1).movedim(-1, dim)
+
+    down = Resample(down=True, resample_filter=[1, 3, 3, 1])
+    torch.testing.assert_close(down(x), along(along(x, 2), 3))
+    up = Resample(up=True, resample_filter=[1, 3, 3, 1])
+    y = torch.randn(2, 3, 4, 3)  # <up(y), x> = 4 <y, down(x)>
+    torch.testing.assert_close((up(y) * x).sum(), 4 * (y * down(x)).sum())
+
+
+def test_positional_embedding_endpoint():
+    """Frequencies max_positions^(-i / (C/2)) (ADM) or max_positions^(-i / (C/2 - 1)) (endpoint: DDPM++)."""
+    c = torch.tensor([1.0])
+    for endpoint, last in ((False, 10000 ** -0.75), (True, 1e-4)):
+        emb = PositionalEmbedding(8, endpoint=endpoint)(c)
+        torch.testing.assert_close(emb[0, :4], torch.tensor([1.0, 10000 ** -(1 / (4 - endpoint)),
+                                                             10000 ** -(2 / (4 - endpoint)), last]).cos())
+
+
+def test_labels_are_one_hot_rows():
+    """Integer labels give what EDM's Linear computes on gain * one-hot vectors (bias or not)."""
+    y = torch.tensor([3, 0, 9])
+    for layer, gain in ((torch.nn.Linear(10, 6), math.sqrt(10)), (torch.nn.Linear(10, 6, bias=False), 1.0)):
+        torch.testing.assert_close(embed_labels(layer, y, gain),
+                                   layer(gain * torch.nn.functional.one_hot(y, 10).float()))

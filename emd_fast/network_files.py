@@ -1,0 +1,49 @@
+"""Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM network pickles.
+
+Our format (``format`` = "emd_fast.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
+``unet.py``; files written before SongUNet support have no ``network``/``precond`` in it and load as ADM with EDM
+preconditioning), ``schedule`` (JSON, ``Schedule.config()``) and ``config`` (a name, e.g. "digits").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic
+from .edm_checkpoint import load_edm_pickle
+from .schedules import make_schedule
+from .unet import ImageDenoiser, build_network
+
+FORMAT = "emd_fast.unet"
+EDM_SUFFIXES = (".pkl", ".pickle")
+
+
+def save_network(net: ImageDenoiser, path: str | Path, name: str = "custom") -> None:
+    """Write net's weights (fp32) to safetensors with its arch, schedule and a config name as metadata (atomically)."""
+    meta = {"format": FORMAT, "config": name, "arch": json.dumps(net.arch),
+            "schedule": json.dumps(net.schedule.config())}
+    save_safetensors_atomic({k: v.detach().float() for k, v in net.state_dict().items()}, Path(path), meta)
+
+
+def load_network(path: str | Path, device=None) -> ImageDenoiser:
+    """The network of our safetensors file (architecture and schedule from its metadata), in eval mode.
+
+    CheckpointError (one line) for a missing or corrupt file, foreign metadata, or keys/shapes that do not match.
+    """
+    meta, tensors = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net")
+    try:
+        arch, sched = json.loads(meta["arch"]), json.loads(meta["schedule"])
+        schedule = make_schedule(sched.pop("name"), **sched)
+        net = build_network(arch, schedule, {k: v.float() for k, v in tensors.items()}, str(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable U-Net metadata ({e})") from None
+    return net.to(device).eval()
+
+
+def load_teacher_network(path: str | Path, device=None) -> ImageDenoiser:
+    """A teacher network, in eval mode, from our .safetensors file or an NVlabs/EDM network pickle (.pkl, converted
+    in memory by ``edm_checkpoint.load_edm_pickle``: EDM's schedule range within what its preconditioning supports).
+    CheckpointError (one line) for anything unreadable."""
+    if Path(path).suffix.lower() in EDM_SUFFIXES:
+        return load_edm_pickle(path).to(device).eval()
+    return load_network(path, device)
