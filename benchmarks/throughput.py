@@ -63,7 +63,7 @@ import triton  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import compare  # noqa: E402
-from emd_fast import problems  # noqa: E402
+from emd_fast import mixtures, problems  # noqa: E402
 from emd_fast.compiled import compile_networks  # noqa: E402
 from emd_fast.distiller import Distiller, Execution  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
@@ -105,8 +105,8 @@ def build_networks(spec: dict, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     if spec["name"] == "vector":
         schedule = make_schedule("vp_cosine")
-        teacher = problems.ring2d(schedule)
-        sigma_data = problems.data_std(teacher)
+        teacher = mixtures.ring2d(schedule)
+        sigma_data = mixtures.data_std(teacher)
         net = MLPDenoiser(teacher.dim, schedule, hidden=128, depth=3, sigma_data=sigma_data).to(device)
         num_classes = 0
     else:

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic, sha256_file  # noqa: E402
-from .network_files import load_network  # noqa: E402
+from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic  # noqa: E402
+from .images import class_rows, tile  # noqa: E402
 from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
                             precision_recall)
+from .network_files import load_network  # noqa: E402
 from .sampling import heun_sample  # noqa: E402
 from .schedules import Schedule  # noqa: E402
 from .teachers import NetworkTeacher  # noqa: E402
@@ -86,55 +85,11 @@ def load_classifier(path: Path = CLASSIFIER_FILE, device=None) -> DigitsClassifi
     return net.to(device).eval().requires_grad_(False)
 
 
-def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int,
-               num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """The first ``per_class`` images of each class, class by class: (num_classes * per_class, C, H, W); a class
-    with fewer images is padded with NaN (drawn blank)."""
-    out = torch.full((num_classes, per_class, *images.shape[1:]), float("nan"))
-    for c in range(num_classes):
-        picked = images[labels == c][:per_class].float().cpu()
-        out[c, :len(picked)] = picked
-    return out.flatten(0, 1)
-
-
-def tile(images: torch.Tensor, cols: int) -> np.ndarray:
-    """(N, 1, H, W) -> one (rows (H + 1) - 1, cols (W + 1) - 1) array, row-major, NaN between images."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan, dtype=np.float32)
-    for i, img in enumerate(images.float().cpu().numpy()):
-        r, c = divmod(i, cols)
-        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img[0]
-    return grid
-
-
-def show(ax, grid: np.ndarray, title: str) -> None:
-    """Draw a tiled grid of [-1, 1] images: white ink on black, gaps in the axes' (white) background."""
-    ax.imshow(grid, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+def show(ax, images: torch.Tensor, cols: int, title: str) -> None:
+    """Draw images (N, 1, H, W) in [-1, 1] tiled ``cols`` per row (NaN images blank) on a matplotlib axis."""
+    ax.imshow(tile(images, cols), interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-
-
-def save_grid(path: Path, images: torch.Tensor, cols: int, title: str = "") -> None:
-    """A PNG of images (N, 1, H, W) in [-1, 1], ``cols`` per row."""
-    grid = tile(images, cols)
-    fig, ax = plt.subplots(figsize=(max(2.5, 0.4 + grid.shape[1] / 18), 0.7 + grid.shape[0] / 18))
-    show(ax, grid, title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-class DigitsTeacher(NetworkTeacher):
-    """The shipped U-Net as a teacher; ``to_config`` names the weights file (recorded in a run's config.json)."""
-
-    def __init__(self, net: nn.Module, schedule: Schedule, path: Path):
-        super().__init__(net, schedule, IMAGE_SHAPE)
-        self.path = Path(path)
-
-    def to_config(self) -> dict:
-        return {"file": str(self.path), "sha256": sha256_file(self.path), "arch": self.net.arch}
 
 
 class DigitsProblem:
@@ -146,11 +101,12 @@ class DigitsProblem:
 
     num_classes = NUM_CLASSES
 
-    def __init__(self, preset: str, schedule: Schedule, cfg: dict, teacher_file: Path = TEACHER_FILE,
+    def __init__(self, schedule: Schedule, cfg: dict, teacher_file: Path = TEACHER_FILE,
                  classifier_file: Path = CLASSIFIER_FILE):
         self.cfg, self.classifier_file = cfg, classifier_file
         net = load_teacher_unet(schedule, teacher_file)
-        self.teacher, self.sigma_data = DigitsTeacher(net, schedule, teacher_file), net.sigma_data
+        self.teacher = NetworkTeacher(net, schedule, IMAGE_SHAPE, source=teacher_file)
+        self.sigma_data = net.sigma_data
 
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """Moves the teacher to ``device`` and returns a copy of its U-Net (``fit`` is irrelevant: it is trained)."""
@@ -214,10 +170,10 @@ class DigitsProblem:
         """One-step samples, the teacher's Heun samples and real digits (a row per class), and the metric curves."""
         per = 10
         fig, axes = plt.subplots(1, 4, figsize=(22, 5.8))
-        show(axes[0], tile(class_rows(samples, y, per), per),
+        show(axes[0], class_rows(samples, y, per, NUM_CLASSES), per,
              f"one-step generator: accuracy {metrics['class_accuracy']:.3f}, FD {metrics['fd_real']:.1f}")
-        show(axes[1], tile(class_rows(*self.reference[:2], per), per), f"teacher, Heun {HEUN_STEPS} steps")
-        show(axes[2], tile(class_rows(*self.real[:2], per), per), "real digits")
+        show(axes[1], class_rows(*self.reference[:2], per, NUM_CLASSES), per, f"teacher, Heun {HEUN_STEPS} steps")
+        show(axes[2], class_rows(*self.real[:2], per, NUM_CLASSES), per, "real digits")
         ax = axes[3]
         evals = [h for h in history if "fd_real" in h]
         if evals:

@@ -1,6 +1,7 @@
 """A distillation run's state: the networks, their optimizers and the one random stream; ``step()`` = one iteration."""
 from __future__ import annotations
 
+import copy
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_state_dict_strict
 from .emd import EMD, EMDConfig, EStep, ReferenceOps
 from .profiling import phase
+from .schedules import expand_like
 
 BACKENDS = ("reference", "triton")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -54,13 +56,20 @@ class Distiller:
     All randomness (z, eps, t and the Langevin noise) comes from one torch.Generator seeded with ``seed``; with the
     triton backend and kernel noise the Langevin noise comes from a NoiseStream seeded with ``seed`` instead.
     ``execution`` says how the iteration runs (backend, precision, memory format, finite checks): see Execution.
+    num_classes > 0: a class-conditional teacher; labels are drawn uniformly from ``classes`` (default: all).
+    ema_halflife_kimg > 0: an exponential moving average of the generator (``ema``, updated by ``update_ema``)
+    whose half-life is that many thousand generator samples, or ``ema_rampup`` times the samples seen so far if
+    that is shorter (EDM's schedule: early averages do not hold on to the initial generator).
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
-                 sigma_data: float = 1.0, num_classes: int = 0, execution: Execution = Execution(), device="cpu"):
+                 sigma_data: float = 1.0, num_classes: int = 0, classes=None, ema_halflife_kimg: float = 0.0,
+                 ema_rampup: float = 0.05, execution: Execution = Execution(), device="cpu"):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        if not (ema_halflife_kimg >= 0 and ema_rampup >= 0):
+            raise ValueError(f"the EMA half-life and ramp-up must be >= 0, got {ema_halflife_kimg}, {ema_rampup}")
         for name, lr in (("lr_g", lr_g), ("lr_s", lr_s)):
             if not lr > 0:
                 raise ValueError(f"{name} must be > 0, got {lr}")
@@ -76,6 +85,13 @@ class Distiller:
             net.to(self.device, memory_format=self.memory_format)
         self.teacher, self.generator, self.student = teacher, generator, student
         self.batch, self.num_classes, self.step_count = batch, num_classes, 0
+        self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.int64, device=self.device)
+        if self.classes is not None and (not num_classes or self.classes.numel() == 0 or
+                                         int(self.classes.min()) < 0 or int(self.classes.max()) >= num_classes):
+            raise ValueError(f"classes must be a non-empty subset of the teacher's labels [0, {num_classes}), "
+                             f"got {self.classes.tolist()}")
+        self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
+        self.ema = copy.deepcopy(generator).requires_grad_(False).eval() if ema_halflife_kimg else None
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
@@ -102,10 +118,12 @@ class Distiller:
         return x.contiguous(memory_format=self.memory_format)
 
     def _labels(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
-        """Uniform class labels (n,) for a class-conditional teacher, else None."""
+        """Uniform class labels (n,) (from ``classes`` if given) for a class-conditional teacher, else None."""
         if not self.num_classes:
             return None
-        return torch.randint(self.num_classes, (n,), generator=generator, device=self.device)
+        if self.classes is None:
+            return torch.randint(self.num_classes, (n,), generator=generator, device=self.device)
+        return self.classes[torch.randint(len(self.classes), (n,), generator=generator, device=self.device)]
 
     def _sample_t(self, n: int) -> torch.Tensor:
         return self.teacher.schedule.sample_t(n, self.rng, self.device, self.cfg.t_min, self.cfg.t_max)
@@ -126,7 +144,7 @@ class Distiller:
             self.finite_steps.add_(1 - self.found_inf.long())
         self.step_count += 1
         out = {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(), "grad_g": grad_g, "grad_s": grad_s,
-               **e_step_moves(z, eps, es)}
+               **e_step_moves(z, eps, es, self.emd.sigma_data)}
         if not self.deferred:  # one host sync for all of them
             self.guard.check(self.step_count, dict(zip(out, torch.stack(list(out.values())).tolist())))
         return out
@@ -148,6 +166,19 @@ class Distiller:
             opt.step()
         return norm
 
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the EMA generator towards the generator after an iteration (no-op without an EMA)."""
+        if self.ema is None:
+            return
+        samples = self.step_count * self.batch
+        halflife = min(self.ema_halflife_kimg * 1000, samples * self.ema_rampup) if self.ema_rampup else \
+            self.ema_halflife_kimg * 1000
+        beta = 0.5 ** (self.batch / max(halflife, 1e-8))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - beta)
+        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
+            b_ema.copy_(b)
+
     def raise_if_nonfinite(self) -> None:
         """Deferred checks: FloatingPointError if an iteration so far met a nan/inf loss or gradient (one host sync;
         call it before trusting the parameters, e.g. before a checkpoint). No-op with sync checks."""
@@ -157,19 +188,30 @@ class Distiller:
                                      f"later one were skipped (the parameters are those of step {good}, up to the "
                                      f"generator update of step {good + 1} if only the student's was non-finite)")
 
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples, evaluations and exports use: the EMA if there is one."""
+        return self.generator if self.ema is None else self.ema
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n one-step samples g(z, y), z ~ N(0, I) and uniform labels y from ``generator``: (n, *data_shape) fp32,
-        and the labels (n,) (None for an unconditional teacher)."""
+    def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
+               chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n one-step samples g(z, y) of ``sampler``, made ``chunk`` at a time, z ~ N(0, I) from ``generator`` and
+        y = ``labels`` (n,) or, for a class-conditional teacher, uniform labels from ``generator`` after z:
+        (n, *data_shape) fp32 and the labels (n,) (None for an unconditional teacher)."""
         z = torch.randn((n, *self.shape), generator=generator, device=self.device)
-        y = self._labels(n, generator)
-        return self.generator(z, y), y
+        y = self._labels(n, generator) if labels is None else labels.to(self.device)
+        x = torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
+                       for i in range(0, n, chunk)])
+        return x, y
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a resumed run needs, as flat name -> tensor (safetensors-ready)."""
         out = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
         out |= {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        if self.ema is not None:
+            out |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
         for prefix, opt in (("opt_g", self.opt_g), ("opt_s", self.opt_s)):
             for idx, st in opt.state_dict()["state"].items():
                 out |= {f"{prefix}.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()}
@@ -179,6 +221,8 @@ class Distiller:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         load_state_dict_strict(self.generator, tensors, "generator.", source)
         load_state_dict_strict(self.student, tensors, "student.", source)
+        if self.ema is not None:
+            load_state_dict_strict(self.ema, tensors, "ema.", source)
         for prefix, opt in (("opt_g", self.opt_g), ("opt_s", self.opt_s)):
             sd = opt.state_dict()
             state: dict[int, dict] = {}
@@ -199,14 +243,19 @@ class Distiller:
         self.finite_steps.fill_(step)
 
 
-def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep) -> dict[str, torch.Tensor]:
-    """How far the E-step moved its chains, from z0, eps0 (N, ...) to es.z, es.eps: the batch means of the
-    per-example RMS moves ("z_move", "eps_move"), the largest of either ("move_max") and its noise level
-    ("t_move_max"). 0-dim device tensors (no host sync)."""
-    dz, de = ((b - a).flatten(1).float().pow(2).mean(1).sqrt() for a, b in ((z0, es.z), (eps0, es.eps)))
-    worst = torch.maximum(dz, de)
-    i = worst.argmax()
-    return {"z_move": dz.mean(), "eps_move": de.mean(), "move_max": worst[i], "t_move_max": es.t[i].float()}
+def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: float) -> dict[str, torch.Tensor]:
+    """How far the E-step moved its chains, from z0, eps0 (N, ...) to es.z, es.eps: batch means of the per-example
+    RMS moves of z and eps ("z_move", "eps_move") and of x_t in data scales, |x_t,K - x_t,0| / (alpha sigma_data +
+    sigma) ("x_move"); the largest x move ("x_move_max") and its noise level ("t_move_max"). 0-dim device tensors
+    (no host sync)."""
+    def rms(v):
+        return v.flatten(1).float().pow(2).mean(1).sqrt()
+
+    a, s = (expand_like(v, es.x_t) for v in (es.alpha, es.sigma))
+    dx = rms(es.x_t - (a * es.x0 + s * eps0)) / (es.alpha * sigma_data + es.sigma)
+    i = dx.argmax()
+    return {"z_move": rms(es.z - z0).mean(), "eps_move": rms(es.eps - eps0).mean(), "x_move": dx.mean(),
+            "x_move_max": dx[i], "t_move_max": es.t[i].float()}
 
 
 class DivergenceError(FloatingPointError):
@@ -216,37 +265,38 @@ class DivergenceError(FloatingPointError):
 class DivergenceGuard:
     """Stops a diverging run early, naming the quantity, the step, the noise level and the knob to turn.
 
-    Both Langevin variables have N(0, I) priors and a healthy chain moves them O(1) per E-step, so a batch-mean
-    move above MAX_MOVE per element means the chains have left every plausible region; a gradient norm above
-    GRAD_JUMP times its running median (last WINDOW checked steps, after MIN_HISTORY of them) is a blow-up in
-    progress. The history is not checkpointed: after a resume it starts again.
+    The E-step moves x_t = alpha g(z) + sigma eps from the generator's sample towards the teacher's: both lie within
+    the data's range plus noise, so a batch-mean move of more than MAX_MOVE data scales (alpha sigma_data + sigma
+    per element) is an unstable chain, not a long way to go (z and eps themselves may legitimately move far at low
+    noise: eps by the distance to a teacher mode over sigma). A gradient norm above GRAD_JUMP times its running
+    median (last WINDOW checked steps, after MIN_HISTORY of them) is a blow-up in progress. The history is not
+    checkpointed: after a resume it starts again.
     """
 
     MAX_MOVE, GRAD_JUMP, WINDOW, MIN_HISTORY = 10.0, 1e3, 200, 20
-    KNOBS = {"z": "use the noise-scaled z step (--z-step scaled), lower gamma_z (--gamma-z) or raise --t-min",
-             "eps": "lower gamma_eps (--gamma-eps) or raise --t-min"}
+    KNOB = ("use the noise-scaled z step (--z-step scaled), lower gamma_z / gamma_eps (--gamma-z, --gamma-eps) or "
+            "raise --t-min")
 
     def __init__(self):
         self.history = {key: deque(maxlen=self.WINDOW) for key in ("grad_g", "grad_s")}
 
+    def _where(self, rec: dict[str, float]) -> str:
+        return (f"largest x_t move {rec['x_move_max']:.3g} data scales at noise level t = {rec['t_move_max']:.3g}; "
+                f"mean moves of z {rec['z_move']:.3g}, eps {rec['eps_move']:.3g} per element")
+
     def check(self, step: int, rec: dict[str, float]) -> None:
         """rec: one step's values from ``Distiller.step`` as floats. DivergenceError if one exploded."""
-        for var in ("z", "eps"):
-            move = rec[f"{var}_move"]
-            if not move <= self.MAX_MOVE:
-                raise DivergenceError(
-                    f"E-step diverging at step {step}: {var} moved {move:.3g} per element on average over the K "
-                    f"Langevin steps (the largest move, {rec['move_max']:.3g}, at noise level t = "
-                    f"{rec['t_move_max']:.3g}); {self.KNOBS[var]}")
+        if not rec["x_move"] <= self.MAX_MOVE:
+            raise DivergenceError(f"E-step diverging at step {step}: the K Langevin steps moved x_t by "
+                                  f"{rec['x_move']:.3g} data scales on average ({self._where(rec)}); {self.KNOB}")
         for key, who in (("grad_g", "generator"), ("grad_s", "student")):
             hist, norm = self.history[key], rec[key]
             if len(hist) >= self.MIN_HISTORY:
                 median = statistics.median(hist)
-                if norm > self.GRAD_JUMP * median:
+                if not norm <= self.GRAD_JUMP * median:
                     raise DivergenceError(
                         f"{who} gradient norm jumped to {norm:.3g} at step {step}, {norm / median:.3g}x its running "
-                        f"median {median:.3g} (E-step: largest move {rec['move_max']:.3g} at t = "
-                        f"{rec['t_move_max']:.3g}); lower the learning rate, {self.KNOBS['z']}")
+                        f"median {median:.3g} ({self._where(rec)}); lower the learning rate, or {self.KNOB}")
             hist.append(norm)
 
 

@@ -208,7 +208,13 @@ class EMD:
                     eps = (x_t - a * g) / s  # x_t held fixed while z moved
                 else:
                     x_t = a * g + s * eps  # eps held fixed while z moved
-            d_t, d_s = self._denoisers(x_t, t, y)
+            try:
+                d_t, d_s = self._denoisers(x_t, t, y)
+            except FloatingPointError as e:
+                raise FloatingPointError(
+                    f"{e} at Langevin step {k + 1} of {cfg.K} of the E-step (noise levels t from {float(t.min()):.3g}):"
+                    f" the chain diverged; with variant {cfg.variant!r} and z_step {cfg.z_step!r}: use the scaled z "
+                    f"step, lower gamma_z / gamma_eps or raise t_min") from None
             with phase("langevin eps update"):
                 eps_new, eta, v, x_t = ops.langevin_eps_step(eps, eta, d_t, d_s, alpha, sigma, cfg.gamma_eps,
                                                              ops.randn_like(eps), g)

@@ -9,19 +9,92 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) between Gaussians fitted to a (N, F), b (M, F)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
+def frechet_distance_stats(mu_a: torch.Tensor, ca: torch.Tensor, mu_b: torch.Tensor, cb: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) between N(mu_a, C_a) and N(mu_b, C_b):
+    means (F,), covariances (F, F), computed in float64 with symmetric eigendecompositions."""
+    mu_a, ca, mu_b, cb = (v.double() for v in (mu_a, ca, mu_b, cb))
     la, va = torch.linalg.eigh(ca)
     sqrt_a = va @ torch.diag(la.clamp(min=0).sqrt()) @ va.T
     cross = torch.linalg.eigvalsh(sqrt_a @ cb @ sqrt_a).clamp(min=0).sqrt().sum()
     return float(((mu_a - mu_b) ** 2).sum() + ca.trace() + cb.trace() - 2 * cross)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to features a (N, F) and b (M, F)."""
+    a, b = a.double(), b.double()
+    return frechet_distance_stats(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+
+
+class FeatureStats:
+    """Running mean and covariance of features added in batches (float64): ``add`` (N, F), then ``mu``, ``sigma``
+    (unbiased, as numpy's np.cov and EDM's fid.py compute them)."""
+
+    def __init__(self):
+        self.n, self.total, self.outer = 0, None, None
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().double().cpu()
+        if self.total is None:
+            self.total, self.outer = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(
+                f.shape[1], f.shape[1], dtype=torch.float64)
+        self.n += f.shape[0]
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n < 2:
+            raise ValueError(f"feature statistics need at least 2 samples, got {self.n}")
+        mu = self.total / self.n
+        return mu, (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+
+def load_fid_reference(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu (F,), sigma (F, F)) float64 from a reference statistics file in EDM's format (.npz with ``mu`` and
+    ``sigma``, e.g. EDM's fid-refs/imagenet-64x64.npz); ValueError (one line) for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"FID reference statistics {path} not found (emd_fast never downloads them)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k], dtype=np.float64) for k in ("mu", "sigma") if k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read FID reference statistics {path}: {e}") from None
+    for key in ("mu", "sigma"):
+        if key not in arrays:
+            raise ValueError(f"{path}: no '{key}' array: FID reference statistics are an .npz with 'mu' and 'sigma'")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not (np.isfinite(mu).all() and
+                                                                          np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu must be (F,) and sigma (F, F), finite; got {mu.shape} and {sigma.shape}")
+    return torch.from_numpy(mu), torch.from_numpy(sigma)
+
+
+class FID:
+    """FID of generated images against reference statistics, on a user-supplied Inception network.
+
+    inception: the TorchScript file (InceptionFeatures); reference: EDM-format .npz (``load_fid_reference``).
+    Both are read and checked when constructed, before any sample is generated.
+    """
+
+    def __init__(self, inception: str | Path, reference: str | Path, device="cpu"):
+        self.mu, self.sigma = load_fid_reference(reference)
+        self.features = InceptionFeatures(inception, device)
+
+    def __call__(self, batches) -> tuple[float, int]:
+        """(FID, number of images) of the images yielded by ``batches`` ((B, C, H, W) in [-1, 1] each)."""
+        acc = FeatureStats()
+        for images in batches:
+            acc.add(self.features(images))
+        mu, sigma = acc.stats()
+        if mu.shape != self.mu.shape:
+            raise ValueError(f"the Inception network gives {mu.shape[0]} features, the reference statistics "
+                             f"{self.mu.shape[0]}")
+        return frechet_distance_stats(mu, sigma, self.mu, self.sigma), acc.n
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -71,7 +144,10 @@ class InceptionFeatures:
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights {path} not found (supply inception-2015-12-05.pt; "
                                     f"emd_fast never downloads it)")
-        self.net, self.device = torch.jit.load(str(path), map_location=device).eval(), device
+        try:
+            self.net, self.device = torch.jit.load(str(path), map_location=device).eval(), device
+        except RuntimeError as e:
+            raise ValueError(f"{path} is not a TorchScript Inception network: {str(e).splitlines()[0]}") from None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

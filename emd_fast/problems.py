@@ -1,61 +1,17 @@
-"""Embedded problems: analytic Gaussian-mixture teachers that need no download, and the networks for them.
-
-``ring2d``: 8 modes on a circle with unequal weights (2-D, plottable).
-``gmm16d``: 10 modes in 16-D with random means, anisotropic covariances and unequal weights.
-"""
+"""Gaussian-mixture problems: an exact teacher (``emd_fast.mixtures``: a preset, a user's file, a random mixture),
+the MLP networks that start from it, exact metrics and plots."""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from .metrics import mixture_metrics, reference_metrics
+from .mixtures import data_std
 from .networks import Generator, MLPDenoiser
 from .plots import plot_run
-from .schedules import Schedule
 from .teachers import GaussianMixtureTeacher
-
-PRESETS = ("ring2d", "gmm16d")
-
-
-def ring2d(schedule: Schedule) -> GaussianMixtureTeacher:
-    """8 isotropic modes (std 0.2) on a circle of radius 2, weights 1..8 (normalised): ratio 8 between modes."""
-    m = 8
-    angles = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
-    means = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
-    weights = torch.arange(1, m + 1, dtype=torch.float64)
-    return GaussianMixtureTeacher(means, torch.full((m,), 0.2**2), weights, schedule)
-
-
-def gmm16d(schedule: Schedule, seed: int = 1234) -> GaussianMixtureTeacher:
-    """10 modes in 16-D: means ~ N(0, I) scaled to norm 3, random covariances with std in [0.1, 0.3], weights 1..10."""
-    g = torch.Generator().manual_seed(seed)
-    m, d = 10, 16
-    means = torch.randn(m, d, generator=g, dtype=torch.float64)
-    means = 3.0 * means / means.norm(dim=1, keepdim=True)
-    q, _ = torch.linalg.qr(torch.randn(m, d, d, generator=g, dtype=torch.float64))
-    stds = 0.1 + 0.2 * torch.rand(m, d, generator=g, dtype=torch.float64)
-    covs = q @ torch.diag_embed(stds**2) @ q.transpose(1, 2)
-    covs = 0.5 * (covs + covs.transpose(1, 2))
-    return GaussianMixtureTeacher(means, covs, torch.arange(1, m + 1, dtype=torch.float64), schedule)
-
-
-def make_teacher(preset: str, schedule: Schedule) -> GaussianMixtureTeacher:
-    if preset == "ring2d":
-        return ring2d(schedule)
-    if preset == "gmm16d":
-        return gmm16d(schedule)
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-
-
-def data_std(teacher: GaussianMixtureTeacher) -> float:
-    """Root-mean-square per-coordinate std of the mixture: sigma_data for the networks' preconditioning."""
-    mean = (teacher.weights[:, None] * teacher.means).sum(0)
-    second = (teacher.weights[:, None] * (teacher.means**2 + torch.diagonal(teacher.covs, dim1=1, dim2=2))).sum(0)
-    return float((second - mean**2).mean().sqrt())
-
 
 def fit_denoiser(net: MLPDenoiser, teacher: GaussianMixtureTeacher, steps: int, batch: int,
                  generator: torch.Generator, lr: float = 2e-3) -> float:
@@ -87,16 +43,17 @@ def init_networks(teacher_net: nn.Module, t_star: float) -> tuple[Generator, nn.
 
 
 class MixtureProblem:
-    """An embedded Gaussian-mixture preset: exact teacher, MLP networks, exact metrics and scatter plots.
+    """A Gaussian-mixture problem: the exact teacher, MLP networks, exact metrics and scatter plots.
 
-    The interface the training CLI uses for every problem: ``teacher``, ``sigma_data``, ``num_classes``,
-    ``teacher_network``, ``metrics``, ``floor``, ``plot``, ``summary_lines``.
+    teacher: any GaussianMixtureTeacher; cfg: the run's options (hidden, depth, teacher_fit_steps, eval_samples,
+    seed). The interface the training CLI uses for every problem: ``teacher``, ``sigma_data``, ``num_classes``,
+    ``teacher_network``, ``metrics``, ``floor``, ``plot``, ``progress``, ``summary_lines``.
     """
 
     num_classes = 0
 
-    def __init__(self, preset: str, schedule: Schedule, cfg: dict):
-        self.cfg, self.teacher = cfg, make_teacher(preset, schedule)
+    def __init__(self, teacher: GaussianMixtureTeacher, cfg: dict):
+        self.cfg, self.teacher = cfg, teacher
         self.sigma_data = data_std(self.teacher)
         self.exact, _ = self.teacher.sample(cfg["eval_samples"], torch.Generator().manual_seed(cfg["seed"] + 2))
 

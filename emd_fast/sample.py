@@ -1,74 +1,31 @@
-"""``python -m emd_fast.sample``: one-step samples from a distillation run's generator, to a PNG grid and/or a .npz.
+"""``python -m emd_fast.sample``: one-step samples from a distillation run: a PNG grid, a folder of PNGs, a .npz.
 
     python -m emd_fast.sample runs/digits_K4_seed0                         # 10 per class, a row per class
     python -m emd_fast.sample runs/digits_K4_seed0 --labels 3 3 7 --out three.png three.npz
-    python -m emd_fast.sample runs/digits_K4_seed0/checkpoints/step_0000300.json --n 5000 --out s.npz
+    python -m emd_fast.sample runs/imagenet --n 50000 --out samples/        # one PNG per image, for FID tools
     python -m emd_fast.sample runs/ring2d_K8_seed0 --n 10000 --out ring.npz
 
-The generator is rebuilt from the run's config.json (the problem's teacher network at lambda*) and loaded from the
-newest checkpoint of the run directory, or from the checkpoint JSON given. The .npz holds ``images`` (N, *data_shape)
-float32 as generated (not clamped) and ``labels`` (N,) int64 (-1 for an unconditional run). PNG grids are drawn for
-1-channel images, in [-1, 1].
+The generator is rebuilt from the run's config.json and loaded from the newest checkpoint of the run directory, or
+from the checkpoint JSON given; the EMA weights if the run keeps an EMA. Outputs by suffix: ``.png`` a grid (1- or
+3-channel images), ``.npz`` ``images`` (N, *data_shape) float32 as generated (not clamped) and ``labels`` (N,) int64
+(-1 for an unconditional run) — with ``--uint8`` instead ``arr_0`` (N, H, W, C) uint8, the layout of the
+guided-diffusion FID evaluator —, and a path ending in ``/`` (or an existing directory) one PNG per image,
+``000000.png`` on, which clean-fid, torch-fidelity and EDM's fid.py read.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import train
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict
-from .digits import class_rows, save_grid
-
-
-def find_checkpoint(path: Path) -> Path:
-    """The checkpoint JSON ``path`` (or the one beside its .safetensors), or the newest in the run directory ``path``."""
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if path.is_file():
-        return path.with_suffix(".json")
-    found = list_checkpoints(path / "checkpoints")
-    if not found:
-        raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
-    return found[-1]
-
-
-def load_run(path: Path, device) -> tuple[train.Run, int, Path]:
-    """(Run rebuilt from the run's config.json with the checkpoint's generator loaded, its step, the checkpoint)."""
-    ckpt = find_checkpoint(Path(path))
-    tensors, state = load_checkpoint(ckpt)
-    config_path = ckpt.parent.parent / "config.json"
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the run's config {config_path}: {e}") from None
-    if {k: cfg.get(k) for k in state.get("config", {})} != state.get("config"):
-        raise CheckpointError(f"{ckpt} was written by another config than {config_path}")
-    run = train.Run(cfg, torch.device(device), fit_teacher=False)
-    load_state_dict_strict(run.distiller.generator, tensors, "generator.", ckpt)
-    run.distiller.generator.eval()
-    return run, state["step"], ckpt
-
-
-@torch.no_grad()
-def generate(run: train.Run, labels: torch.Tensor | None, n: int, seed: int,
-             chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n one-step samples (n, *data_shape) fp32 (CPU) for ``labels`` (n,) or, for a class-conditional run given
-    None, uniform random labels; z and random labels come from one generator seeded with ``seed``."""
-    dist = run.distiller
-    rng = torch.Generator(dist.device).manual_seed(seed)
-    z = torch.randn((n, *dist.shape), generator=rng, device=dist.device)
-    if labels is None and dist.num_classes:
-        labels = torch.randint(dist.num_classes, (n,), generator=rng, device=dist.device)
-    y = labels.to(dist.device) if labels is not None else None
-    x = torch.cat([dist.generator(z[i:i + chunk], None if y is None else y[i:i + chunk]).float().cpu()
-                   for i in range(0, n, chunk)])
-    return x, None if labels is None else labels.cpu()
+from .checkpoint import CheckpointError
+from .images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
+from .run import load_run
 
 
 def choose_labels(args, num_classes: int) -> tuple[torch.Tensor | None, int, int | None]:
@@ -81,7 +38,7 @@ def choose_labels(args, num_classes: int) -> tuple[torch.Tensor | None, int, int
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}), got {args.labels}")
         return labels, len(labels), None
-    if args.per_class is not None or (args.n is None and num_classes):
+    if args.per_class is not None or (args.n is None and 0 < num_classes <= 100):
         per = 10 if args.per_class is None else args.per_class
         if per < 1:
             raise ValueError(f"--per-class must be >= 1, got {per}")
@@ -92,6 +49,15 @@ def choose_labels(args, num_classes: int) -> tuple[torch.Tensor | None, int, int
     return None, n, None
 
 
+def output_kind(path: str) -> str:
+    """'folder' (a path ending in / or an existing directory), 'png' or 'npz'; ValueError otherwise."""
+    if path.endswith("/") or Path(path).is_dir():
+        return "folder"
+    if Path(path).suffix in (".png", ".npz"):
+        return Path(path).suffix[1:]
+    raise ValueError(f"--out {path}: give a .png (grid), a .npz, or a folder (ending in /) for one PNG per image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emd_fast.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,44 +65,55 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", help="class label of each sample, e.g. --labels 3 3 7")
     which.add_argument("--per-class", type=int, help="N samples of every class, a row per class "
-                                                     "(default for a class-conditional run: 10)")
-    which.add_argument("--n", type=int, help="number of samples, random labels (default for an unconditional run: 100)")
+                                                     "(default for a run with at most 100 classes: 10)")
+    which.add_argument("--n", type=int, help="number of samples, random labels (default otherwise: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of z (and of random labels)")
-    p.add_argument("--out", type=Path, nargs="+", default=None,
-                   help="output files, .png (grid) and/or .npz (default: <run>/samples/onestep_step<S>_seed<seed>.png, "
-                        ".npz for non-image data)")
+    p.add_argument("--out", nargs="+", default=None,
+                   help="outputs: .png grid, .npz, and/or a folder/ of PNGs (default: <run>/samples/"
+                        "onestep_step<S>_seed<seed>.png, .npz for non-image data)")
+    p.add_argument("--uint8", action="store_true", help=".npz: arr_0 uint8 (N, H, W, C) instead of float images")
+    p.add_argument("--batch", type=int, default=500, help="samples generated at a time")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        for path in args.out or ():
-            if path.suffix not in (".png", ".npz"):
-                raise ValueError(f"--out {path}: the suffix must be .png or .npz")
-        run, step, ckpt = load_run(args.run, device)
-        shape, num_classes = run.distiller.shape, run.distiller.num_classes
-        labels, n, per_class = choose_labels(args, num_classes)
-        is_image = len(shape) == 3 and shape[0] == 1
-        suffix = ".png" if is_image else ".npz"
-        outs = args.out or [ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}{suffix}"]
-        if any(p.suffix == ".png" for p in outs) and not is_image:
-            raise ValueError(f"PNG grids need 1-channel images; this run's samples have shape {shape}: use .npz")
-        x, y = generate(run, labels, n, args.seed)
-    except (ValueError, CheckpointError) as e:
+        kinds = [output_kind(path) for path in args.out or ()]
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        run, step, ckpt = load_run(args.run, args.device)
+        dist = run.distiller
+        labels, n, per_class = choose_labels(args, dist.num_classes)
+        image = is_image_shape(dist.shape)
+        outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
+                                                                 f"{'.png' if image else '.npz'}")]
+        kinds = kinds or [output_kind(outs[0])]
+        outs = [Path(p) for p in outs]
+        if not image and any(k != "npz" for k in kinds):
+            raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {dist.shape}: "
+                             f"use .npz")
+        x, y = dist.sample(n, torch.Generator(dist.device).manual_seed(args.seed), labels, chunk=args.batch)
+        x = x.cpu()
+        y = torch.full((n,), -1) if y is None else y.cpu()
+        for path, kind in zip(outs, kinds):
+            if kind == "npz":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                arrays = {"arr_0": to_uint8(x)} if args.uint8 and image else {"images": x.numpy()}
+                np.savez(path, **arrays, labels=y.numpy())
+            elif kind == "folder":
+                for i in tqdm(range(0, n, 1000), desc="PNG", unit="k", disable=n <= 1000):
+                    save_png_folder(path, x[i:i + 1000], start=i)
+            elif per_class:
+                save_grid(path, class_rows(x, y, per_class, dist.num_classes), per_class,
+                          f"one-step samples, step {step}")
+            else:
+                save_grid(path, x, min(n, max(10, round(math.sqrt(n)))), f"one-step samples, step {step}")
+            print(f"wrote {path} ({n} samples from {ckpt})")
+    except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in outs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".npz":
-            np.savez(path, images=x.numpy(), labels=(y if y is not None else torch.full((n,), -1)).numpy())
-        elif per_class:
-            save_grid(path, class_rows(x, y, per_class, num_classes), per_class, f"one-step samples, step {step}")
-        else:
-            save_grid(path, x, min(n, max(10, round(math.sqrt(n)))), f"one-step samples, step {step}")
-        print(f"wrote {path} ({n} samples from {ckpt})")
     return 0
 
 

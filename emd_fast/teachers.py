@@ -7,11 +7,13 @@ so its score, denoiser and log-density are closed-form at every t.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from .checkpoint import sha256_file
 from .checks import check_per_example
 from .schedules import Schedule, expand_like
 
@@ -32,11 +34,17 @@ def score_from_denoiser(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 class NetworkTeacher(nn.Module):
-    """A teacher given by a denoiser network ``net(x_t, t, y)`` (frozen)."""
+    """A teacher given by a denoiser network ``net(x_t, t, y)`` (frozen); ``source``: the file it was read from."""
 
-    def __init__(self, net: nn.Module, schedule: Schedule, data_shape: tuple[int, ...]):
+    def __init__(self, net: nn.Module, schedule: Schedule, data_shape: tuple[int, ...], source=None):
         super().__init__()
         self.net, self.schedule, self.data_shape = net.requires_grad_(False).eval(), schedule, tuple(data_shape)
+        self.source = source
+
+    def to_config(self) -> dict:
+        """What a run's config.json records of its teacher: the file and its SHA-256, architecture and schedule."""
+        source = {} if self.source is None else {"file": str(self.source), "sha256": sha256_file(Path(self.source))}
+        return {**source, "arch": getattr(self.net, "arch", None), "schedule": self.schedule.config()}
 
     @torch.no_grad()
     def denoise(self, x_t, t, y=None):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from emd_fast.networks import Generator, MLPDenoiser
-from emd_fast.problems import ring2d
+from emd_fast.mixtures import ring2d
 from emd_fast.schedules import VPCosine
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from emd_fast import digits, pretrain, train
+from emd_fast import digits, pretrain, run, train
 from emd_fast.checkpoint import CheckpointError
 from emd_fast.schedules import EDMSchedule, VPCosine
 
@@ -17,7 +17,7 @@ SMALL = ["--preset", "digits", "--steps", "2", "--batch", "8", "--K", "2", "--ev
 def digits_cfg(*argv):
     parser = train.build_parser()
     argv = ["--preset", "digits", *argv]
-    return train.with_preset_defaults(vars(parser.parse_args(argv)), train._explicit(parser, argv))
+    return run.with_preset_defaults(vars(parser.parse_args(argv)), train._explicit(parser, argv))
 
 
 def test_data():
@@ -49,23 +49,23 @@ def test_missing_assets(tmp_path):
 
 def test_generator_starts_as_teacher_denoiser_at_lambda_star():
     cfg = digits_cfg("--eval-samples", "20")
-    run = train.Run(cfg, torch.device("cpu"), fit_teacher=True)
+    built = run.Run(cfg, torch.device("cpu"), fit_teacher=True)
     g, z, y = torch.Generator().manual_seed(0), None, torch.arange(10)
     z = torch.randn(10, 1, 8, 8, generator=g)
     sigma_star = torch.tensor(-cfg["lambda_star"] / 2).exp()
-    t = torch.full((10,), run.t_star)
-    assert run.t_star == pytest.approx(float(sigma_star))  # EDM: alpha = 1, t = sigma
+    t = torch.full((10,), built.t_star)
+    assert built.t_star == pytest.approx(float(sigma_star))  # EDM: alpha = 1, t = sigma
     with torch.no_grad():
-        expected = run.teacher.denoise(sigma_star * z, t, y)
-        assert torch.allclose(run.distiller.generator(z, y), expected, atol=1e-6)
+        expected = built.teacher.denoise(sigma_star * z, t, y)
+        assert torch.allclose(built.distiller.generator(z, y), expected, atol=1e-6)
         x_t = torch.randn(10, 1, 8, 8, generator=g)
-        assert torch.equal(run.distiller.student(x_t, t, y), run.teacher.denoise(x_t, t, y))
-    assert all(p.requires_grad for p in run.distiller.generator.parameters())
-    assert not any(p.requires_grad for p in run.teacher.parameters())
+        assert torch.equal(built.distiller.student(x_t, t, y), built.teacher.denoise(x_t, t, y))
+    assert all(p.requires_grad for p in built.distiller.generator.parameters())
+    assert not any(p.requires_grad for p in built.teacher.parameters())
 
 
 def test_metrics_rank_real_digits_above_noise():
-    problem = digits.DigitsProblem("digits", digits.load_teacher_unet().schedule, {"seed": 0, "eval_samples": 30})
+    problem = digits.DigitsProblem(digits.load_teacher_unet().schedule, {"seed": 0, "eval_samples": 30})
     x, y = digits.load_digits_data()
     real = problem.metrics(x[:300], y[:300])
     noise = problem.metrics(torch.rand(300, 1, 8, 8) * 2 - 1, y[:300])
@@ -80,9 +80,9 @@ def test_smoke_run(tmp_path, capsys):
     for name in ("config.json", "metrics.jsonl", "summary.json", "samples/final.png", "checkpoints/step_0000002.json"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    defaults = train.PRESET_DEFAULTS["digits"]
+    defaults = run.PRESET_DEFAULTS["digits"]
     assert cfg["schedule"] == "edm" and cfg["K"] == 2 and cfg["lambda_star"] == defaults["lambda_star"]
-    assert cfg["teacher"]["sha256"] and cfg["preset"] == "digits"
+    assert cfg["teacher_info"]["sha256"] and cfg["preset"] == "digits"
     summary = json.loads((out / "summary.json").read_text())
     assert {"class_accuracy", "fd_real", "fd_teacher", "recall"} <= set(summary["final"])
     assert "FD to real" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from emd_fast import sample, train
+from emd_fast import run, sample, train
 from emd_fast.checkpoint import list_checkpoints
 
 COMMON = ["--steps", "2", "--batch", "8", "--K", "1", "--eval-every", "0", "--eval-samples", "20", "--quiet",
@@ -51,10 +51,11 @@ def test_samples_are_the_checkpointed_generator(digits_run, tmp_path):
     assert x.shape == (20, 1, 8, 8) and y.tolist() == [c for c in range(10) for _ in range(2)]
     assert torch.equal(x, npz(paths["last"])[0])
     assert not torch.equal(x, npz(paths["first"])[0]) and not torch.equal(x, npz(paths["seed1"])[0])
-    run, step, _ = sample.load_run(digits_run, "cpu")
+    loaded, step, _ = run.load_run(digits_run, "cpu")
     z = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert step == 2 and torch.allclose(run.distiller.generator(z, y), x, atol=1e-6)
+    with torch.no_grad():  # the run keeps an EMA: that is what samples come from
+        assert loaded.distiller.ema is not None and loaded.distiller.sampler is loaded.distiller.ema
+        assert step == 2 and torch.allclose(loaded.distiller.sampler(z, y), x, atol=1e-6)
 
 
 def test_default_output_and_random_labels(digits_run, capsys):
@@ -76,7 +77,7 @@ def test_unconditional_run(ring_run, tmp_path):
     (["--labels", "3", "10"], r"labels must lie in \[0, 10\)"),
     (["--labels", "-1"], r"labels must lie in \[0, 10\)"),
     (["--per-class", "0"], "--per-class must be >= 1"),
-    (["--out", "x.jpg"], "suffix must be .png or .npz"),
+    (["--out", "x.jpg"], r"give a .png \(grid\), a .npz, or a folder"),
 ])
 def test_errors(digits_run, capsys, args, message):
     assert sample.main([str(digits_run), *args]) == 2
@@ -90,6 +91,6 @@ def test_missing_checkpoint_and_unconditional_errors(ring_run, tmp_path, capsys)
     for argv, message in [([str(tmp_path / "nowhere")], "does not exist"),
                           ([str(tmp_path / "empty")], "no checkpoint in"),
                           ([str(ring_run), "--labels", "1"], "need a class-conditional run"),
-                          ([str(ring_run), "--out", str(tmp_path / "r.png")], "PNG grids need 1-channel images")]:
+                          ([str(ring_run), "--out", str(tmp_path / "r.png")], "PNG output needs 1- or 3-channel images")]:
         assert sample.main(argv) == 2
         assert message in capsys.readouterr().err

@@ -87,7 +87,7 @@ def test_bad_mixture_inputs():
 @pytest.mark.parametrize("schedule", [VPCosine(), EDMSchedule()], ids=["vp", "edm"])
 def test_heun_sampler_with_exact_denoiser_samples_the_mixture(schedule):
     from emd_fast.metrics import mixture_metrics
-    from emd_fast.problems import ring2d
+    from emd_fast.mixtures import ring2d
     from emd_fast.sampling import heun_sample
 
     teacher = ring2d(schedule)

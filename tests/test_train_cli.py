@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from emd_fast import train
 from emd_fast.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from emd_fast.distiller import Distiller
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
@@ -70,16 +71,16 @@ def test_resume_continues_exactly(tmp_path):
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run(straight, "--steps", "7") == 0
-    real_step = train.Distiller.step
+    real_step = Distiller.step
 
     def flaky(self):
         if self.step_count == 5:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(train.Distiller, "step", flaky)
+    monkeypatch.setattr(Distiller, "step", flaky)
     assert run(broken, "--steps", "7") == 130
-    monkeypatch.setattr(train.Distiller, "step", real_step)
+    monkeypatch.setattr(Distiller, "step", real_step)
     assert list_checkpoints(broken / "checkpoints")[-1].name == "step_0000005.json"
     assert run(broken, "--resume", "--steps", "7") == 0
     a, b = final_tensors(straight), final_tensors(broken)
@@ -134,3 +135,132 @@ def test_help_and_module_entry_point():
                 "--gen-weighting", "--variant", "--cancel-noise", "--seed", "--device", "--steps", "--out",
                 "--resume"):
         assert opt in res.stdout
+
+
+def write_mixture(path, **spec):
+    spec = {"means": [[2.0, 0.0, 0.0], [-2.0, 0.0, 0.0], [0.0, 2.0, 1.0]], "weights": [0.5, 0.3, 0.2],
+            "variances": [0.05, 0.1, 0.02], **spec}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_user_mixture_run_resume_and_changed_file(tmp_path, capsys):
+    mix = write_mixture(tmp_path / "three.json")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "--mixture", str(mix), "--steps", "6") == 0
+    assert run(split, "--mixture", str(mix), "--steps", "4") == 0
+    cfg = json.loads((split / "config.json").read_text())
+    assert cfg["mixture"] == str(mix) and len(cfg["mixture_sha256"]) == 64
+    assert cfg["teacher_info"]["weights"] == [0.5, 0.3, 0.2]
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["final"]["num_modes"] == 3 and summary["problem"] == "MixtureProblem"
+    assert run(split, "--resume", "--steps", "6") == 0  # the mixture comes from the saved config
+    a, b = final_tensors(straight), final_tensors(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    write_mixture(mix, weights=[0.4, 0.4, 0.2])
+    capsys.readouterr()
+    assert run(split, "--resume", "--steps", "8") == 2
+    assert "is not the one this run started from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--mixture", "{bad}"], "weights must sum to 1"),
+    (["--mixture", "{none}"], "no such file"),
+    (["--preset", "gmm16d", "--mixture", "{good}"], "--preset gmm16d is an embedded teacher"),
+    (["--preset", "edm-imagenet64"], "--preset edm-imagenet64 sets hyperparameters for a teacher file"),
+    (["--labels", "3"], "--labels needs a class-conditional teacher"),
+    (["--device", "nonsense"], "is not a device name"),
+    (["--device", "mps"], "emd_fast runs on cpu or cuda devices"),
+    (["--fid-ref", "{good}"], "--fid-ref needs --inception"),
+])
+def test_bad_problem_options_are_one_line_errors(tmp_path, capsys, args, msg):
+    files = {"{bad}": write_mixture(tmp_path / "bad.json", weights=[0.5, 0.3, 0.3]),
+             "{good}": write_mixture(tmp_path / "good.json"), "{none}": tmp_path / "none.json"}
+    out = tmp_path / "r"
+    assert run(out, *[str(files.get(a, a)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not out.exists()  # nothing half-made is left behind
+
+
+def test_diverging_e_step_is_a_one_line_error_naming_the_knob(tmp_path, capsys):
+    """Narrow modes far apart, the fixed z step: the chain explodes at low noise within the first E-step."""
+    mix = tmp_path / "narrow.json"
+    mix.write_text(json.dumps({"means": [[5.0, 0.0], [0.0, 5.0], [-5.0, 0.0], [0.0, -5.0]], "weights": [0.25] * 4,
+                               "variances": [1e-4] * 4}))
+    out = tmp_path / "r"
+    assert run(out, "--mixture", str(mix), "--z-step", "fixed", "--K", "16", "--t-max", "0.002") == 2
+    err = capsys.readouterr().err
+    assert "the E-step" in err and "diverged" in err and "scaled z step" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert run(out, "--mixture", str(mix), "--K", "16", "--t-max", "0.002", "--steps", "3") == 0  # scaled: fine
+
+
+def test_divergence_guard():
+    from emd_fast.distiller import DivergenceError, DivergenceGuard
+
+    guard = DivergenceGuard()
+    healthy = {"z_move": 0.3, "eps_move": 40.0, "x_move": 0.5, "x_move_max": 2.0, "t_move_max": 0.5, "grad_g": 1.0,
+               "grad_s": 2.0}
+    for step in range(1, 31):
+        guard.check(step, healthy)
+    with pytest.raises(DivergenceError, match=r"E-step diverging at step 31: the K Langevin steps moved x_t by 40 "
+                                              r"data scales .* at noise level t = 0.001; mean moves of z 4e\+06, .* "
+                                              r"use the noise-scaled z step \(--z-step scaled\)"):
+        guard.check(31, healthy | {"x_move": 40.0, "x_move_max": 4e3, "t_move_max": 1e-3, "z_move": 4e6})
+    with pytest.raises(DivergenceError, match="moved x_t by nan"):
+        guard.check(31, healthy | {"x_move": float("nan")})
+    with pytest.raises(DivergenceError, match="generator gradient norm jumped to 5e\\+03 at step 32, 5e\\+03x its "
+                                              "running median 1"):
+        guard.check(32, healthy | {"grad_g": 5e3})
+    guard.check(33, healthy | {"grad_g": 500.0})  # large, but not a blow-up
+
+
+def test_metrics_log_holds_the_health_values(tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "3") == 0
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
+    assert {"grad_g", "grad_s", "z_move", "eps_move", "x_move", "x_move_max", "t_move_max"} <= set(rec)
+    assert rec["grad_g"] > 0 and 0 < rec["z_move"] < rec["eps_move"] < 10 and 0 < rec["x_move"] < rec["x_move_max"]
+
+
+def test_out_of_memory_at_the_first_iteration_names_a_batch_that_fits(tmp_path, capsys, monkeypatch):
+    real_step = Distiller.step
+
+    def limited(self):
+        if self.batch > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(Distiller, "step", limited)
+    out = tmp_path / "r"
+    assert run(out, "--batch", "40", "--steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "--batch 40 does not fit in the memory of cpu: batch 5 ran one iteration here (measured)" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_ema_follows_the_generator(tmp_path):
+    from helpers import small_problem
+    from emd_fast.emd import EMDConfig
+
+    teacher, gen, student = small_problem()
+    dist = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-2, lr_s=1e-3, ema_halflife_kimg=0.1,
+                     ema_rampup=0.0)
+    before = {k: v.clone() for k, v in dist.ema.state_dict().items()}
+    dist.step()
+    dist.update_ema()
+    beta = 0.5 ** (16 / 100)
+    for k, v in dist.ema.state_dict().items():
+        want = beta * before[k] + (1 - beta) * gen.state_dict()[k]
+        torch.testing.assert_close(v, want)
+    assert not torch.equal(dist.ema.state_dict()["denoiser.out.weight"], gen.state_dict()["denoiser.out.weight"])
+    assert dist.sampler is dist.ema and {f"ema.{k}" for k in before} <= set(dist.state_tensors())
+    ramped = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-2, lr_s=1e-3, ema_halflife_kimg=500,
+                       ema_rampup=0.05)
+    ramped.step_count = 10  # 160 samples seen: the half-life is 0.05 * 160 = 8 samples, not 500k
+    snapshot = [p.clone() for p in ramped.ema.parameters()]
+    ramped.update_ema()
+    w = 1 - 0.5 ** (16 / 8)
+    for p_ema, p0, p in zip(ramped.ema.parameters(), snapshot, gen.parameters()):
+        torch.testing.assert_close(p_ema, p0 + w * (p - p0))

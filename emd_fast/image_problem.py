@@ -1,0 +1,113 @@
+"""A teacher network read from a file (``--teacher``: an NVlabs/EDM network pickle or an emd_fast U-Net file).
+
+Generator and student start from the teacher's network, as in the paper. The metrics need no feature network: pixel
+statistics of the one-step samples (mean, std, the fraction outside [-1, 1]) beside those of the teacher's own
+18-step Heun samples (the floor); FID, when asked for (``--fid-ref`` with ``--inception``), is computed by the run.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .images import class_rows, tile  # noqa: E402
+from .network_files import load_teacher_network  # noqa: E402
+from .sampling import heun_sample  # noqa: E402
+from .schedules import make_schedule  # noqa: E402
+from .teachers import NetworkTeacher  # noqa: E402
+
+HEUN_STEPS = 18  # the teacher's reference sampler: 18 Heun steps = 35 network evaluations
+REFERENCE_SAMPLES = 256  # at most this many teacher samples for the floor and the plots
+GRID_CLASSES = 10  # plots show a row per class for at most this many classes, else a plain grid
+
+
+class ImageProblem:
+    """The problem of a teacher file. cfg: the run's options (teacher, schedule, labels, seed, eval_samples).
+
+    The network computes the same function in any Schedule (its preconditioning is written in s = sigma/alpha), so
+    ``--schedule`` may replace the file's own (by default EDM's sigma range within what the network supports).
+    """
+
+    def __init__(self, cfg: dict):
+        net = load_teacher_network(cfg["teacher"])
+        if cfg.get("schedule"):
+            net.schedule = make_schedule(cfg["schedule"])
+        self.cfg, self.sigma_data, self.num_classes = cfg, net.sigma_data, net.label_dim
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        self.teacher = NetworkTeacher(net, net.schedule, shape, source=Path(cfg["teacher"]))
+        labels = cfg.get("labels")
+        if labels is not None and not self.num_classes:
+            raise ValueError(f"--labels: the teacher {cfg['teacher']} is unconditional (label_dim 0)")
+        if labels is not None and not all(0 <= c < self.num_classes for c in labels):
+            raise ValueError(f"--labels must lie in [0, {self.num_classes}) for this teacher, got {labels}")
+
+    def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
+        """Moves the teacher to ``device`` and returns its network (init_networks copies it; ``fit`` is moot)."""
+        self.teacher.to(device)
+        return self.teacher.net, {}
+
+    @functools.cached_property
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's Heun samples (n, C, H, W) on the CPU and their labels (n,) or None, n <= REFERENCE_SAMPLES:
+        labels cycle through the run's classes."""
+        n = min(self.cfg["eval_samples"], REFERENCE_SAMPLES)
+        device = next(self.teacher.net.parameters()).device
+        noise = torch.randn((n, *self.teacher.data_shape), generator=torch.Generator().manual_seed(self.cfg["seed"] + 5))
+        y = None
+        if self.num_classes:
+            classes = torch.as_tensor(self.cfg.get("labels") or range(self.num_classes))
+            y = classes[torch.arange(n) % len(classes)].to(device)
+        x = torch.cat([heun_sample(self.teacher.denoise, self.teacher.schedule, noise[i:i + 64].to(device),
+                                   None if y is None else y[i:i + 64], HEUN_STEPS).cpu() for i in range(0, n, 64)])
+        return x, None if y is None else y.cpu()
+
+    @staticmethod
+    def metrics(samples: torch.Tensor, y=None) -> dict:
+        """Pixel statistics of samples (N, C, H, W): mean, std, and the fraction of pixels outside [-1, 1]."""
+        x = samples.detach().double().cpu()
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError("generator samples contain nan/inf")
+        return {"pixel_mean": float(x.mean()), "pixel_std": float(x.std()), "saturated": float((x.abs() > 1).double().mean())}
+
+    def floor(self) -> dict:
+        """The same statistics of the teacher's Heun samples: what the one-step generator should match."""
+        return self.metrics(self.reference[0])
+
+    def _grid(self, ax, images, y, title):
+        per = 8
+        if y is not None and self.num_classes <= GRID_CLASSES:
+            images, cols = class_rows(images, y, per, self.num_classes), per
+        else:
+            images, cols = images[:per * per], per
+        ax.imshow(tile(images, cols), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+
+    def plot(self, path, samples, y, metrics, history, title) -> None:
+        """One-step samples beside the teacher's Heun samples (a row per class for few classes), as a PNG."""
+        fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+        self._grid(axes[0], samples.cpu(), None if y is None else y.cpu(),
+                   f"one-step generator (pixel std {metrics['pixel_std']:.3f})")
+        self._grid(axes[1], *self.reference, f"teacher, Heun {HEUN_STEPS} steps")
+        fig.suptitle(title)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    @staticmethod
+    def progress(m: dict) -> dict:
+        return {"std": f"{m['pixel_std']:.3f}", **({"fid": f"{m['fid']:.2f}"} if "fid" in m else {})}
+
+    @staticmethod
+    def summary_lines(f: dict, floor: dict) -> list[str]:
+        rows = [(f"{name:<16}{f[key]:.4f}   (teacher, Heun {HEUN_STEPS} steps: {floor[key]:.4f})")
+                for name, key in (("pixel mean", "pixel_mean"), ("pixel std", "pixel_std"),
+                                  ("saturated", "saturated"))]
+        return rows + ([f"FID             {f['fid']:.3f}   ({f['fid_samples']} samples)"] if "fid" in f else [])

@@ -1,0 +1,162 @@
+"""Gaussian-mixture teachers: the embedded presets, a user's mixture file, and random mixtures for sweeps.
+
+A mixture file (``--mixture FILE``) is ``.json`` or ``.npz`` with
+    means      (M, D)
+    weights    (M,)     positive, summing to 1
+    and one of covs (M, D, D) symmetric positive definite, variances (M, D) (diagonal) or variances (M,) (isotropic).
+Everything is validated when the file is read, with one-line errors (``MixtureError``) that name the problem.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .schedules import Schedule
+from .teachers import GaussianMixtureTeacher
+
+
+class MixtureError(ValueError):
+    """A mixture file or specification is unreadable or invalid."""
+
+
+def ring2d(schedule: Schedule) -> GaussianMixtureTeacher:
+    """8 isotropic modes (std 0.2) on a circle of radius 2, weights 1..8 (normalised): ratio 8 between modes."""
+    m = 8
+    angles = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
+    means = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    weights = torch.arange(1, m + 1, dtype=torch.float64)
+    return GaussianMixtureTeacher(means, torch.full((m,), 0.2**2), weights, schedule)
+
+
+def gmm16d(schedule: Schedule, seed: int = 1234) -> GaussianMixtureTeacher:
+    """10 modes in 16-D: means ~ N(0, I) scaled to norm 3, random covariances with std in [0.1, 0.3], weights 1..10."""
+    g = torch.Generator().manual_seed(seed)
+    m, d = 10, 16
+    means = torch.randn(m, d, generator=g, dtype=torch.float64)
+    means = 3.0 * means / means.norm(dim=1, keepdim=True)
+    q, _ = torch.linalg.qr(torch.randn(m, d, d, generator=g, dtype=torch.float64))
+    stds = 0.1 + 0.2 * torch.rand(m, d, generator=g, dtype=torch.float64)
+    covs = q @ torch.diag_embed(stds**2) @ q.transpose(1, 2)
+    covs = 0.5 * (covs + covs.transpose(1, 2))
+    return GaussianMixtureTeacher(means, covs, torch.arange(1, m + 1, dtype=torch.float64), schedule)
+
+
+PRESETS = {"ring2d": ring2d, "gmm16d": gmm16d}
+
+
+def data_std(teacher: GaussianMixtureTeacher) -> float:
+    """Root-mean-square per-coordinate std of the mixture: sigma_data for the networks' preconditioning."""
+    mean = (teacher.weights[:, None] * teacher.means).sum(0)
+    second = (teacher.weights[:, None] * (teacher.means**2 + torch.diagonal(teacher.covs, dim1=1, dim2=2))).sum(0)
+    return float((second - mean**2).mean().sqrt())
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise MixtureError(f"mixture file {path} does not exist")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise MixtureError(f"{path}: expected a JSON object with means, weights and covs or variances, "
+                                   f"got {type(raw).__name__}")
+            return {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
+    except MixtureError:
+        raise
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise MixtureError(f"cannot read mixture file {path}: {e}") from None
+    raise MixtureError(f"mixture file {path}: the suffix must be .json or .npz")
+
+
+def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated (means (M, D), covs (M, D, D), weights (M,)) float64 from a dict with means, weights and covs or
+    variances; MixtureError (one line, prefixed with ``source``) for anything malformed."""
+    unknown = set(spec) - {"means", "weights", "covs", "variances"}
+    if unknown:
+        raise MixtureError(f"{source}: unknown entries {sorted(unknown)} (expected means, weights, covs or variances)")
+    for key in ("means", "weights"):
+        if key not in spec:
+            raise MixtureError(f"{source}: no '{key}'")
+    if ("covs" in spec) == ("variances" in spec):
+        raise MixtureError(f"{source}: give exactly one of 'covs' (M, D, D) and 'variances' (M,) or (M, D)")
+    means, weights = spec["means"], spec["weights"]
+    if means.ndim != 2 or 0 in means.shape:
+        raise MixtureError(f"{source}: means must have shape (M, D) with M, D >= 1, got {means.shape}")
+    m, d = means.shape
+    if weights.shape != (m,):
+        raise MixtureError(f"{source}: weights must have shape ({m},) to match means {means.shape}, got {weights.shape}")
+    if "covs" in spec:
+        covs = spec["covs"]
+        if covs.shape != (m, d, d):
+            raise MixtureError(f"{source}: covs must have shape ({m}, {d}, {d}), got {covs.shape}")
+    else:
+        var = spec["variances"]
+        if var.shape not in ((m,), (m, d)):
+            raise MixtureError(f"{source}: variances must have shape ({m},) or ({m}, {d}), got {var.shape}")
+        covs = np.eye(d) * (var[:, None, None] if var.ndim == 1 else var[:, :, None])
+    for name, arr in (("means", means), ("weights", weights), ("covs" if "covs" in spec else "variances", covs)):
+        if not np.isfinite(arr).all():
+            raise MixtureError(f"{source}: {name} contains nan or inf")
+    if (weights <= 0).any():
+        raise MixtureError(f"{source}: weights must be positive, got min {weights.min():.4g}")
+    if abs(weights.sum() - 1) > 1e-6:
+        raise MixtureError(f"{source}: weights must sum to 1, they sum to {weights.sum():.6g}")
+    asym = np.abs(covs - covs.transpose(0, 2, 1)).max(axis=(1, 2))
+    if (asym > 1e-9 * np.abs(covs).max(axis=(1, 2))).any():
+        raise MixtureError(f"{source}: covs[{int(asym.argmax())}] is not symmetric")
+    low = np.linalg.eigvalsh(covs).min(axis=1)
+    if (low <= 0).any():
+        k = int(low.argmin())
+        raise MixtureError(f"{source}: covs[{k}] is not positive definite (smallest eigenvalue {low[k]:.4g})")
+    return means, covs, weights
+
+
+def load_mixture(path: str | Path, schedule: Schedule) -> GaussianMixtureTeacher:
+    """The exact teacher of a mixture file (.json or .npz; see the module docstring)."""
+    path = Path(path)
+    means, covs, weights = mixture_arrays(_read(path), str(path))
+    return GaussianMixtureTeacher(means, covs, weights, schedule)
+
+
+def random_mixture(schedule: Schedule, seed: int, dim: int, modes: int, condition: float = 1.0,
+                   separation: float = 6.0, concentration: float = 1.0) -> GaussianMixtureTeacher:
+    """A random mixture with controlled difficulty, normalised to unit data std (sigma_data = 1).
+
+    dim, modes: D, M. condition: the ratio of largest to smallest eigenvalue of every covariance (random rotations,
+    log-uniform spectrum in between). separation: the smallest distance between two means in units of the largest
+    mode std along the line that joins them (about 2: touching modes, 10: far apart). concentration: of the
+    Dirichlet the weights are drawn from (1: uniform on the simplex; smaller: more unequal).
+    """
+    if dim < 1 or modes < 1 or not condition >= 1 or not separation > 0 or not concentration > 0:
+        raise MixtureError(f"random_mixture needs dim, modes >= 1, condition >= 1, separation > 0, concentration > 0; "
+                           f"got {dim}, {modes}, {condition}, {separation}, {concentration}")
+    g = np.random.default_rng(seed)
+    means = g.standard_normal((modes, dim))
+    spectrum = np.exp(g.uniform(0, np.log(condition), (modes, dim)))
+    spectrum[:, 0], spectrum[:, -1] = 1.0, condition if dim > 1 else 1.0
+    rot = np.linalg.qr(g.standard_normal((modes, dim, dim)))[0]
+    covs = rot @ (spectrum[:, :, None] * rot.transpose(0, 2, 1))
+    covs = 0.5 * (covs + covs.transpose(0, 2, 1))
+    if modes > 1:  # scale the covariances so that the closest pair sits ``separation`` stds apart
+        diff = means[:, None] - means[None]
+        dist = np.linalg.norm(diff, axis=-1)
+        unit = diff / np.where(dist > 0, dist, 1)[..., None]
+        std_along = np.sqrt(np.maximum(np.einsum("ijd,ide,ije->ij", unit, covs, unit),
+                                       np.einsum("ijd,jde,ije->ij", unit, covs, unit)))
+        np.fill_diagonal(dist, np.inf)
+        covs = covs * (np.min(dist / std_along) / separation) ** 2
+    else:
+        covs = covs * 0.1
+    weights = g.dirichlet(np.full(modes, concentration))
+    weights = np.maximum(weights, 1e-4)
+    weights /= weights.sum()
+    teacher = GaussianMixtureTeacher(means, covs, weights, schedule)
+    scale = data_std(teacher)
+    return GaussianMixtureTeacher(teacher.means / scale, teacher.covs / scale**2, teacher.weights, schedule)

@@ -1,0 +1,543 @@
+"""A distillation run described by a config (the training CLI's options as a dict): problem, networks, Distiller,
+and the loop that writes the run directory.
+
+    config.json  metrics.jsonl  checkpoints/step_*.{safetensors,json}  samples/*.png  summary.json
+
+``train(cfg, explicit)`` resolves the config (preset defaults, --fast, a resumed run's own settings), checks it before
+any expensive work, then trains; ``Run(cfg, device)`` rebuilds a run's objects (``emd_fast.sample`` uses it).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import digits, mixtures, problems
+from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, save_checkpoint,
+                         sha256_file, write_json_atomic)
+from .distiller import Distiller, Execution
+from .emd import EMDConfig
+from .profiling import PhaseTimer
+from .schedules import make_schedule
+
+MIXTURE_PRESETS = tuple(mixtures.PRESETS)
+# Hyperparameter presets for a teacher file (--teacher): see docs/presets.md for every value's source.
+TEACHER_PRESETS = ("edm-imagenet64", "edm-cifar10")
+PRESETS = (*MIXTURE_PRESETS, "digits", *TEACHER_PRESETS)
+_IMAGE_RUN = dict(eval_every=1000, ckpt_every=1000, plot_every=5000, eval_samples=1000, fid_every=20000)
+# Per-preset defaults: they replace the parser's defaults of the options not given on the command line.
+PRESET_DEFAULTS = {
+    "digits": dict(schedule="edm", K=4, gamma_eps=0.3, gamma_z=0.01, lambda_star=-4.0, lr_g=1e-4, lr_s=1e-3,
+                   batch=64, steps=300, eval_every=50, ckpt_every=100, eval_samples=1000),
+    "edm-imagenet64": dict(K=8, gamma_eps=0.3, gamma_z=0.01, lambda_star=-6.0, lr_g=2e-6, lr_s=2e-6,
+                           betas_g=(0.0, 0.999), betas_s=(0.0, 0.999), batch=256, steps=200_000, ema=2000.0,
+                           **_IMAGE_RUN),
+    "edm-cifar10": dict(K=8, gamma_eps=0.3, gamma_z=0.01, lambda_star=-4.0, lr_g=1e-5, lr_s=1e-5,
+                        betas_g=(0.0, 0.999), betas_s=(0.0, 0.999), batch=256, steps=200_000, ema=500.0,
+                        **_IMAGE_RUN),
+}
+# Settings that may differ between a run and its resumption; everything else must match the checkpoint.
+RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
+                "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
+                "fid_every", "fid_samples", "fid_ref"}
+LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
+WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
+
+
+class RunError(ValueError):
+    """A run cannot start or continue as asked (one line, said to the user as is)."""
+
+
+# --- the config --------------------------------------------------------------------------------------------------
+
+def jsonable(cfg: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def with_preset_defaults(cfg: dict, explicit: set[str], keys=None) -> dict:
+    """cfg with its preset's PRESET_DEFAULTS for the options (among ``keys``, default all) not in ``explicit``."""
+    defaults = PRESET_DEFAULTS.get(cfg["preset"], {})
+    return cfg | {k: v for k, v in defaults.items() if k not in explicit and (keys is None or k in keys)}
+
+
+def run_name(cfg: dict) -> str:
+    """runs/<name>_K<K>_seed<seed>: the preset, else the teacher or mixture file's stem."""
+    source = cfg.get("teacher") or cfg.get("mixture")
+    name = Path(source).stem if source and cfg["preset"] in (None, *MIXTURE_PRESETS) else cfg["preset"]
+    return f"{name}_K{cfg['K']}_seed{cfg['seed']}"
+
+
+def check_problem_options(cfg: dict) -> None:
+    """The problem options fit together: a teacher preset needs --teacher, --teacher and --mixture exclude each
+    other and an embedded preset, --labels needs a class-conditional teacher (checked once it is loaded)."""
+    preset, teacher, mixture = cfg["preset"], cfg.get("teacher"), cfg.get("mixture")
+    if teacher and mixture:
+        raise RunError("--teacher and --mixture exclude each other: one teacher per run")
+    if preset in TEACHER_PRESETS and not teacher:
+        raise RunError(f"--preset {preset} sets hyperparameters for a teacher file: pass --teacher PATH (EDM's "
+                       f"network pickle or its emd_fast .safetensors conversion)")
+    if (teacher or mixture) and preset in (*MIXTURE_PRESETS, "digits"):
+        raise RunError(f"--preset {preset} is an embedded teacher; it cannot be combined with "
+                       f"{'--teacher' if teacher else '--mixture'}")
+    if cfg.get("labels") is not None and not teacher and preset != "digits":
+        raise RunError("--labels needs a class-conditional teacher (--teacher or --preset digits)")
+
+
+def parse_device(name: str | None) -> torch.device:
+    """The run's device (default: cuda if available), checked to exist here; RunError otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise RunError(f"--device {name}: emd_fast runs on cpu or cuda devices")
+    return device
+
+
+def validate(cfg: dict) -> None:
+    """Everything that can be checked from the config alone, before any expensive work (RunError, one line)."""
+    for key in ("steps", "batch", "hidden", "depth", "eval_samples", "fid_samples"):
+        if cfg[key] < 1:
+            raise RunError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    for key in ("eval_every", "ckpt_every", "plot_every", "teacher_fit_steps", "keep", "phase_every", "fid_every"):
+        if cfg[key] < 0:
+            raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    for key in ("lr_g", "lr_s"):
+        if not (cfg[key] > 0 and math.isfinite(cfg[key])):
+            raise RunError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")
+    for key in ("ema", "ema_rampup"):
+        if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
+            raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
+    for key in ("teacher", "mixture", "inception", "fid_ref"):
+        if cfg.get(key) and not Path(cfg[key]).is_file():
+            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: no such file (emd_fast never downloads it)")
+    if cfg.get("fid_ref") and not cfg.get("inception"):
+        raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
+    check_problem_options(cfg)
+    out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+
+
+def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device) -> tuple[dict, list[str]]:
+    """--fast: the fastest speed settings for ``device`` for the options not in ``explicit`` (the backend only for a
+    new run: a resumed run keeps its own). Returns the new cfg and one line per setting left out, with the reason."""
+    if not cfg["fast"]:
+        return cfg, []
+    from .kernels import triton_available
+
+    gpu = device.type == "cuda"
+    fast, skipped = {"compile": "default", "finite_check": "deferred"}, []
+    if gpu and triton_available():
+        fast["backend"] = "triton"
+    else:
+        skipped.append("fused Triton kernels: " + ("triton is not installed" if gpu else
+                                                   "they need a CUDA GPU (on a CPU they run only interpreted, "
+                                                   "for tests)"))
+    if gpu:
+        fast |= {"cuda_graph": True, "channels_last": True}  # channels_last applies to image data only
+    else:
+        skipped.append(f"CUDA graphs: no CUDA device (running on {device})")
+        skipped.append("channels_last: a GPU convolution layout, not used on the CPU")
+    keep = explicit | ({"backend"} if cfg["resume"] else set())
+    return cfg | {k: v for k, v in fast.items() if k not in keep}, [f"--fast: skipped {line}" for line in skipped]
+
+
+def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
+    """The saved run's config, with the runtime options given now; a conflicting hyperparameter is an error."""
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        raise CheckpointError(f"--resume: {saved_path} does not exist")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--resume: cannot read {saved_path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: {saved_path} does not hold a run config")
+    clash = {k: (saved.get(k), cfg[k]) for k in explicit - RUNTIME_KEYS
+             if k in cfg and jsonable({k: cfg[k]})[k] != saved.get(k)}
+    if clash:
+        pairs = ", ".join(f"{k}: run has {a}, asked {b}" for k, (a, b) in sorted(clash.items()))
+        raise CheckpointError(f"--resume: the checkpoint in {out} is from another config ({pairs})")
+    merged = {k: saved.get(k, v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
+    merged.update({k: cfg[k] for k in RUNTIME_KEYS if k in cfg})
+    return merged
+
+
+def file_hashes(cfg: dict) -> dict:
+    """SHA-256 of the teacher / mixture file the run reads (recorded in its config: a resume that finds another
+    file is refused)."""
+    return {f"{key}_sha256": sha256_file(Path(cfg[key])) for key in ("teacher", "mixture") if cfg.get(key)}
+
+
+def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str]]:
+    """The full config of a new or resumed run, its device and notes for the user; RunError / CheckpointError if it
+    cannot run. Options not in ``explicit`` take their preset's defaults; on --resume the saved run's."""
+    cfg = with_preset_defaults(cfg, explicit)
+    cfg["out"] = Path(cfg["out"] or Path("runs") / run_name(cfg))
+    if cfg["resume"]:
+        cfg = with_preset_defaults(resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
+    device = parse_device(cfg["device"])
+    cfg, notes = with_fast_defaults(cfg, set(explicit), device)
+    validate(cfg)
+    return cfg, device, notes
+
+
+# --- the objects of a run ----------------------------------------------------------------------------------------
+
+def make_problem(cfg: dict):
+    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem or ImageProblem)."""
+    if cfg.get("teacher"):
+        from .image_problem import ImageProblem
+
+        return ImageProblem(cfg)
+    schedule = make_schedule(cfg["schedule"] or "vp_cosine")
+    if cfg.get("mixture"):
+        return problems.MixtureProblem(mixtures.load_mixture(cfg["mixture"], schedule), cfg)
+    if cfg["preset"] == "digits":
+        return digits.DigitsProblem(schedule, cfg)
+    return problems.MixtureProblem(mixtures.PRESETS[cfg["preset"] or "ring2d"](schedule), cfg)
+
+
+class Run:
+    """Everything built from a config: the problem (teacher, metrics, plots), the networks and the Distiller."""
+
+    def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool):
+        self.cfg, self.problem = cfg, make_problem(cfg)
+        self.teacher = self.problem.teacher
+        self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
+        torch.manual_seed(cfg["seed"])  # network initialisation
+        net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
+        generator, student = problems.init_networks(net, self.t_star)
+        emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
+                            variant=cfg["variant"], cancel_noise=cfg["cancel_noise"],
+                            gen_weighting=cfg["gen_weighting"], student_weighting=cfg["student_weighting"],
+                            t_min=cfg["t_min"], t_max=cfg["t_max"])
+        # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
+        execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
+                              channels_last=cfg.get("channels_last", False),
+                              finite_check=cfg.get("finite_check", "sync"))
+        self.distiller = Distiller(self.teacher, generator, student, emd_cfg, batch=cfg["batch"], lr_g=cfg["lr_g"],
+                                   lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
+                                   seed=cfg["seed"], sigma_data=self.problem.sigma_data,
+                                   num_classes=self.problem.num_classes, classes=cfg.get("labels"),
+                                   ema_halflife_kimg=cfg["ema"], ema_rampup=cfg["ema_rampup"],
+                                   execution=execution, device=device)
+
+    def evaluate(self) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation)."""
+        rng = torch.Generator(self.distiller.device).manual_seed(self.cfg["seed"] + 3)
+        samples, y = self.distiller.sample(self.cfg["eval_samples"], rng)
+        return self.problem.metrics(samples, y), samples, y
+
+    @property
+    def fid_seed(self) -> int:
+        """The seed of the samples whose FID a run reports (``emd_fast.fid calc`` uses it too, by default)."""
+        return self.cfg["seed"] + 7
+
+    def sample_batches(self, n: int, seed: int, chunk: int = 250):
+        """n samples of the (EMA) generator, ``chunk`` at a time, from a generator seeded with ``seed``."""
+        rng = torch.Generator(self.distiller.device).manual_seed(seed)
+        for i in range(0, n, chunk):
+            yield self.distiller.sample(min(chunk, n - i), rng)[0]
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint JSON ``path`` (or the one beside its .safetensors), or the newest in the run directory ``path``."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_file():
+        return path.with_suffix(".json")
+    found = list_checkpoints(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
+    return found[-1]
+
+
+def load_run(path: str | Path, device) -> tuple[Run, int, Path]:
+    """A finished or running run, for sampling: (Run rebuilt from its config.json with the checkpoint's sampling
+    generator loaded — the EMA if the run keeps one, else the generator —, the checkpoint's step, the checkpoint)."""
+    ckpt = find_checkpoint(Path(path))
+    tensors, state = load_checkpoint(ckpt)
+    config_path = ckpt.parent.parent / "config.json"
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the run's config {config_path}: {e}") from None
+    if not isinstance(cfg, dict) or not isinstance(state.get("config"), dict) or \
+            {k: cfg.get(k) for k in state["config"]} != state["config"]:
+        raise CheckpointError(f"{ckpt} was written by another config than {config_path}")
+    run = Run(cfg, parse_device(device), fit_teacher=False)
+    dist = run.distiller
+    load_state_dict_strict(dist.sampler, tensors, "ema." if dist.ema is not None else "generator.", ckpt)
+    dist.sampler.eval()
+    return run, state["step"], ckpt
+
+
+# --- the training loop -------------------------------------------------------------------------------------------
+
+def out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: CUDA's OutOfMemoryError or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
+def _first_step(step, dist: Distiller, device: torch.device):
+    """The run's first iteration; an allocation failure becomes a RunError naming a batch that fits (measured by
+    halving the batch until one eager iteration runs: the run is abandoned anyway)."""
+    try:
+        return step()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        asked = dist.batch
+    fits = asked // 2
+    while fits >= 1:
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        dist.batch = fits
+        try:
+            dist.step()
+            break
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            fits //= 2
+    hint = f"batch {fits} ran one iteration here (measured): pass --batch {fits}" if fits else \
+        "not even batch 1 fits"
+    raise RunError(f"--batch {asked} does not fit in the memory of {device}: {hint}")
+
+
+def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
+    """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary.
+
+    A new run directory that fails before its first checkpoint is removed again: nothing half-made is left.
+    """
+    cfg, device, notes = resolve(cfg, explicit)
+    out = cfg["out"]
+    ckpt_dir = out / "checkpoints"
+    if not cfg["resume"] and list_checkpoints(ckpt_dir):
+        raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    latest = list_checkpoints(ckpt_dir)[-1] if cfg["resume"] else None
+    if cfg["resume"] and latest is None:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+    created = not out.exists()
+    try:
+        return _train(cfg, device, notes, latest)
+    except BaseException:
+        if created and out.exists() and not list_checkpoints(ckpt_dir):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | None) -> dict:
+    out = cfg["out"]
+    ckpt_dir = out / "checkpoints"
+    t0 = time.perf_counter()
+    hashes = file_hashes(cfg)
+    saved_cfg = {k: v for k, v in jsonable(cfg).items() if k not in RUNTIME_KEYS}
+    if latest is not None:
+        tensors, state = load_checkpoint(latest)
+        changed = [k for k, v in hashes.items() if state.get("config", {}).get(k) != v]
+        if changed:
+            raise CheckpointError(f"--resume: the {changed[0].removesuffix('_sha256')} file "
+                                  f"{cfg[changed[0].removesuffix('_sha256')]} is not the one this run started from "
+                                  f"(its SHA-256 differs)")
+    saved_cfg |= hashes
+    run = Run(cfg, device, fit_teacher=latest is None)
+    dist = run.distiller
+    fid = None
+    if cfg.get("fid_ref"):
+        from .image_metrics import FID
+
+        fid = FID(cfg["inception"], cfg["fid_ref"], device)
+    if cfg["compile"]:
+        from .compiled import compile_networks
+
+        notes += compile_networks(dist, mode=cfg["compile"]).lines()
+    step = dist.step
+    if cfg["cuda_graph"]:
+        from .graphs import GraphedStep, graphs_unavailable
+
+        if why := graphs_unavailable(dist):
+            raise RunError(f"--cuda-graph: {why}")
+        step = GraphedStep(dist)
+    if notes:
+        print("\n".join(notes), file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    if latest is not None:
+        if state.get("config") != saved_cfg:
+            raise CheckpointError(f"{latest} was written by another config")
+        dist.load_state_tensors(tensors, state["step"], str(latest))
+        truncate_metrics(out / "metrics.jsonl", state["step"])
+    else:
+        write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
+                                                "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
+        init_metrics, _, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
+        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    setup_s = time.perf_counter() - t0
+
+    def checkpoint_due() -> bool:
+        return bool(cfg["ckpt_every"]) and dist.step_count % cfg["ckpt_every"] == 0
+
+    def checkpoint():
+        state = {"config": saved_cfg, "torch": torch.__version__}
+        save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors(), state, keep=cfg["keep"])
+
+    def fid_now() -> dict:
+        value, n = fid(run.sample_batches(cfg["fid_samples"], run.fid_seed))
+        return {"fid": value, "fid_samples": n}
+
+    def plot(name, metrics, samples, y):
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
+        title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
+                 f"step {dist.step_count}")
+        run.problem.plot(out / "samples" / name, samples, y, metrics, history, title)
+
+    log = MetricsLog(out / "metrics.jsonl", dist)
+    bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"], desc="EMD", unit="it",
+               dynamic_ncols=True)
+    graphed = cfg["cuda_graph"]
+    other_s, start_step, last = 0.0, dist.step_count, {}
+    timer, timed_iters = PhaseTimer(device), 0
+    loop_t0 = warm_t0 = time.perf_counter()
+    warm_other_s = 0.0
+    try:
+        while dist.step_count < cfg["steps"]:
+            timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
+            with timer if timed else contextlib.nullcontext():
+                losses = _first_step(step, dist, device) if dist.step_count == start_step else step()
+            dist.update_ema()
+            timed_iters += bool(timed)
+            n = dist.step_count
+            if n - start_step == WARM_ITERS:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                warm_t0, warm_other_s = time.perf_counter(), other_s
+            evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
+            fid_due = fid is not None and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
+            log.add(n, losses)
+            if evaluate or fid_due or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
+                log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
+                ts = time.perf_counter()
+                metrics = None
+                if evaluate:
+                    metrics, samples, y = run.evaluate()
+                    last = metrics
+                if fid_due:
+                    metrics = (metrics or {}) | fid_now()
+                log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
+                if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
+                    plot(f"step_{n:07d}.png", metrics, samples, y)
+                if checkpoint_due():
+                    checkpoint()
+                other_s += time.perf_counter() - ts
+                bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        log.sync()
+        checkpoint()
+        print(f"interrupted at step {dist.step_count}: checkpoint written; continue with --resume --out {out}",
+              file=sys.stderr)
+        raise
+    except FloatingPointError:
+        log.sync(check=False)  # keep the losses logged before the failure
+        raise
+    finally:
+        log.close()
+    bar.close()
+    loop_end = time.perf_counter()
+    train_s = loop_end - loop_t0 - other_s
+    steady_s = loop_end - warm_t0 - (other_s - warm_other_s)
+    if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
+        checkpoint()
+    final, samples, y = run.evaluate()
+    if fid is not None:
+        final |= fid_now()
+    plot("final.png", final, samples, y)
+    floor = run.problem.floor()
+    steps_run = dist.step_count - start_step
+    summary = {
+        "out": str(out), "preset": cfg["preset"], "problem": type(run.problem).__name__, "steps": dist.step_count,
+        "device": str(device),
+        "execution": {**dataclasses.asdict(dist.execution), "compile": cfg["compile"], "cuda_graph": graphed},
+        "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
+        "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
+        "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
+        "steady_iters_per_s": (round((steps_run - WARM_ITERS) / steady_s, 2)
+                               if steps_run > WARM_ITERS and steady_s > 0 else None),
+        "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
+        "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
+                       if graphed else f"every {cfg['phase_every']}-th iteration, device synchronised per phase"
+                       if cfg["phase_every"] else "none (--phase-every 0)"),
+        "final": final, "exact_sample_floor": floor, "summary_lines": run.problem.summary_lines(final, floor),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per iteration. The values stay on the device until ``sync`` reads all pending ones
+    with one host sync (checking the deferred finite flag first); ``write`` appends them, evaluation metrics joined
+    to the last one."""
+
+    def __init__(self, path: Path, distiller: Distiller):
+        self.file, self.distiller = open(path, "a"), distiller
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.ready: list[dict] = []
+        self.last: dict = {}
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, losses))
+
+    def sync(self, check: bool = True) -> None:
+        """Read the pending values (one host sync); with ``check``, raise if the deferred finite flag is set or
+        (deferred checks: the Distiller checked the sync path itself) a value shows divergence."""
+        if check:
+            self.distiller.raise_if_nonfinite()
+        if self.pending:
+            values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
+            records = [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
+            self.pending.clear()
+            self.ready += records
+            for rec in records if check and self.distiller.deferred else ():
+                self.distiller.guard.check(rec["step"], rec)
+
+    def write(self, metrics: dict | None = None) -> None:
+        if metrics and self.ready:
+            self.ready[-1] |= metrics
+        for rec in self.ready:
+            self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.last = self.ready[-1] if self.ready else self.last
+        self.ready.clear()
+
+    def postfix(self) -> dict[str, str]:
+        return {k: f"{self.last[k]:.3g}" for k in ("loss_g", "loss_s") if k in self.last}
+
+    def close(self) -> None:
+        self.write()
+        self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log matches an uninterrupted run."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
