@@ -234,6 +234,7 @@ class Distiller:
                 raise CheckpointError(f"{source}: {prefix} holds state for {len(state)} parameters, "
                                       f"the model has {len(sd['param_groups'][0]['params'])}")
             opt.load_state_dict({**sd, "state": state})
+            match_param_layouts(opt)
         if "rng" not in tensors:
             raise CheckpointError(f"{source}: no random-generator state")
         self.rng.set_state(tensors["rng"])
@@ -241,6 +242,16 @@ class Distiller:
         self.step_count = step
         self.found_inf.zero_()
         self.finite_steps.fill_(step)
+
+
+def match_param_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of ``opt`` its parameter's memory layout (a checkpoint stores them
+    contiguous; a channels_last run's parameters are not). The fused Adam kernel pairs the state with the parameter
+    element by element in memory: with different layouts it would update the wrong elements."""
+    for p, st in opt.state.items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: float) -> dict[str, torch.Tensor]:

@@ -125,7 +125,8 @@ def validate(cfg: dict) -> None:
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
     for key in ("teacher", "mixture", "inception", "fid_ref"):
         if cfg.get(key) and not Path(cfg[key]).is_file():
-            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: no such file (emd_fast never downloads it)")
+            what = "a directory, not a file" if Path(cfg[key]).is_dir() else "no such file"
+            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {what} (emd_fast never downloads it)")
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
     check_problem_options(cfg)

@@ -147,3 +147,19 @@ def test_bad_teacher_files_are_one_line_errors(tmp_path, capsys, content, messag
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_teacher_runs_compose_with_the_speed_options(tmp_path):
+    """bf16 autocast, deferred finite checks (fused Adam) and channels_last on a teacher file: a run, and a resume
+    that continues it exactly (the same options both times)."""
+    path = teacher_file(tmp_path, "song-ddpmpp")
+    fast = ["--teacher", str(path), "--precision", "bf16", "--finite-check", "deferred", "--channels-last"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_main(straight, *fast) == 0
+    assert train_main(split, *fast, "--steps", "2") == 0
+    assert train.main(["--out", str(split), "--resume", "--steps", "4", "--quiet", "--finite-check", "deferred",
+                       "--channels-last"]) == 0
+    a, b = final_tensors(straight), final_tensors(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["execution"]["precision"] == "bf16" and summary["execution"]["finite_check"] == "deferred"
