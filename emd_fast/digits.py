@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic  # noqa: E402
-from .images import class_rows, tile  # noqa: E402
+from .images import class_rows, save_figure, show  # noqa: E402
 from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
                             precision_recall)
 from .network_files import load_network  # noqa: E402
@@ -83,13 +83,6 @@ def load_classifier(path: Path = CLASSIFIER_FILE, device=None) -> DigitsClassifi
     net = DigitsClassifier(width=int(meta["width"]))
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False)
-
-
-def show(ax, images: torch.Tensor, cols: int, title: str) -> None:
-    """Draw images (N, 1, H, W) in [-1, 1] tiled ``cols`` per row (NaN images blank) on a matplotlib axis."""
-    ax.imshow(tile(images, cols), interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
 
 
 class DigitsProblem:
@@ -188,11 +181,7 @@ class DigitsProblem:
             acc.set_ylim(0, 1.02)
             acc.legend(loc="center right")
         ax.set_title("metrics during training")
-        fig.suptitle(title)
-        fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(fig, path, title, dpi=90)
 
     @staticmethod
     def progress(m: dict) -> dict:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .images import class_rows, tile  # noqa: E402
+from .images import class_rows, save_figure, show  # noqa: E402
 from .network_files import load_teacher_network  # noqa: E402
 from .sampling import heun_sample  # noqa: E402
 from .schedules import make_schedule  # noqa: E402
@@ -82,12 +82,9 @@ class ImageProblem:
     def _grid(self, ax, images, y, title):
         per = 8
         if y is not None and self.num_classes <= GRID_CLASSES:
-            images, cols = class_rows(images, y, per, self.num_classes), per
+            show(ax, class_rows(images, y, per, self.num_classes), per, title)
         else:
-            images, cols = images[:per * per], per
-        ax.imshow(tile(images, cols), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
+            show(ax, images[:per * per], per, title)
 
     def plot(self, path, samples, y, metrics, history, title) -> None:
         """One-step samples beside the teacher's Heun samples (a row per class for few classes), as a PNG."""
@@ -95,11 +92,7 @@ class ImageProblem:
         self._grid(axes[0], samples.cpu(), None if y is None else y.cpu(),
                    f"one-step generator (pixel std {metrics['pixel_std']:.3f})")
         self._grid(axes[1], *self.reference, f"teacher, Heun {HEUN_STEPS} steps")
-        fig.suptitle(title)
-        fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path, title)
 
     @staticmethod
     def progress(m: dict) -> dict:

@@ -43,6 +43,23 @@ def tile(images: torch.Tensor, cols: int, gap: int = 1) -> np.ndarray:
     return grid
 
 
+def save_figure(fig, path: str | Path, title: str = "", dpi: int = 100) -> None:
+    """Title (if any), lay out, write ``fig`` to the PNG ``path`` (its folder made) and close it."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def show(ax, images: torch.Tensor, cols: int, title: str) -> None:
+    """Draw images (N, C, H, W) in [-1, 1] tiled ``cols`` per row (NaN images blank) on a matplotlib axis."""
+    ax.imshow(tile(images, cols), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
 def save_grid(path: str | Path, images: torch.Tensor, cols: int, title: str = "") -> None:
     """A PNG grid of images (N, C, H, W) in [-1, 1], ``cols`` per row, with an optional title above it."""
     grid = tile(images, cols)

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .images import save_figure  # noqa: E402
 from .teachers import GaussianMixtureTeacher  # noqa: E402
 
 
@@ -61,8 +62,4 @@ def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: Ga
         ax.set_xlabel("step")
         ax.legend()
     ax.set_title("metrics during training")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, title, dpi=90)
