@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +56,35 @@ WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady 
 
 class RunError(ValueError):
     """A run cannot start or continue as asked (one line, said to the user as is)."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal at an iteration boundary, after writing a checkpoint; ``exit_code`` = 128 + it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before a kill) only record
+    that a stop was asked for (``signum``): the training loop finishes its iteration, writes a checkpoint and stops.
+    Handlers can only be installed from the main thread; elsewhere the signals keep their behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self) -> "StopSignals":
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # --- the config --------------------------------------------------------------------------------------------------
@@ -419,38 +450,46 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     loop_t0 = warm_t0 = time.perf_counter()
     warm_other_s = 0.0
     try:
-        while dist.step_count < cfg["steps"]:
-            timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
-            with timer if timed else contextlib.nullcontext():
-                losses = _first_step(step, dist, device) if dist.step_count == start_step else step()
-            dist.update_ema()
-            timed_iters += bool(timed)
-            n = dist.step_count
-            if n - start_step == WARM_ITERS:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                warm_t0, warm_other_s = time.perf_counter(), other_s
-            evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
-            fid_due = fid is not None and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
-            log.add(n, losses)
-            if evaluate or fid_due or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
-                log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
-                ts = time.perf_counter()
-                metrics = None
-                if evaluate:
-                    metrics, samples, y = run.evaluate()
-                    last = metrics
-                if fid_due:
-                    metrics = (metrics or {}) | fid_now()
-                log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
-                if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
-                    plot(f"step_{n:07d}.png", metrics, samples, y)
-                if checkpoint_due():
+        with StopSignals() as stop:
+            while dist.step_count < cfg["steps"] and not stop.signum:
+                timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
+                with timer if timed else contextlib.nullcontext():
+                    losses = _first_step(step, dist, device) if dist.step_count == start_step else step()
+                dist.update_ema()
+                timed_iters += bool(timed)
+                n = dist.step_count
+                if n - start_step == WARM_ITERS:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    warm_t0, warm_other_s = time.perf_counter(), other_s
+                evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
+                fid_due = fid is not None and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
+                log.add(n, losses)
+                if evaluate or fid_due or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
+                    log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
+                    ts = time.perf_counter()
+                    metrics = None
+                    if evaluate:
+                        metrics, samples, y = run.evaluate()
+                        last = metrics
+                    if fid_due:
+                        metrics = (metrics or {}) | fid_now()
+                    log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
+                    if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
+                        plot(f"step_{n:07d}.png", metrics, samples, y)
+                    if checkpoint_due():
+                        checkpoint()
+                    other_s += time.perf_counter() - ts
+                    bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
+                bar.update(1)
+            if stop.signum:  # at an iteration boundary: everything a resume needs is consistent
+                bar.close()
+                log.sync()
+                if not checkpoint_due():
                     checkpoint()
-                other_s += time.perf_counter() - ts
-                bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
-            bar.update(1)
-    except KeyboardInterrupt:
+                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after step "
+                                           f"{dist.step_count}: checkpoint written; continue with --resume --out {out}")
+    except KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
         bar.close()
         log.sync()
         checkpoint()

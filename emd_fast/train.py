@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
+from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, train
 from .schedules import SCHEDULES, WEIGHTINGS
 
 
@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     print(format_summary(summary))

@@ -1,5 +1,7 @@
 """`python -m emd_fast.train`: smoke run, run directory, exact resume, clear errors."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -264,3 +266,29 @@ def test_ema_follows_the_generator(tmp_path):
     w = 1 - 0.5 ** (16 / 8)
     for p_ema, p0, p in zip(ramped.ema.parameters(), snapshot, gen.parameters()):
         torch.testing.assert_close(p_ema, p0 + w * (p - p0))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
+def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, capsys, monkeypatch, signum, code):
+    """The signal arrives in the middle of step 5 (a second one during it too): the step finishes, a checkpoint is
+    written at that boundary, the exit code is 128 + the signal, and --resume ends where an undisturbed run does."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(straight, "--steps", "7") == 0
+    real_step = Distiller.step
+
+    def signalled(self):
+        if self.step_count == 4:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)
+        return real_step(self)
+
+    monkeypatch.setattr(Distiller, "step", signalled)
+    assert run(stopped, "--steps", "7") == code
+    monkeypatch.setattr(Distiller, "step", real_step)
+    assert f"stopped by {signal.Signals(signum).name} after step 5: checkpoint written" in capsys.readouterr().err
+    assert list_checkpoints(stopped / "checkpoints")[-1].name == "step_0000005.json"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert run(stopped, "--resume", "--steps", "7") == 0
+    a, b = final_tensors(straight), final_tensors(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight) == losses(stopped)
