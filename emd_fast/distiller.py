@@ -166,18 +166,11 @@ class Distiller:
             opt.step()
         return norm
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """Move the EMA generator towards the generator after an iteration (no-op without an EMA)."""
-        if self.ema is None:
-            return
-        samples = self.step_count * self.batch
-        halflife = min(self.ema_halflife_kimg * 1000, samples * self.ema_rampup) if self.ema_rampup else \
-            self.ema_halflife_kimg * 1000
-        beta = 0.5 ** (self.batch / max(halflife, 1e-8))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.generator.parameters()), 1 - beta)
-        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
-            b_ema.copy_(b)
+        if self.ema is not None:
+            ema_update(self.ema, self.generator, self.step_count * self.batch, self.batch, self.ema_halflife_kimg,
+                       self.ema_rampup)
 
     def raise_if_nonfinite(self) -> None:
         """Deferred checks: FloatingPointError if an iteration so far met a nan/inf loss or gradient (one host sync;
@@ -242,6 +235,21 @@ class Distiller:
         self.step_count = step
         self.found_inf.zero_()
         self.finite_steps.fill_(step)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, source: nn.Module, samples_seen: int, batch: int, halflife_kimg: float,
+               rampup: float) -> None:
+    """One step of EDM's exponential moving average: ema <- beta ema + (1 - beta) source with
+    beta = 0.5^(batch / half-life), the half-life halflife_kimg thousand samples or, if shorter and rampup > 0,
+    rampup x samples_seen. Buffers are copied."""
+    halflife = halflife_kimg * 1000
+    if rampup:
+        halflife = min(halflife, samples_seen * rampup)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    torch._foreach_lerp_(list(ema.parameters()), list(source.parameters()), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), source.buffers()):
+        b_ema.copy_(b)
 
 
 def match_param_layouts(opt: torch.optim.Optimizer) -> None:
