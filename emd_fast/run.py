@@ -220,6 +220,8 @@ def file_hashes(cfg: dict) -> dict:
 def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str]]:
     """The full config of a new or resumed run, its device and notes for the user; RunError / CheckpointError if it
     cannot run. Options not in ``explicit`` take their preset's defaults; on --resume the saved run's."""
+    if cfg["preset"] is None and not cfg.get("teacher") and not cfg.get("mixture"):
+        cfg["preset"] = "ring2d"  # the embedded default
     cfg = with_preset_defaults(cfg, explicit)
     cfg["out"] = Path(cfg["out"] or Path("runs") / run_name(cfg))
     if cfg["resume"]:
@@ -243,7 +245,7 @@ def make_problem(cfg: dict):
         return problems.MixtureProblem(mixtures.load_mixture(cfg["mixture"], schedule), cfg)
     if cfg["preset"] == "digits":
         return digits.DigitsProblem(schedule, cfg)
-    return problems.MixtureProblem(mixtures.PRESETS[cfg["preset"] or "ring2d"](schedule), cfg)
+    return problems.MixtureProblem(mixtures.PRESETS[cfg["preset"]](schedule), cfg)
 
 
 class Run:

@@ -292,3 +292,18 @@ def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, caps
     a, b = final_tensors(straight), final_tensors(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(straight) == losses(stopped)
+
+
+def test_default_run_names(tmp_path):
+    from emd_fast import run as run_module
+
+    def resolved(*argv):
+        parser = train.build_parser()
+        cfg, _, _ = run_module.resolve(vars(parser.parse_args(list(argv))), train._explicit(parser, list(argv)))
+        return cfg
+
+    cfg = resolved("--device", "cpu")
+    assert cfg["preset"] == "ring2d" and str(cfg["out"]) == "runs/ring2d_K8_seed0"
+    mix = write_mixture(tmp_path / "three.json")
+    cfg = resolved("--device", "cpu", "--mixture", str(mix), "--K", "4", "--seed", "2")
+    assert cfg["preset"] is None and str(cfg["out"]) == "runs/three_K4_seed2"
