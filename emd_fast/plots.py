@@ -14,21 +14,28 @@ from .teachers import GaussianMixtureTeacher  # noqa: E402
 
 
 def _projection(teacher: GaussianMixtureTeacher) -> torch.Tensor:
-    """(D, 2): identity for 2-D data, else the top-2 principal directions of the mode means."""
-    if teacher.dim == 2:
-        return torch.eye(2, dtype=torch.float64)
-    centred = teacher.means - teacher.means.mean(0)
-    return torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
+    """(D, 2) orthonormal directions to draw D >= 3 dimensional samples along: the top principal directions of the
+    weighted mode means, completed (one mode, collinear means) by those of the mixture's average covariance."""
+    w = teacher.weights
+    centred = w.sqrt()[:, None] * (teacher.means - (w[:, None] * teacher.means).sum(0))
+    between, within = centred.T @ centred, (w[:, None, None] * teacher.covs).sum(0)
+    scale = float(torch.trace(between)) or 1.0
+    directions = torch.linalg.eigh(between + 1e-6 * scale / float(torch.trace(within)) * within).eigenvectors
+    return directions[:, -2:].flip(1)
 
 
-def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: GaussianMixtureTeacher,
-             metrics: dict, history: list[dict], title: str) -> None:
-    """Write a 3-panel PNG. samples, exact: (N, D) generator and exact teacher samples."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    proj = _projection(teacher)
-    gen = samples.detach().double().cpu() @ proj
-    ref = exact.double().cpu() @ proj
-    ax = axes[0]
+def _draw_samples(ax, gen: torch.Tensor, ref: torch.Tensor, teacher: GaussianMixtureTeacher) -> None:
+    """Generator samples against the teacher: over its log-density (2-D), as a histogram over its density (1-D),
+    or both projected on two principal directions (D >= 3). gen, ref: (N, D) float64."""
+    if teacher.dim == 1:
+        lo, hi = float(ref.min()) - 0.5, float(ref.max()) + 0.5
+        grid = torch.linspace(lo, hi, 400, dtype=torch.float64)[:, None]
+        ax.hist(gen[:, 0].numpy(), bins=100, range=(lo, hi), density=True, alpha=0.5, color="tab:red",
+                label="generator (one step)")
+        ax.plot(grid[:, 0].numpy(), teacher.log_prob(grid).exp().numpy(), c="tab:blue", label="teacher density")
+        ax.set_title("generator samples against the teacher density")
+        ax.legend(loc="upper right")
+        return
     if teacher.dim == 2:
         lo, hi = ref.min(0).values - 0.5, ref.max(0).values + 0.5
         gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 200, dtype=torch.float64),
@@ -37,11 +44,20 @@ def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: Ga
         ax.contourf(gx, gy, logp.clamp(min=-12), levels=30, cmap="Blues")
         ax.set_title("generator samples over the teacher log-density")
     else:
+        proj = _projection(teacher)
+        gen, ref = gen @ proj, ref @ proj
         ax.scatter(ref[:, 0], ref[:, 1], s=2, alpha=0.3, c="tab:blue", label="teacher (exact)")
-        ax.set_title(f"PCA projection of {teacher.dim}-D samples")
+        ax.set_title(f"{teacher.dim}-D samples on two principal directions")
     ax.scatter(gen[:, 0], gen[:, 1], s=2, alpha=0.5, c="tab:red", label="generator (one step)")
     ax.legend(loc="upper right", markerscale=4)
     ax.set_aspect("equal", adjustable="datalim")
+
+
+def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: GaussianMixtureTeacher,
+             metrics: dict, history: list[dict], title: str) -> None:
+    """Write a 3-panel PNG. samples, exact: (N, D) generator and exact teacher samples."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    _draw_samples(axes[0], samples.detach().double().cpu(), exact.double().cpu(), teacher)
 
     ax = axes[1]
     idx = torch.arange(teacher.num_modes)

@@ -307,3 +307,18 @@ def test_default_run_names(tmp_path):
     mix = write_mixture(tmp_path / "three.json")
     cfg = resolved("--device", "cpu", "--mixture", str(mix), "--K", "4", "--seed", "2")
     assert cfg["preset"] is None and str(cfg["out"]) == "runs/three_K4_seed2"
+
+
+@pytest.mark.parametrize("spec", [
+    {"means": [[-2.0], [1.5]], "weights": [0.3, 0.7], "variances": [0.1, 0.05]},  # 1-D
+    {"means": [[0.5, 1.0, 2.0]], "weights": [1.0], "covs": [[[1.0, 0.2, 0.0], [0.2, 0.5, 0.0], [0.0, 0.0, 0.3]]]},
+    {"means": [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]], "weights": [0.2, 0.3, 0.5],
+     "variances": [[0.1, 0.2, 0.1, 0.3]] * 3},  # collinear means, diagonal covariances
+], ids=["1d", "one-mode-3d", "collinear-4d"])
+def test_odd_mixtures_run_and_plot(tmp_path, spec):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "r"
+    assert run(out, "--mixture", str(path), "--steps", "3", "--plot-every", "3") == 0
+    assert (out / "samples/final.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "summary.json").read_text())["final"]["num_modes"] == len(spec["weights"])
