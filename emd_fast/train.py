@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, train
+from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, out_of_memory, train
 from .schedules import SCHEDULES, WEIGHTINGS
 
 
@@ -162,6 +162,12 @@ def main(argv=None) -> int:
         summary = train(cfg, _explicit(parser, argv))
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and not out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0]}); lower --batch, --eval-samples or --fid-samples",
+              file=sys.stderr)
         return 2
     except Stopped as e:
         print(str(e), file=sys.stderr)
