@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -355,24 +357,61 @@ def _first_step(step, dist: Distiller, device: torch.device):
     raise RunError(f"--batch {asked} does not fit in the memory of {device}: {hint}")
 
 
+class RunLock:
+    """An exclusive OS lock (flock) on ``<run directory>/.lock`` while a run uses the directory. The kernel releases it
+    when the process ends, however it ends, so a killed run never leaves a stale lock; a second run on the same
+    directory gets a RunError naming the holder's pid."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+
+    def __enter__(self) -> "RunLock":
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise RunError(f"{self.path.parent} is in use by another run (pid {holder}): wait for it to finish, or "
+                           f"choose another --out") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary.
 
-    A new run directory that fails before its first checkpoint is removed again: nothing half-made is left.
+    The run directory is locked while the run uses it (RunLock). A run directory this call created that fails before
+    its first checkpoint is removed again: nothing half-made is left.
     """
     cfg, device, notes = resolve(cfg, explicit)
     out = cfg["out"]
     ckpt_dir = out / "checkpoints"
-    if not cfg["resume"] and list_checkpoints(ckpt_dir):
-        raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    latest = list_checkpoints(ckpt_dir)[-1] if cfg["resume"] else None
-    if cfg["resume"] and latest is None:
-        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
-    created = not out.exists()
+    created = False
+    if not cfg["resume"]:
+        try:
+            out.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
     try:
-        return _train(cfg, device, notes, latest)
+        with RunLock(out) if out.is_dir() else contextlib.nullcontext():
+            if not cfg["resume"] and list_checkpoints(ckpt_dir):
+                raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                                      f"--out")
+            latest = list_checkpoints(ckpt_dir)[-1] if cfg["resume"] else None
+            if cfg["resume"] and latest is None:
+                raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+            return _train(cfg, device, notes, latest)
     except BaseException:
-        if created and out.exists() and not list_checkpoints(ckpt_dir):
+        if created and not list_checkpoints(ckpt_dir):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

@@ -323,3 +323,20 @@ def test_odd_mixtures_run_and_plot(tmp_path, spec):
     assert run(out, "--mixture", str(path), "--steps", "3", "--plot-every", "3") == 0
     assert (out / "samples/final.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["final"]["num_modes"] == len(spec["weights"])
+
+
+def test_run_directory_is_locked_while_in_use(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "r"
+    assert run(out, "--steps", "2") == 0
+    with open(out / ".lock", "a+") as held:  # another run holding the directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        assert run(out, "--resume", "--steps", "4") == 2
+        err = capsys.readouterr().err
+        assert "is in use by another run (pid 4242)" in err and err.count("\n") == 1
+    assert run(out, "--resume", "--steps", "4") == 0  # released: the kernel drops the lock with its holder
+    assert (out / ".lock").read_text().strip() == str(os.getpid())
