@@ -137,6 +137,11 @@ class EMD:
         self.teacher, self.generator, self.student = teacher, generator, student
         self.schedule, self.cfg, self.ops, self.sigma_data = teacher.schedule, cfg.validate(), ops, sigma_data
         self.check_outputs, self.autocast = check_outputs, autocast
+        lo = self.schedule.t_min if cfg.t_min is None else cfg.t_min
+        hi = self.schedule.t_max if cfg.t_max is None else cfg.t_max
+        if not self.schedule.t_min <= lo < hi <= self.schedule.t_max:
+            raise ValueError(f"the noise levels [t_min, t_max] = [{lo}, {hi}] must be an increasing range inside the "
+                             f"{self.schedule.name} schedule's [{self.schedule.t_min}, {self.schedule.t_max}]")
 
     def _net(self, what: str | None, net, *args) -> torch.Tensor:
         """net(*args) under the run's autocast (fp32 result), checked for NaN/inf if check_outputs and ``what`` (the

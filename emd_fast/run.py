@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from . import digits, mixtures, problems
-from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, save_checkpoint,
-                         sha256_file, write_json_atomic)
+from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, remove_orphans,
+                         save_checkpoint, sha256_file, write_json_atomic, write_text_atomic)
 from .distiller import Distiller, Execution
 from .emd import EMDConfig
 from .profiling import PhaseTimer
@@ -49,7 +49,7 @@ PRESET_DEFAULTS = {
                         **_IMAGE_RUN),
 }
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
-RUNTIME_KEYS = {"steps", "out", "resume", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
+RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref"}
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
@@ -153,6 +153,8 @@ def validate(cfg: dict) -> None:
     for key in ("lr_g", "lr_s"):
         if not (cfg[key] > 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")
+    if not 0 <= cfg["seed"] < 2**63:
+        raise RunError(f"--seed must be in [0, 2**63), got {cfg['seed']}")
     for key in ("ema", "ema_rampup"):
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
@@ -385,6 +387,28 @@ class RunLock:
         self.file.close()
 
 
+def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``, which must be
+    intact; CheckpointError otherwise, naming the newest intact checkpoint to continue from instead."""
+    if cfg.get("resume_from"):
+        return Path(cfg["resume_from"]).with_suffix(".json")
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+    try:
+        load_checkpoint(found[-1])
+    except CheckpointError as e:
+        for older in reversed(found[:-1]):
+            try:
+                load_checkpoint(older)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the newest intact checkpoint is {older}: continue from it with "
+                                  f"--resume-from {older}") from None
+        raise CheckpointError(f"{e}; no intact checkpoint is left in {ckpt_dir}") from None
+    return found[-1]
+
+
 def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
     """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary.
 
@@ -406,9 +430,8 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
             if not cfg["resume"] and list_checkpoints(ckpt_dir):
                 raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
                                       f"--out")
-            latest = list_checkpoints(ckpt_dir)[-1] if cfg["resume"] else None
-            if cfg["resume"] and latest is None:
-                raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+            remove_orphans(ckpt_dir)  # what a killed checkpoint write left behind
+            latest = resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
             return _train(cfg, device, notes, latest)
     except BaseException:
         if created and not list_checkpoints(ckpt_dir):
@@ -618,7 +641,16 @@ class MetricsLog:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log matches an uninterrupted run."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """Drop log lines written after the checkpoint we resume from (and a line torn by a kill), so the log matches an
+    uninterrupted run; the shortened log replaces the old one atomically (a kill meanwhile loses nothing)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a kill or a full disk
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>_K<K>_seed<seed>)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    r.add_argument("--resume-from", type=Path, default=None,
+                   help="continue from this checkpoint (.json) of the run in --out, e.g. when the newest is corrupt "
+                        "(implies --resume)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     r.add_argument("--eval-every", type=int, default=250, help="steps between metric evaluations")
     r.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = vars(args)
     cfg["betas_g"], cfg["betas_s"] = tuple(cfg["betas_g"]), tuple(cfg["betas_s"])
+    cfg["resume"] = cfg["resume"] or cfg["resume_from"] is not None
     try:
         summary = train(cfg, _explicit(parser, argv))
     except (ValueError, FloatingPointError, CheckpointError, OSError) as e:

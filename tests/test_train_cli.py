@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from emd_fast import train
-from emd_fast.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from emd_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from emd_fast.distiller import Distiller
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
@@ -340,3 +340,56 @@ def test_run_directory_is_locked_while_in_use(tmp_path, capsys):
         assert "is in use by another run (pid 4242)" in err and err.count("\n") == 1
     assert run(out, "--resume", "--steps", "4") == 0  # released: the kernel drops the lock with its holder
     assert (out / ".lock").read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--t-min", "0.9", "--t-max", "0.1"], "must be an increasing range inside the vp_cosine schedule's"),
+    (["--t-min", "0.5", "--t-max", "0.5"], "must be an increasing range"),
+    (["--t-min", "-1"], "must be an increasing range"),
+    (["--t-max", "nan"], "must be an increasing range"),
+    (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
+])
+def test_nonsense_ranges_are_refused(tmp_path, capsys, args, msg):
+    assert run(tmp_path / "r", *args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_checkpoint_integrity_and_recovery(tmp_path, capsys):
+    """The step and config are covered by the checkpoint's hash; stray files are no checkpoints; orphans from a killed
+    write are removed; a corrupt newest checkpoint names the newest intact one and --resume-from continues from it;
+    a torn last line of metrics.jsonl does not block a resume; files follow the umask."""
+    out = tmp_path / "r"
+    assert run(out, "--steps", "8", "--keep", "0") == 0
+    ckpts = out / "checkpoints"
+    assert oct((ckpts / "step_0000008.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    meta = ckpts / "step_0000008.json"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "step": 9}))
+    with pytest.raises(CheckpointError, match="content does not match its SHA-256"):
+        load_checkpoint(meta)
+    meta.write_text(json.dumps([1, 2]))
+    with pytest.raises(CheckpointError, match="is not an emd_fast checkpoint record"):
+        load_checkpoint(meta)
+    (ckpts / "step_latest.json").write_text("{}")  # a stray file, not a checkpoint
+    (ckpts / "step_0000012.safetensors").write_bytes(b"half written")  # an orphan of a killed write
+    (ckpts / "step_0000012.safetensors.tmp").write_bytes(b"x")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss_g": 0.1')  # torn
+    capsys.readouterr()
+    assert run(out, "--resume", "--steps", "10") == 2
+    err = capsys.readouterr().err
+    assert f"the newest intact checkpoint is {ckpts / 'step_0000004.json'}" in err and "--resume-from" in err
+    assert not (ckpts / "step_0000012.safetensors").exists() and not (ckpts / "step_0000012.safetensors.tmp").exists()
+    assert run(out, "--resume-from", str(ckpts / "step_0000004.json"), "--steps", "10") == 0
+    straight = tmp_path / "straight"
+    assert run(straight, "--steps", "10") == 0
+    a, b = final_tensors(straight), final_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r[0] for r in losses(out)] == list(range(1, 11))
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
