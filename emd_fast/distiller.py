@@ -211,6 +211,16 @@ class Distiller:
         out["rng"] = self.rng.get_state()
         return out | self.emd.ops.state_tensors()
 
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint file: ``state_tensors`` with the Adam moments and step counts the first
+        step creates, and ~100 bytes of safetensors header per tensor."""
+        tensors = list(self.state_tensors().values())
+        size = sum(t.numel() * t.element_size() + 100 for t in tensors)
+        for opt in (self.opt_g, self.opt_s):
+            size += sum(2 * p.numel() * p.element_size() + 4 + 300 for group in opt.param_groups
+                        for p in group["params"] if p not in opt.state)
+        return size
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         load_state_dict_strict(self.generator, tensors, "generator.", source)
         load_state_dict_strict(self.student, tensors, "student.", source)

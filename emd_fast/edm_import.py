@@ -8,28 +8,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .cli import add_debug_flag, run_command
 from .edm_checkpoint import load_edm_pickle
 from .network_files import save_network
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m emd_fast.edm_import", description=__doc__.split("\n")[0])
-    p.add_argument("src", help="EDM network pickle (.pkl)")
-    p.add_argument("dst", help="output .safetensors")
-    p.add_argument("--keep-dropout", action="store_true", help="keep the checkpoint's dropout (default: 0)")
-    args = p.parse_args(argv)
-    try:
-        net = load_edm_pickle(args.src, dropout=None if args.keep_dropout else 0.0)
-        save_network(net, args.dst, Path(args.src).stem)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def convert(args: argparse.Namespace) -> None:
+    net = load_edm_pickle(args.src, dropout=None if args.keep_dropout else 0.0)
+    save_network(net, args.dst, Path(args.src).stem)
     a, sch = net.arch, net.schedule
     print(f"wrote {args.dst}: {a['network']} network, {a['precond']['type']} preconditioning, "
           f"{a['img_channels']}x{a['img_resolution']}x{a['img_resolution']}, {a['label_dim']} classes, "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, sigma in [{sch.t_min}, {sch.t_max}]")
 
 
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emd_fast.edm_import", description=__doc__.split("\n")[0])
+    p.add_argument("src", help="EDM network pickle (.pkl)")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--keep-dropout", action="store_true", help="keep the checkpoint's dropout (default: 0)")
+    return run_command(convert, add_debug_flag(p).parse_args(argv), oom_hint="free memory (the network is read "
+                                                                             "into CPU memory)")
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

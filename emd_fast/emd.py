@@ -23,7 +23,7 @@ from torch import nn
 from . import ops as reference
 from .checks import check_finite
 from .profiling import phase
-from .schedules import WEIGHTINGS, expand_like
+from .schedules import WEIGHTINGS, Schedule, expand_like
 
 VARIANTS = ("eps,z", "x,z", "eps", "x")
 Z_STEPS = ("scaled", "fixed")
@@ -44,7 +44,8 @@ class EMDConfig:
     t_min: float | None = None  # E-step / M-step noise-level range (None: the schedule's)
     t_max: float | None = None
 
-    def validate(self) -> "EMDConfig":
+    def validate(self, schedule: Schedule | None = None) -> "EMDConfig":
+        """Self, checked (ValueError naming the knob); with ``schedule``, also the noise-level range."""
         if not isinstance(self.K, int) or self.K < 0:
             raise ValueError(f"K must be an integer >= 0, got {self.K}")
         if not self.gamma_eps > 0:
@@ -60,6 +61,12 @@ class EMDConfig:
         for name in ("gen_weighting", "student_weighting"):
             if getattr(self, name) not in WEIGHTINGS:
                 raise ValueError(f"{name} must be one of {WEIGHTINGS}, got {getattr(self, name)!r}")
+        if schedule is not None:
+            lo = schedule.t_min if self.t_min is None else self.t_min
+            hi = schedule.t_max if self.t_max is None else self.t_max
+            if not schedule.t_min <= lo < hi <= schedule.t_max:
+                raise ValueError(f"the noise levels [t_min, t_max] = [{lo}, {hi}] must be an increasing range inside "
+                                 f"the {schedule.name} schedule's [{schedule.t_min}, {schedule.t_max}]")
         return self
 
     @property
@@ -135,13 +142,9 @@ class EMD:
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0,
                  check_outputs: bool = True, autocast: torch.dtype | None = None):
         self.teacher, self.generator, self.student = teacher, generator, student
-        self.schedule, self.cfg, self.ops, self.sigma_data = teacher.schedule, cfg.validate(), ops, sigma_data
+        self.schedule, self.ops, self.sigma_data = teacher.schedule, ops, sigma_data
+        self.cfg = cfg.validate(self.schedule)
         self.check_outputs, self.autocast = check_outputs, autocast
-        lo = self.schedule.t_min if cfg.t_min is None else cfg.t_min
-        hi = self.schedule.t_max if cfg.t_max is None else cfg.t_max
-        if not self.schedule.t_min <= lo < hi <= self.schedule.t_max:
-            raise ValueError(f"the noise levels [t_min, t_max] = [{lo}, {hi}] must be an increasing range inside the "
-                             f"{self.schedule.name} schedule's [{self.schedule.t_min}, {self.schedule.t_max}]")
 
     def _net(self, what: str | None, net, *args) -> torch.Tensor:
         """net(*args) under the run's autocast (fp32 result), checked for NaN/inf if check_outputs and ``what`` (the

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, write_json_atomic
+from .checkpoint import write_json_atomic
+from .cli import add_debug_flag, run_command
 from .image_metrics import FID, FeatureStats, InceptionFeatures
 from .images import read_images
 from .run import load_run
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--inception", type=Path, required=True, help="Inception-v3 TorchScript file")
         s.add_argument("--batch", type=int, default=250, help="images per batch")
         s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+        add_debug_flag(s)
     return p
 
 
@@ -74,13 +76,7 @@ def ref(args) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print((calc if args.command == "calc" else ref)(args))
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command(lambda a: print((calc if a.command == "calc" else ref)(a)), args, oom_hint="lower --batch")
 
 if __name__ == "__main__":
     sys.exit(main())

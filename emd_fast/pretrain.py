@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import digits
+from .cli import add_debug_flag, run_command
 from .image_metrics import DigitsClassifier
 from .images import class_rows, save_grid
 from .network_files import save_network
+from .run import parse_device
 from .schedules import EDMSchedule, expand_like
 from .unet import UNET_CONFIGS, build_network
 
@@ -139,12 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=digits.ASSETS, help="where the weights and digits_info.json go")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
+    return add_debug_flag(p)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def pretrain(args: argparse.Namespace) -> None:
+    """Train the digits teacher and classifier and write them with their record to ``args.out``."""
+    for key in ("teacher_steps", "teacher_batch", "classifier_steps", "classifier_batch", "eval_samples"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    for key in ("teacher_lr", "classifier_lr"):
+        if not 0 < getattr(args, key) < math.inf:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive number, got {getattr(args, key)}")
+    if not 0 <= args.ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
+    device = parse_device(args.device)
     x, y = (v.to(device) for v in digits.load_digits_data())
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -182,7 +192,11 @@ def main(argv=None) -> int:
           f"{heun['class_accuracy']:.3f}, FD to real {heun['fd_real']:.2f}\n"
           f"classifier: held-out accuracy {cls_info['held_out_accuracy']:.4f}\nwrote {teacher_file}, "
           f"{classifier_file}, {args.out / digits.INFO_FILE.name}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(pretrain, build_parser().parse_args(argv), oom_hint="lower --teacher-batch or "
+                                                                         "--eval-samples")
 
 
 if __name__ == "__main__":

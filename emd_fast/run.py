@@ -258,14 +258,14 @@ class Run:
     def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool):
         self.cfg, self.problem = cfg, make_problem(cfg)
         self.teacher = self.problem.teacher
+        emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
+                            variant=cfg["variant"], cancel_noise=cfg["cancel_noise"],
+                            gen_weighting=cfg["gen_weighting"], student_weighting=cfg["student_weighting"],
+                            t_min=cfg["t_min"], t_max=cfg["t_max"]).validate(self.teacher.schedule)  # before the fit
         self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
         torch.manual_seed(cfg["seed"])  # network initialisation
         net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
         generator, student = problems.init_networks(net, self.t_star)
-        emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
-                            variant=cfg["variant"], cancel_noise=cfg["cancel_noise"],
-                            gen_weighting=cfg["gen_weighting"], student_weighting=cfg["student_weighting"],
-                            t_min=cfg["t_min"], t_max=cfg["t_max"])
         # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
         execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
                               channels_last=cfg.get("channels_last", False),
@@ -387,6 +387,15 @@ class RunLock:
         self.file.close()
 
 
+def check_free_space(out: Path, checkpoint_bytes: int) -> None:
+    """RunError unless the file system of ``out`` has room for one more checkpoint (with a 10% margin): a new
+    checkpoint is written in full before the oldest kept one is deleted."""
+    free = shutil.disk_usage(out).free
+    if free < 1.1 * checkpoint_bytes:
+        raise RunError(f"--out {out}: {free / 2**20:.1f} MiB free on its file system, one checkpoint of this run "
+                       f"needs {checkpoint_bytes / 2**20:.1f} MiB")
+
+
 def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``, which must be
     intact; CheckpointError otherwise, naming the newest intact checkpoint to continue from instead."""
@@ -455,6 +464,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     saved_cfg |= hashes
     run = Run(cfg, device, fit_teacher=latest is None)
     dist = run.distiller
+    check_free_space(out, dist.checkpoint_bytes())
     fid = None
     if cfg.get("fid_ref"):
         from .image_metrics import FID

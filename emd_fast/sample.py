@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
+from .cli import add_debug_flag, run_command
 from .images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
 from .run import load_run
 
@@ -74,47 +74,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uint8", action="store_true", help=".npz: arr_0 uint8 (N, H, W, C) instead of float images")
     p.add_argument("--batch", type=int, default=500, help="samples generated at a time")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    return p
+    return add_debug_flag(p)
+
+
+def write_samples(args: argparse.Namespace) -> None:
+    """Sample the run's (EMA) generator and write the outputs ``args`` names."""
+    kinds = [output_kind(path) for path in args.out or ()]
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    run, step, ckpt = load_run(args.run, args.device)
+    dist = run.distiller
+    labels, n, per_class = choose_labels(args, dist.num_classes)
+    image = is_image_shape(dist.shape)
+    outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
+                                                             f"{'.png' if image else '.npz'}")]
+    kinds = kinds or [output_kind(outs[0])]
+    outs = [Path(p) for p in outs]
+    if not image and any(k != "npz" for k in kinds):
+        raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {dist.shape}: "
+                         f"use .npz")
+    x, y = dist.sample(n, torch.Generator(dist.device).manual_seed(args.seed), labels, chunk=args.batch)
+    x = x.cpu()
+    y = torch.full((n,), -1) if y is None else y.cpu()
+    for path, kind in zip(outs, kinds):
+        if kind == "npz":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {"arr_0": to_uint8(x)} if args.uint8 and image else {"images": x.numpy()}
+            np.savez(path, **arrays, labels=y.numpy())
+        elif kind == "folder":
+            for i in tqdm(range(0, n, 1000), desc="PNG", unit="k", disable=n <= 1000):
+                save_png_folder(path, x[i:i + 1000], start=i)
+        elif per_class:
+            save_grid(path, class_rows(x, y, per_class, dist.num_classes), per_class,
+                      f"one-step samples, step {step}")
+        else:
+            save_grid(path, x, min(n, max(10, round(math.sqrt(n)))), f"one-step samples, step {step}")
+        print(f"wrote {path} ({n} samples from {ckpt})")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        kinds = [output_kind(path) for path in args.out or ()]
-        if args.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        run, step, ckpt = load_run(args.run, args.device)
-        dist = run.distiller
-        labels, n, per_class = choose_labels(args, dist.num_classes)
-        image = is_image_shape(dist.shape)
-        outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
-                                                                 f"{'.png' if image else '.npz'}")]
-        kinds = kinds or [output_kind(outs[0])]
-        outs = [Path(p) for p in outs]
-        if not image and any(k != "npz" for k in kinds):
-            raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {dist.shape}: "
-                             f"use .npz")
-        x, y = dist.sample(n, torch.Generator(dist.device).manual_seed(args.seed), labels, chunk=args.batch)
-        x = x.cpu()
-        y = torch.full((n,), -1) if y is None else y.cpu()
-        for path, kind in zip(outs, kinds):
-            if kind == "npz":
-                path.parent.mkdir(parents=True, exist_ok=True)
-                arrays = {"arr_0": to_uint8(x)} if args.uint8 and image else {"images": x.numpy()}
-                np.savez(path, **arrays, labels=y.numpy())
-            elif kind == "folder":
-                for i in tqdm(range(0, n, 1000), desc="PNG", unit="k", disable=n <= 1000):
-                    save_png_folder(path, x[i:i + 1000], start=i)
-            elif per_class:
-                save_grid(path, class_rows(x, y, per_class, dist.num_classes), per_class,
-                          f"one-step samples, step {step}")
-            else:
-                save_grid(path, x, min(n, max(10, round(math.sqrt(n)))), f"one-step samples, step {step}")
-            print(f"wrote {path} ({n} samples from {ckpt})")
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(write_samples, args, oom_hint="lower --batch")
 
 
 if __name__ == "__main__":

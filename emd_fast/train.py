@@ -12,10 +12,10 @@ import copy
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .cli import add_debug_flag, run_command
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, out_of_memory, train
+from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
 from .schedules import SCHEDULES, WEIGHTINGS
 
 
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the end")
     r.add_argument("--fid-every", type=int, default=0, help="steps between FID evaluations (0: only at the end)")
     r.add_argument("--fid-samples", type=int, default=50_000, help="generated samples per FID (EDM uses 50,000)")
-    return p
+    return add_debug_flag(p)
 
 
 def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -159,28 +159,12 @@ def format_summary(s: dict) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = vars(args)
+    cfg = {k: v for k, v in vars(args).items() if k != "debug"}
     cfg["betas_g"], cfg["betas_s"] = tuple(cfg["betas_g"]), tuple(cfg["betas_s"])
     cfg["resume"] = cfg["resume"] or cfg["resume_from"] is not None
-    try:
-        summary = train(cfg, _explicit(parser, argv))
-    except (ValueError, FloatingPointError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, MemoryError) as e:
-        if not isinstance(e, MemoryError) and not out_of_memory(e):
-            raise
-        print(f"error: out of memory ({str(e).splitlines()[0]}); lower --batch, --eval-samples or --fid-samples",
-              file=sys.stderr)
-        return 2
-    except Stopped as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    print(format_summary(summary))
-    return 0
-
+    explicit = _explicit(parser, argv) - {"debug"}
+    return run_command(lambda _: print(format_summary(train(cfg, explicit))), args,
+                       oom_hint="lower --batch, --eval-samples or --fid-samples")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,67 @@
+"""How every command ends: exit 0; one line on stderr and exit 2 for a problem with the input, the files or the
+machine; 128 + signal number when SIGINT (130), SIGTERM (143) or SIGUSR1 (138) stopped it; a one-line report and
+exit 1 for a bug. ``--debug`` shows the traceback instead of the line."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Callable
+
+from .checkpoint import CheckpointError
+from .run import Stopped, out_of_memory
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGUSR1 outside the training loop (where a stop cannot wait for an iteration boundary)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    return parser
+
+
+def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
+    """Run ``body(args)`` and turn how it ends into an exit code (see the module docstring). SIGTERM and SIGUSR1
+    raise Interrupted wherever no handler of the training loop is active (so they unwind and clean up as Ctrl-C
+    does); ``oom_hint`` says which options lower the memory needed."""
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)
+                if threading.current_thread() is threading.main_thread()}
+    try:
+        body(args)
+        return 0
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, MemoryError) or out_of_memory(e):
+            print(f"error: out of memory ({first_line(e)}); {oom_hint}", file=sys.stderr)
+            return 2
+        if isinstance(e, (ValueError, FloatingPointError, OSError, CheckpointError)):
+            print(f"error: {first_line(e)}", file=sys.stderr)
+            return 2
+        print(f"internal error: {type(e).__name__}: {first_line(e)} (a bug in emd_fast: --debug shows the "
+              f"traceback)", file=sys.stderr)
+        return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
