@@ -51,7 +51,11 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` through a temporary file, fsync and rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _atomic_replace(tmp, path)
 
 
@@ -60,10 +64,15 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    """Write tensors (detached, contiguous, on the CPU) to ``path`` via a temporary file, fsync and rename."""
+    """Write tensors (detached, contiguous, on the CPU) to ``path`` via a temporary file, fsync and rename. A failed
+    write (a full disk) is an OSError naming the file, and leaves ``path`` as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
     _atomic_replace(tmp, path)
 
 

@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -334,12 +335,40 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
+@contextlib.contextmanager
+def cpu_memory_limit(device: torch.device):
+    """On a CPU (Linux), the process's address space limited to its size now plus the RAM available: an allocation
+    beyond that fails (and is caught) instead of succeeding on overcommit and summoning the kernel's OOM killer."""
+    available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
+    used = _meminfo_bytes("/proc/self/status", "VmSize:")
+    if device.type != "cpu" or available is None or used is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = used + available if hard == resource.RLIM_INFINITY else min(used + available, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _meminfo_bytes(path: str, key: str) -> int | None:
+    """A ``key: <n> kB`` line of a /proc file in bytes, None where there is no such file or line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key)), None)
+
+
 def _first_step(step, dist: Distiller, device: torch.device):
     """The run's first iteration; an allocation failure becomes a RunError naming a batch that fits (measured by
     halving the batch until one eager iteration runs: the run is abandoned anyway)."""
     try:
-        return step()
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+        with cpu_memory_limit(device):
+            return step()
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
         asked = dist.batch
@@ -348,9 +377,10 @@ def _first_step(step, dist: Distiller, device: torch.device):
         torch.cuda.empty_cache() if device.type == "cuda" else None
         dist.batch = fits
         try:
-            dist.step()
+            with cpu_memory_limit(device):
+                dist.step()
             break
-        except (torch.OutOfMemoryError, RuntimeError) as e:
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
                 raise
             fits //= 2
@@ -396,6 +426,21 @@ def check_free_space(out: Path, checkpoint_bytes: int) -> None:
                        f"needs {checkpoint_bytes / 2**20:.1f} MiB")
 
 
+def check_batch_memory(dist: Distiller, device: torch.device) -> None:
+    """RunError if the batch cannot fit whatever the networks: an iteration holds at least six data-sized fp32
+    tensors per example at once (z, x = g(z), eps, x_t and two denoiser outputs). Catches an absurd --batch at once;
+    the first iteration measures the rest (_first_step)."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
+    need = 6 * 4 * math.prod(dist.shape) * dist.batch
+    if available is not None and need > available:
+        raise RunError(f"--batch {dist.batch} needs at least {need / 2**30:.1f} GiB of memory for its samples and "
+                       f"chains alone, {device} has {available / 2**30:.1f} GiB available: lower --batch (even "
+                       f"{available // (6 * 4 * math.prod(dist.shape))} would leave nothing for the networks)")
+
+
 def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``, which must be
     intact; CheckpointError otherwise, naming the newest intact checkpoint to continue from instead."""
@@ -434,6 +479,8 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
             created = True
         except FileExistsError:
             pass
+        except OSError as e:
+            raise RunError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
     try:
         with RunLock(out) if out.is_dir() else contextlib.nullcontext():
             if not cfg["resume"] and list_checkpoints(ckpt_dir):
@@ -465,6 +512,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     run = Run(cfg, device, fit_teacher=latest is None)
     dist = run.distiller
     check_free_space(out, dist.checkpoint_bytes())
+    check_batch_memory(dist, device)
     fid = None
     if cfg.get("fid_ref"):
         from .image_metrics import FID
@@ -575,7 +623,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         raise
     finally:
         log.close()
-    bar.close()
+        bar.close()  # before the error message, if any
     loop_end = time.perf_counter()
     train_s = loop_end - loop_t0 - other_s
     steady_s = loop_end - warm_t0 - (other_s - warm_other_s)

@@ -47,6 +47,7 @@ def finished_run(tmp_path_factory):
     (["--lambda-star", "40"], "lambda*=40.0 is outside"),
     (["--mixture", "/nonexistent.json"], "no such file"),
     (["--labels", "3"], "--labels needs a class-conditional teacher"),
+    (["--batch", str(10**12)], "GiB of memory for its samples and chains alone"),
 ])
 def test_train_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, message):
     """Each refused before any expensive work (the teacher fit would print nothing but take seconds) and without a
@@ -79,11 +80,52 @@ def test_not_enough_disk_for_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert "MiB free on its file system, one checkpoint of this run needs" in err
 
 
+def test_a_full_disk_during_a_checkpoint_write(tmp_path, capsys):
+    """Files capped at 20 kB (writes beyond fail as on a full disk): the step-20 checkpoint write fails with one line,
+    the step-10 checkpoint stays intact, no temporary file is left, and a resume ends as an undisturbed run."""
+    import resource
+
+    straight, out = tmp_path / "straight", tmp_path / "full"
+    budget = ["--steps", "30", "--ckpt-every", "10"]
+    assert train.main(["--out", str(straight), *SMALL, *budget]) == 0
+    assert train.main(["--out", str(out), *SMALL, "--steps", "10"]) == 0
+    capsys.readouterr()
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))
+    try:
+        code = train.main(["--out", str(out), "--resume", "--quiet", *budget])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert "cannot write" in one_line_error(capsys, code)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010.json"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert train.main(["--out", str(out), "--resume", "--quiet", *budget]) == 0
+    want, got = final_state(straight), final_state(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_checkpoint_size_estimate_is_what_is_written(finished_run):
     run, _, ckpt = run_module.load_run(finished_run, "cpu")
     written = (ckpt.with_suffix(".safetensors")).stat().st_size
     estimate = run.distiller.checkpoint_bytes()  # a fresh Distiller: no Adam moments yet, they are counted
     assert abs(estimate / written - 1) < 0.05, (estimate, written)
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux: reads /proc/meminfo")
+def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting():
+    """Two untouched allocations of 0.6x the available RAM each: the kernel grants both (overcommit; touching them
+    would summon the OOM killer); under cpu_memory_limit the second fails as an allocation error the run catches."""
+    n = int(0.6 * run_module._meminfo_bytes("/proc/meminfo", "MemAvailable:"))
+    a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    del a, b
+    with run_module.cpu_memory_limit(torch.device("cpu")):
+        a = torch.empty(n, dtype=torch.uint8)
+        with pytest.raises(RuntimeError) as e:
+            torch.empty(n, dtype=torch.uint8)
+        assert run_module.out_of_memory(e.value)
+        del a
+    b = torch.empty(n, dtype=torch.uint8)  # the limit is lifted again
 
 
 @pytest.mark.parametrize("command, args, message", [

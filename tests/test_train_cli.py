@@ -269,12 +269,15 @@ def test_ema_follows_the_generator(tmp_path):
         torch.testing.assert_close(p_ema, p0 + w * (p - p0))
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
-def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, capsys, monkeypatch, signum, code):
+@pytest.mark.parametrize("signum, code, extra", [(signal.SIGTERM, 143, ()), (signal.SIGUSR1, 138, ()),
+                                                 (signal.SIGINT, 130, ()),
+                                                 (signal.SIGTERM, 143, ("--finite-check", "deferred"))])
+def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, capsys, monkeypatch, signum, code, extra):
     """The signal arrives in the middle of step 5 (a second one during it too): the step finishes, a checkpoint is
-    written at that boundary, the exit code is 128 + the signal, and --resume ends where an undisturbed run does."""
+    written at that boundary, the exit code is 128 + the signal, and --resume ends where an undisturbed run does
+    (eager checks, and the deferred checks with fused Adam)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run(straight, "--steps", "7") == 0
+    assert run(straight, "--steps", "7", *extra) == 0
     real_step = Distiller.step
 
     def signalled(self):
@@ -284,12 +287,12 @@ def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, caps
         return real_step(self)
 
     monkeypatch.setattr(Distiller, "step", signalled)
-    assert run(stopped, "--steps", "7") == code
+    assert run(stopped, "--steps", "7", *extra) == code
     monkeypatch.setattr(Distiller, "step", real_step)
     assert f"stopped by {signal.Signals(signum).name} after step 5: checkpoint written" in capsys.readouterr().err
     assert list_checkpoints(stopped / "checkpoints")[-1].name == "step_0000005.json"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    assert run(stopped, "--resume", "--steps", "7") == 0
+    assert run(stopped, "--resume", "--steps", "7", *extra) == 0  # a runtime option: given again
     a, b = final_tensors(straight), final_tensors(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(straight) == losses(stopped)
