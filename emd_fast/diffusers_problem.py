@@ -74,7 +74,7 @@ class DiffusersProblem(ImageProblem):
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """The fp32 network that generator and student start from (with activation checkpointing if asked). Under
         bf16 the teacher keeps a frozen bf16 copy of it instead. ``fit`` is moot."""
-        net = self.teacher.net.to(device)
+        net = self.teacher.to(device).net
         if self.cfg.get("grad_checkpoint"):
             net.unet.enable_gradient_checkpointing()  # active only where gradients flow: generator and student
         if self.cfg["precision"] == "bf16":

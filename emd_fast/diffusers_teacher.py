@@ -179,7 +179,8 @@ class GuidedTeacher(NetworkTeacher):
             raise ValueError(f"--guidance-scale must be >= 0, got {guidance_scale}")
         if net.text and uncond is None and guidance_scale != 1:
             raise ValueError("classifier-free guidance needs the empty prompt's embedding (uncond)")
-        self.guidance_scale, self.uncond = float(guidance_scale), uncond
+        self.guidance_scale = float(guidance_scale)
+        self.register_buffer("uncond", uncond, persistent=False)  # moves with the teacher: no copy per call
 
     def to_config(self) -> dict:
         return {"folder": str(self.source), "sha256": folder_sha256(self.source), "arch": self.net.arch,
@@ -192,7 +193,7 @@ class GuidedTeacher(NetworkTeacher):
         n = x_t.shape[0]
         dtype = next(self.net.unet.parameters()).dtype
         cond = self.net.condition(y, dtype)["encoder_hidden_states"]
-        uncond = self.uncond.to(x_t.device, dtype).expand(n, *cond.shape[1:])
+        uncond = self.uncond.to(dtype).expand(n, *cond.shape[1:])
         d = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
         d_c, d_u = d[:n], d[n:]
         return d_u + self.guidance_scale * (d_c - d_u)

@@ -202,6 +202,18 @@ def test_generator_starts_as_the_teachers_denoiser_at_lambda_star(tmp_path):
                                                                                              dtype=torch.float64))))
 
 
+def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):
+    folder = pixel_folder(tmp_path / "m", num_class_embeds=3)
+    out = tmp_path / "r"
+    assert train_main(out, "--teacher", str(folder), "--labels", "0", "2", "--steps", "2") == 0
+    arrays = tmp_path / "s.npz"
+    assert sample.main([str(out), "--labels", "2", "1", "--out", str(arrays)]) == 0
+    with np.load(arrays) as f:
+        assert f["images"].shape == (2, 3, 8, 8) and f["labels"].tolist() == [2, 1]
+    err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder), "--labels", "3"))
+    assert "--labels must lie in [0, 3)" in err
+
+
 def test_pipeline_folder_with_a_pixel_unet(tmp_path):
     folder = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
