@@ -375,8 +375,10 @@ def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> t
                          f"encoded")
     try:
         from transformers import AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as transformers_logging
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
+    transformers_logging.disable_progress_bar()  # a bar per weight file read; the run has its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer, local_files_only=True)
         encoder = CLIPTextModel.from_pretrained(folder.text_encoder, local_files_only=True,
