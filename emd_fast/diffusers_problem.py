@@ -22,7 +22,8 @@ from torch import nn
 
 from .checkpoint import read_safetensors, save_safetensors_atomic
 from .diffusers_teacher import (DEFAULT_GUIDANCE, DiffusersDenoiser, GuidedTeacher, PromptTable, check_options,
-                                encode_prompts, load_schedule, load_unet, load_vae, read_prompts)
+                                encode_prompts, load_schedule, load_unet, load_vae, read_prompts,
+                                text_encoder_sha256)
 from .image_problem import ImageProblem, check_labels
 
 EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
@@ -51,18 +52,22 @@ class DiffusersProblem(ImageProblem):
         check_labels(cfg, self.num_classes)
 
     def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompts (P, L, E), empty prompt (1, L, E)) fp32 from the run's cache, computed and cached if absent."""
+        """(prompts (P, L, E), empty prompt (1, L, E)) fp32 from the run's cache; computed and cached when there is
+        none, or when the prompts or the text encoder (where it is present) are not those it was made with."""
         path = Path(self.cfg["out"]) / EMBEDDINGS_FILE
+        prompts = read_prompts(self.cfg["prompts"]) if Path(self.cfg["prompts"]).is_file() else None
+        encoder = text_encoder_sha256(self.folder)
         if path.is_file():
             meta, tensors = read_safetensors(path, EMBEDDINGS_FORMAT, "prompt embeddings", "a prompt embeddings")
-            if Path(self.cfg["prompts"]).is_file() and json.loads(meta["prompts"]) != read_prompts(self.cfg["prompts"]):
-                raise ValueError(f"{path} holds the embeddings of other prompts than {self.cfg['prompts']}")
-            return tensors["cond"], tensors["uncond"]
-        prompts = read_prompts(self.cfg["prompts"])
+            if prompts in (None, json.loads(meta["prompts"])) and encoder in (None, meta["text_encoder_sha256"]):
+                return tensors["cond"], tensors["uncond"]
+        if prompts is None:
+            raise ValueError(f"--prompts {self.cfg['prompts']}: no such file, and no prompt embeddings in {path.parent}")
         emb = encode_prompts(self.folder, prompts + [""])
         cond, uncond = emb[:-1], emb[-1:]
         save_safetensors_atomic({"cond": cond, "uncond": uncond}, path,
-                                {"format": EMBEDDINGS_FORMAT, "prompts": json.dumps(prompts)})
+                                {"format": EMBEDDINGS_FORMAT, "prompts": json.dumps(prompts),
+                                 "text_encoder_sha256": str(encoder)})
         return cond, uncond
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -274,6 +274,16 @@ def inspect_folder(path) -> TeacherFolder:
     if unet_cfg.get("time_embedding_type", "positional") != "positional":
         raise ValueError(f"{parts['unet']}: time_embedding_type {unet_cfg['time_embedding_type']!r} is not supported "
                          f"(only discrete-timestep UNets: 'positional')")
+    for key in ("addition_embed_type", "time_cond_proj_dim") if unet_class in LATENT_UNETS else ():
+        if unet_cfg.get(key) is not None:  # SDXL-style added conditions, LCM's guidance embedding
+            raise ValueError(f"{parts['unet']}: {unet_class} with {key} {unet_cfg[key]!r} needs extra conditioning "
+                             f"inputs; emd_fast supports text embeddings only (Stable Diffusion 1.x/2.x style)")
+    if unet_class in LATENT_UNETS:
+        vae_cfg = _read_json(parts["vae"] / "config.json", "VAE config")
+        latent = vae_cfg.get("latent_channels", 4)
+        if unet_cfg.get("in_channels", 4) != latent:
+            raise ValueError(f"{parts['unet']}: in_channels {unet_cfg.get('in_channels')} differs from the VAE's "
+                             f"latent_channels {latent} (an inpainting or image-conditioned UNet?): not supported")
     if not any((parts["unet"] / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"{parts['unet']}: incomplete diffusers folder, no weights ({' or '.join(WEIGHT_FILES)})")
     sched = _read_json(parts["scheduler"] / "scheduler_config.json", "scheduler config")
@@ -298,6 +308,19 @@ def folder_sha256(path) -> str:
 
     h = hashlib.sha256()
     for f in files:
+        h.update(f"{f.relative_to(folder.path)}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def text_encoder_sha256(folder: TeacherFolder) -> str | None:
+    """SHA-256 over the files of the text encoder and tokenizer folders, None if either is absent."""
+    parts = (folder.text_encoder, folder.tokenizer)
+    if not all(part is not None and part.is_dir() for part in parts):
+        return None
+    from .checkpoint import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(f for part in parts for f in part.rglob("*") if f.is_file()):
         h.update(f"{f.relative_to(folder.path)}:{sha256_file(f)}\n".encode())
     return h.hexdigest()
 

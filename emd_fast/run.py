@@ -225,8 +225,8 @@ def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
 
 
 def file_hashes(cfg: dict) -> dict:
-    """SHA-256 of the teacher / mixture file the run reads (recorded in its config: a resume that finds another
-    file is refused)."""
+    """SHA-256 of the teacher / mixture / prompt file the run reads, or of a diffusers teacher folder's UNet and
+    scheduler (recorded in its config: a resume that finds another file is refused)."""
     from .diffusers_teacher import folder_sha256
 
     return {f"{key}_sha256": (folder_sha256 if Path(cfg[key]).is_dir() else sha256_file)(Path(cfg[key]))
@@ -251,7 +251,8 @@ def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str
 # --- the objects of a run ----------------------------------------------------------------------------------------
 
 def make_problem(cfg: dict):
-    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem or ImageProblem)."""
+    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem, ImageProblem or, for a
+    diffusers folder, DiffusersProblem)."""
     if cfg.get("teacher") and Path(cfg["teacher"]).is_dir():
         from .diffusers_problem import DiffusersProblem
 

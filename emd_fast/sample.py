@@ -97,7 +97,9 @@ def main(argv=None) -> int:
                 raise ValueError("--prompt gives every sample's prompt: leave out --labels/--per-class")
             if not hasattr(run.problem, "encode"):
                 raise ValueError("--prompt needs a text-to-image run (a diffusers teacher with --prompts)")
-            n, per_class = args.n or 16, None
+            n, per_class = 16 if args.n is None else args.n, None
+            if n < 1:
+                raise ValueError(f"--n must be >= 1, got {n}")
             labels = run.problem.encode([args.prompt]).expand(n, -1, -1)
         else:
             labels, n, per_class = choose_labels(args, dist.num_classes)

@@ -428,6 +428,8 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("no_prompts", "is text-conditioned: pass --prompts FILE"),
     ("negative_guidance", "--guidance-scale must be >= 0"),
     ("no_text_encoder", "no text_encoder/ or tokenizer/"),
+    ("sdxl", "with addition_embed_type 'text_time' needs extra conditioning inputs"),
+    ("inpainting", "in_channels 9 differs from the VAE's latent_channels 4"),
 ])
 def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path, capsys):
     import shutil
@@ -441,7 +443,46 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
     if case == "no_text_encoder":
         shutil.rmtree(folder / "text_encoder")
         edit_json(folder / "model_index.json", text_encoder=[None, None])
+    if case == "sdxl":
+        edit_json(folder / "unet" / "config.json", addition_embed_type="text_time")
+    if case == "inpainting":
+        edit_json(folder / "unet" / "config.json", in_channels=9)
     args = ["--teacher", str(teacher)] + ([] if case == "no_prompts" else ["--prompts", str(prompts)])
     args += ["--guidance-scale", "-0.1"] if case == "negative_guidance" else []
     err = one_line_error(capsys, train_main(tmp_path / "r", *args))
     assert message in err and not (tmp_path / "r").exists()
+
+
+def test_cached_embeddings_are_those_of_the_runs_prompts_and_text_encoder(sd_folder, tmp_path):
+    from emd_fast.diffusers_problem import DiffusersProblem
+
+    cfg = vars(train.build_parser().parse_args(["--teacher", str(sd_folder), "--prompts",
+                                                str(prompts_file(tmp_path, "a cat\na dog\nred\n"))]))
+    cfg["out"] = str(tmp_path)
+    three = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    assert three.shape == (3, 8, 16) and (tmp_path / "prompt_embeddings.safetensors").is_file()
+    again = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    assert torch.equal(again, three)
+    prompts_file(tmp_path, "a dog\n")  # other prompts in the same run directory: encoded anew
+    one = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    assert one.shape == (1, 8, 16) and torch.allclose(one[0], three[1])
+    assert load_file(str(tmp_path / "prompt_embeddings.safetensors"))["cond"].shape == (1, 8, 16)
+
+
+def test_cached_embeddings_of_another_text_encoder_are_encoded_anew(sd_folder, tmp_path):
+    import shutil
+
+    from emd_fast.diffusers_problem import DiffusersProblem
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd_folder, folder)
+    cfg = vars(train.build_parser().parse_args(["--teacher", str(folder), "--prompts", str(prompts_file(tmp_path))]))
+    cfg["out"] = str(tmp_path)
+    before = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    final_norm = dict(text.named_parameters())["final_layer_norm.bias"]  # the last op of the text encoder
+    with torch.no_grad():
+        final_norm += 1.0
+    text.save_pretrained(folder / "text_encoder")
+    after = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
