@@ -15,7 +15,8 @@ allocated or computed. What is counted:
   (``--grad-checkpoint``). One UNet's are alive at a time: the E-step's generator VJP, the M-step and the student
   update run one after the other; the teacher and student forwards of the E-step keep nothing.
 
-Not counted: the CUDA context and caching-allocator slack, cuDNN workspaces, the transient buffers of a backward
+The count is checked against real CPU forwards of a tiny UNet (tests/test_diffusers.py): equal in fp32, within 2%
+under bf16 autocast (1.0% seen). Not counted: the CUDA context and caching-allocator slack, cuDNN workspaces, the transient buffers of a backward
 and of the optimizer step, the E-step's few (N, 4, 64, 64) chain tensors (a few MB). Read the figures as a lower bound
 of nvidia-smi's.
 """
