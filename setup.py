@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the CLIP text encoder
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["emd-train=emd_fast.train:main"]},
 )

@@ -168,7 +168,9 @@ class EMD:
             g = self._net("generator output", self.generator, z, y)
 
         def pullback(v):
-            with phase("generator VJP"):
+            # frozen here too: an activation-checkpointed generator recomputes its forward in this backward, and
+            # must record the same graph as in the forward (no weight gradients)
+            with frozen(self.generator), phase("generator VJP"):
                 return torch.autograd.grad(g, z, v)[0]
 
         return g.detach(), pullback

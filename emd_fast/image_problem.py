@@ -27,6 +27,15 @@ REFERENCE_SAMPLES = 256  # at most this many teacher samples for the floor and t
 GRID_CLASSES = 10  # plots show a row per class for at most this many classes, else a plain grid
 
 
+def check_labels(cfg: dict, num_classes: int) -> None:
+    """--labels (cfg["labels"]) fit a teacher with ``num_classes`` classes (0: unconditional); ValueError if not."""
+    labels = cfg.get("labels")
+    if labels is not None and not num_classes:
+        raise ValueError(f"--labels: the teacher {cfg['teacher']} is unconditional (label_dim 0)")
+    if labels is not None and not all(0 <= c < num_classes for c in labels):
+        raise ValueError(f"--labels must lie in [0, {num_classes}) for this teacher, got {labels}")
+
+
 class ImageProblem:
     """The problem of a teacher file. cfg: the run's options (teacher, schedule, labels, seed, eval_samples).
 
@@ -41,11 +50,7 @@ class ImageProblem:
         self.cfg, self.sigma_data, self.num_classes = cfg, net.sigma_data, net.label_dim
         shape = (net.img_channels, net.img_resolution, net.img_resolution)
         self.teacher = NetworkTeacher(net, net.schedule, shape, source=Path(cfg["teacher"]))
-        labels = cfg.get("labels")
-        if labels is not None and not self.num_classes:
-            raise ValueError(f"--labels: the teacher {cfg['teacher']} is unconditional (label_dim 0)")
-        if labels is not None and not all(0 <= c < self.num_classes for c in labels):
-            raise ValueError(f"--labels must lie in [0, {self.num_classes}) for this teacher, got {labels}")
+        check_labels(cfg, self.num_classes)
 
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """Moves the teacher to ``device`` and returns its network (init_networks copies it; ``fit`` is moot)."""
@@ -66,6 +71,11 @@ class ImageProblem:
         x = torch.cat([heun_sample(self.teacher.denoise, self.teacher.schedule, noise[i:i + 64].to(device),
                                    None if y is None else y[i:i + 64], HEUN_STEPS).cpu() for i in range(0, n, 64)])
         return x, None if y is None else y.cpu()
+
+    @property
+    def reference_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference samples as images (pixel teachers: as they are)."""
+        return self.reference
 
     @staticmethod
     def metrics(samples: torch.Tensor, y=None) -> dict:
@@ -91,7 +101,7 @@ class ImageProblem:
         fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
         self._grid(axes[0], samples.cpu(), None if y is None else y.cpu(),
                    f"one-step generator (pixel std {metrics['pixel_std']:.3f})")
-        self._grid(axes[1], *self.reference, f"teacher, Heun {HEUN_STEPS} steps")
+        self._grid(axes[1], *self.reference_images, f"teacher, Heun {HEUN_STEPS} steps")
         save_figure(fig, path, title)
 
     @staticmethod

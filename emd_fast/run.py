@@ -52,7 +52,7 @@ PRESET_DEFAULTS = {
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint"}
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
 WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
 
@@ -159,10 +159,19 @@ def validate(cfg: dict) -> None:
     for key in ("ema", "ema_rampup"):
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
-    for key in ("teacher", "mixture", "inception", "fid_ref"):
-        if cfg.get(key) and not Path(cfg[key]).is_file():
+    diffusers_teacher = bool(cfg.get("teacher")) and Path(cfg["teacher"]).is_dir()
+    for key in ("teacher", "mixture", "inception", "fid_ref", "prompts"):
+        if cfg.get(key) and not Path(cfg[key]).is_file() and not (key == "teacher" and diffusers_teacher):
             what = "a directory, not a file" if Path(cfg[key]).is_dir() else "no such file"
             raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {what} (emd_fast never downloads it)")
+    if diffusers_teacher:
+        from .diffusers_teacher import check_options
+
+        check_options(cfg)
+    else:
+        for key in ("prompts", "grad_checkpoint"):
+            if cfg.get(key):
+                raise RunError(f"--{key.replace('_', '-')} applies to diffusers teachers (--teacher DIR)")
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
     check_problem_options(cfg)
@@ -217,9 +226,12 @@ def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
 
 
 def file_hashes(cfg: dict) -> dict:
-    """SHA-256 of the teacher / mixture file the run reads (recorded in its config: a resume that finds another
-    file is refused)."""
-    return {f"{key}_sha256": sha256_file(Path(cfg[key])) for key in ("teacher", "mixture") if cfg.get(key)}
+    """SHA-256 of the teacher / mixture / prompt file the run reads, or of a diffusers teacher folder's UNet and
+    scheduler (recorded in its config: a resume that finds another file is refused)."""
+    from .diffusers_teacher import folder_sha256
+
+    return {f"{key}_sha256": (folder_sha256 if Path(cfg[key]).is_dir() else sha256_file)(Path(cfg[key]))
+            for key in ("teacher", "mixture", "prompts") if cfg.get(key)}
 
 
 def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str]]:
@@ -240,7 +252,12 @@ def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str
 # --- the objects of a run ----------------------------------------------------------------------------------------
 
 def make_problem(cfg: dict):
-    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem or ImageProblem)."""
+    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem, ImageProblem or, for a
+    diffusers folder, DiffusersProblem)."""
+    if cfg.get("teacher") and Path(cfg["teacher"]).is_dir():
+        from .diffusers_problem import DiffusersProblem
+
+        return DiffusersProblem(cfg)
     if cfg.get("teacher"):
         from .image_problem import ImageProblem
 
@@ -321,6 +338,7 @@ def load_run(path: str | Path, device) -> tuple[Run, int, Path]:
     if not isinstance(cfg, dict) or not isinstance(state.get("config"), dict) or \
             {k: cfg.get(k) for k in state["config"]} != state["config"]:
         raise CheckpointError(f"{ckpt} was written by another config than {config_path}")
+    cfg["out"] = str(ckpt.parent.parent)  # the run's directory (a diffusers run's prompt embeddings are there)
     run = Run(cfg, parse_device(device), fit_teacher=False)
     dist = run.distiller
     load_state_dict_strict(dist.sampler, tensors, "ema." if dist.ema is not None else "generator.", ckpt)

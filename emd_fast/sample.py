@@ -4,9 +4,12 @@
     python -m emd_fast.sample runs/digits_K4_seed0 --labels 3 3 7 --out three.png three.npz
     python -m emd_fast.sample runs/imagenet --n 50000 --out samples/        # one PNG per image, for FID tools
     python -m emd_fast.sample runs/ring2d_K8_seed0 --n 10000 --out ring.npz
+    python -m emd_fast.sample runs/sd --prompt "a photo of a cat" --n 16 --out cats.png   # text-to-image run
 
 The generator is rebuilt from the run's config.json and loaded from the newest checkpoint of the run directory, or
-from the checkpoint JSON given; the EMA weights if the run keeps an EMA. Outputs by suffix: ``.png`` a grid (1- or
+from the checkpoint JSON given; the EMA weights if the run keeps an EMA. A latent diffusers run's samples are decoded
+by the teacher's VAE; in a text-to-image run the labels are the run's prompts (``--labels`` picks them by line
+number among the non-blank lines), or ``--prompt`` gives a new one. Outputs by suffix: ``.png`` a grid (1- or
 3-channel images), ``.npz`` ``images`` (N, *data_shape) float32 as generated (not clamped) and ``labels`` (N,) int64
 (-1 for an unconditional run) — with ``--uint8`` instead ``arr_0`` (N, H, W, C) uint8, the layout of the
 guided-diffusion FID evaluator —, and a path ending in ``/`` (or an existing directory) one PNG per image,
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--per-class", type=int, help="N samples of every class, a row per class "
                                                      "(default for a run with at most 100 classes: 10)")
     which.add_argument("--n", type=int, help="number of samples, random labels (default otherwise: 100)")
+    p.add_argument("--prompt", default=None,
+                   help="text-to-image run: the prompt of every sample (encoded by the teacher's text encoder; "
+                        "default --n 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of z (and of random labels)")
     p.add_argument("--out", nargs="+", default=None,
                    help="outputs: .png grid, .npz, and/or a folder/ of PNGs (default: <run>/samples/"
@@ -84,8 +90,19 @@ def write_samples(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     run, step, ckpt = load_run(args.run, args.device)
     dist = run.distiller
-    labels, n, per_class = choose_labels(args, dist.num_classes)
-    image = is_image_shape(dist.shape)
+    decode = getattr(run.problem, "decode", None)  # diffusers runs: latents -> images by the VAE
+    if args.prompt is not None:
+        if args.labels is not None or args.per_class is not None:
+            raise ValueError("--prompt gives every sample's prompt: leave out --labels/--per-class")
+        if not hasattr(run.problem, "encode"):
+            raise ValueError("--prompt needs a text-to-image run (a diffusers teacher with --prompts)")
+        n, per_class = 16 if args.n is None else args.n, None
+        if n < 1:
+            raise ValueError(f"--n must be >= 1, got {n}")
+        labels = run.problem.encode([args.prompt]).expand(n, -1, -1)
+    else:
+        labels, n, per_class = choose_labels(args, dist.num_classes)
+    image = is_image_shape(dist.shape) or decode is not None
     outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
                                                              f"{'.png' if image else '.npz'}")]
     kinds = kinds or [output_kind(outs[0])]
@@ -94,8 +111,8 @@ def write_samples(args: argparse.Namespace) -> None:
         raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {dist.shape}: "
                          f"use .npz")
     x, y = dist.sample(n, torch.Generator(dist.device).manual_seed(args.seed), labels, chunk=args.batch)
-    x = x.cpu()
-    y = torch.full((n,), -1) if y is None else y.cpu()
+    x = x.cpu() if decode is None else decode(x)
+    y = torch.full((n,), -1) if y is None or args.prompt is not None else y.cpu()
     for path, kind in zip(outs, kinds):
         if kind == "npz":
             path.parent.mkdir(parents=True, exist_ok=True)

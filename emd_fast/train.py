@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli import add_debug_flag, run_command
+from .diffusers_teacher import DEFAULT_GUIDANCE
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
 from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
@@ -36,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--teacher", type=Path, default=None,
                    help="a teacher network file: NVlabs/EDM's network pickle (.pkl: ADM, DDPM++, NCSN++ with EDM/VP/VE "
                         "preconditioning, read without EDM's code) or its emd_fast .safetensors conversion "
-                        "(python -m emd_fast.edm_import); generator and student start from it")
+                        "(python -m emd_fast.edm_import); or a diffusers folder (a UNet2DModel folder with "
+                        "scheduler_config.json, or a pipeline folder with model_index.json: pixel or latent "
+                        "text-to-image; needs the diffusers extra); generator and student start from it")
+    a.add_argument("--prompts", type=Path, default=None,
+                   help="text-to-image diffusers teacher: a text file of prompts, one per line; their embeddings "
+                        "are computed once and cached in the run directory (prompt_embeddings.safetensors)")
+    a.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale of a text-to-image teacher (1: conditional, 0: "
+                        "unconditional; this project's default, the EMD paper's value could not be read)")
     a.add_argument("--mixture", type=Path, default=None,
                    help="your own Gaussian mixture: .json or .npz with means (M, D), weights (M,) and covs (M, D, D) "
                         "or variances (M,) / (M, D); exact teacher, MLP networks")
@@ -85,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--finite-check deferred)")
     f.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="bf16: the network calls under autocast(bfloat16); fp32 master weights, optimizer state, "
-                        "Langevin chain and losses; an analytic teacher stays exact fp32")
+                        "Langevin chain and losses; an analytic teacher stays exact fp32, a diffusers teacher is "
+                        "kept in bf16")
+    f.add_argument("--grad-checkpoint", action="store_true",
+                   help="diffusers teachers: activation checkpointing in the generator's and student's UNets (less "
+                        "memory, one more forward per backward; same results)")
     f.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="image networks and data in NHWC memory order")
     f.add_argument("--finite-check", choices=FINITE_CHECKS, default="sync",
@@ -165,6 +178,7 @@ def main(argv=None) -> int:
     explicit = _explicit(parser, argv) - {"debug"}
     return run_command(lambda _: print(format_summary(train(cfg, explicit))), args,
                        oom_hint="lower --batch, --eval-samples or --fid-samples")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,115 @@
+"""The problem of a diffusers teacher folder (``--teacher DIR``, see ``emd_fast.diffusers_teacher``).
+
+Pixel UNets distil in pixel space. Latent UNets distil in the VAE's latent space (4 x 64 x 64 for Stable
+Diffusion v1.5); the VAE is loaded only to decode latents for the metrics, the grids and ``emd_fast.sample``.
+Text-conditioned UNets: the prompts of ``--prompts FILE`` and the empty prompt are encoded once by the pipeline's
+text encoder and cached in ``<run>/prompt_embeddings.safetensors``; the training loop never runs the text encoder.
+y is then a prompt index (N,) (``num_classes`` = the number of prompts, ``--labels`` picks some), the teacher
+applies classifier-free guidance (``--guidance-scale``), generator and student see the same embeddings unguided.
+
+Memory: under ``--precision bf16`` the frozen teacher is kept in bf16 (generator and student keep fp32 master
+weights); ``--grad-checkpoint`` turns on diffusers' activation checkpointing in the generator's and student's UNets.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import read_safetensors, save_safetensors_atomic
+from .diffusers_teacher import (DEFAULT_GUIDANCE, DiffusersDenoiser, GuidedTeacher, PromptTable, check_options,
+                                encode_prompts, load_schedule, load_unet, load_vae, read_prompts,
+                                text_encoder_sha256)
+from .image_problem import ImageProblem, check_labels
+
+EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
+EMBEDDINGS_FORMAT = "emd_fast.prompt_embeddings"
+DECODE_CHUNK = 16  # latents decoded by the VAE at a time
+
+
+class DiffusersProblem(ImageProblem):
+    """cfg: the run's options (teacher = the folder, prompts, guidance_scale, precision, grad_checkpoint, labels,
+    seed, eval_samples, out = the run directory, where the prompt embeddings are cached)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.folder = cfg, check_options(cfg)
+        unet = load_unet(self.folder)
+        prompts = uncond = None
+        if self.folder.latent:
+            cond, uncond = self.prompt_embeddings()
+            prompts = PromptTable(cond)
+        net = DiffusersDenoiser(unet, load_schedule(self.folder), self.folder.prediction_type, prompts)
+        size = unet.config.sample_size
+        shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        self.teacher = GuidedTeacher(net, shape, cfg.get("guidance_scale", DEFAULT_GUIDANCE), uncond,
+                                     source=self.folder.path)
+        self.num_classes = len(prompts) if prompts is not None else (unet.config.get("num_class_embeds") or 0)
+        self.sigma_data = 1.0 if self.folder.latent else 0.5  # scaled SD latents ~ unit variance; images in [-1, 1]
+        check_labels(cfg, self.num_classes)
+
+    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompts (P, L, E), empty prompt (1, L, E)) fp32 from the run's cache; computed and cached when there is
+        none, or when the prompts or the text encoder (where it is present) are not those it was made with."""
+        path = Path(self.cfg["out"]) / EMBEDDINGS_FILE
+        prompts = read_prompts(self.cfg["prompts"]) if Path(self.cfg["prompts"]).is_file() else None
+        encoder = text_encoder_sha256(self.folder)
+        if path.is_file():
+            meta, tensors = read_safetensors(path, EMBEDDINGS_FORMAT, "prompt embeddings", "a prompt embeddings")
+            if prompts in (None, json.loads(meta["prompts"])) and encoder in (None, meta["text_encoder_sha256"]):
+                return tensors["cond"], tensors["uncond"]
+        if prompts is None:
+            raise ValueError(f"--prompts {self.cfg['prompts']}: no such file, and no prompt embeddings in {path.parent}")
+        emb = encode_prompts(self.folder, prompts + [""])
+        cond, uncond = emb[:-1], emb[-1:]
+        save_safetensors_atomic({"cond": cond, "uncond": uncond}, path,
+                                {"format": EMBEDDINGS_FORMAT, "prompts": json.dumps(prompts),
+                                 "text_encoder_sha256": str(encoder)})
+        return cond, uncond
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Embeddings (P, L, E) of new prompts (``emd_fast.sample --prompt``), by the pipeline's text encoder."""
+        if not self.folder.latent:
+            raise ValueError(f"--prompt: the teacher {self.folder.unet_class} is not text-conditioned")
+        return encode_prompts(self.folder, prompts)
+
+    def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
+        """The fp32 network that generator and student start from (with activation checkpointing if asked). Under
+        bf16 the teacher keeps a frozen bf16 copy of it instead. ``fit`` is moot."""
+        net = self.teacher.to(device).net
+        if self.cfg.get("grad_checkpoint"):
+            net.unet.enable_gradient_checkpointing()  # active only where gradients flow: generator and student
+        if self.cfg["precision"] == "bf16":
+            self.teacher.net = copy.deepcopy(net).to(torch.bfloat16).requires_grad_(False).eval()
+        return net, {}
+
+    @functools.cached_property
+    def vae(self) -> nn.Module:
+        return load_vae(self.folder).to(next(self.teacher.net.parameters()).device)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in about [-1, 1] from samples (N, *data_shape): the VAE's decoding of latents, pixel
+        samples as they are."""
+        if not self.folder.latent:
+            return x
+        cfg, device = self.vae.config, next(self.vae.parameters()).device
+        shift = cfg.get("shift_factor") or 0.0
+        return torch.cat([self.vae.decode(c.to(device).float() / cfg.scaling_factor + shift).sample.cpu()
+                          for c in x.split(DECODE_CHUNK)])
+
+    def metrics(self, samples: torch.Tensor, y=None) -> dict:
+        """ImageProblem's pixel statistics of the decoded samples."""
+        return ImageProblem.metrics(self.decode(samples), y)
+
+    @functools.cached_property
+    def reference_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's Heun samples, decoded."""
+        x, y = self.reference
+        return self.decode(x), y
+
+    def plot(self, path, samples, y, metrics, history, title) -> None:
+        super().plot(path, self.decode(samples), y, metrics, history, title)
