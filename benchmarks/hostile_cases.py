@@ -25,10 +25,12 @@ SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--dept
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after: float | None = None):
+def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after: Path | None = None):
     """(exit code, first stderr line, seconds) of ``python -m emd_fast.<module> args``; optionally with file writes
-    capped at ``limit_file_size`` bytes (a full disk: writes fail with EFBIG) or SIGINT after ``stop_after`` s."""
+    capped at ``limit_file_size`` bytes (a full disk: writes fail with EFBIG) or a SIGINT once the run directory
+    ``stop_after`` trains."""
     def cap():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job's shell ignores it: undo that for the child
         if limit_file_size is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
@@ -36,8 +38,10 @@ def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", f"emd_fast.{module}", *args], env=ENV, preexec_fn=cap,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if stop_after is not None:
-        time.sleep(stop_after)
+    if stop_after is not None:  # a run directory: SIGINT 2 s after its metrics.jsonl appears (training started)
+        while not (stop_after / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(2)
         proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=900)[1]
     lines = [line for line in err.splitlines() if line.strip()]
@@ -69,7 +73,7 @@ def cases(tmp: Path):
     yield "--t-max nan", "2", lambda: cli("train", *SMALL, "--t-max", "nan", "--out", str(tmp / "a"))
     yield "--seed 2**64", "2", lambda: cli("train", *SMALL, "--seed", str(2**64), "--out", str(tmp / "a"))
     yield "a second run on a directory in use", "2, names the holder's pid", lambda: second_run(tmp)
-    yield "Ctrl-C after 6 s, then --resume", "130, then 0", lambda: interrupted(tmp)
+    yield "Ctrl-C 2 s into training, then --resume", "130, then 0", lambda: interrupted(tmp)
 
     def checkpoint_json(content):
         ckpt = sorted((run / "checkpoints").glob("step_*.json"))[-1]
@@ -110,7 +114,7 @@ def second_run(tmp: Path):
 def interrupted(tmp: Path):
     out = tmp / "ctrl-c"
     code, line, s = cli("train", "--out", str(out), *SMALL, "--steps", "2000", "--ckpt-every", "500",
-                        stop_after=6.0)
+                        stop_after=out)
     again = cli("train", "--out", str(out), "--resume", "--steps", "2000", "--quiet")
     return f"{code}, then {again[0]}", line, s + again[2]
 

@@ -34,7 +34,7 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
     raise Interrupted wherever no handler of the training loop is active (so they unwind and clean up as Ctrl-C
     does); ``oom_hint`` says which options lower the memory needed."""
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)
-                if threading.current_thread() is threading.main_thread()}
+                if threading.current_thread() is threading.main_thread() and signal.getsignal(s) is not signal.SIG_IGN}
     try:
         body(args)
         return 0

@@ -72,14 +72,16 @@ class Stopped(Exception):
 class StopSignals:
     """While active, SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before a kill) only record
     that a stop was asked for (``signum``): the training loop finishes its iteration, writes a checkpoint and stops.
-    Handlers can only be installed from the main thread; elsewhere the signals keep their behaviour."""
+    Handlers can only be installed from the main thread; elsewhere the signals keep their behaviour, as do signals
+    the process ignores (SIGINT in a shell's background job)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __enter__(self) -> "StopSignals":
         self.signum, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS
+                             if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def _record(self, signum, frame) -> None:
@@ -355,15 +357,17 @@ def out_of_memory(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def cpu_memory_limit(device: torch.device):
-    """On a CPU (Linux), the process's address space limited to its size now plus the RAM available: an allocation
-    beyond that fails (and is caught) instead of succeeding on overcommit and summoning the kernel's OOM killer."""
+    """On a CPU (Linux), the process's address space limited to its size now plus 80% of the RAM available: an
+    allocation beyond that fails (and is caught) instead of succeeding on overcommit and summoning the kernel's OOM
+    killer, and the rest of the machine keeps some memory."""
     available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
     used = _meminfo_bytes("/proc/self/status", "VmSize:")
     if device.type != "cpu" or available is None or used is None:
         yield
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = used + available if hard == resource.RLIM_INFINITY else min(used + available, hard)
+    limit = used + int(0.8 * available)
+    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         yield

@@ -120,9 +120,9 @@ def test_checkpoint_size_estimate_is_what_is_written(finished_run):
 
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux: reads /proc/meminfo")
 def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting():
-    """Two untouched allocations of 0.6x the available RAM each: the kernel grants both (overcommit; touching them
-    would summon the OOM killer); under cpu_memory_limit the second fails as an allocation error the run catches."""
-    n = int(0.6 * run_module._meminfo_bytes("/proc/meminfo", "MemAvailable:"))
+    """Two untouched allocations of half the available RAM each: the kernel grants both (overcommit; touching them
+    would summon the OOM killer); under cpu_memory_limit (80% of it) the second fails as an allocation error."""
+    n = int(0.5 * run_module._meminfo_bytes("/proc/meminfo", "MemAvailable:"))
     a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
     del a, b
     with run_module.cpu_memory_limit(torch.device("cpu")):
@@ -205,7 +205,12 @@ def spawn(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.Popen([sys.executable, "-m", "emd_fast.train", "--out", str(out), *SMALL, "--steps", "40",
                              "--ckpt-every", "10", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
+
+
+def default_sigint():
+    """In the child: SIGINT back to its default (a shell's background job, as CI may run us, ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def final_state(out: Path) -> dict:
