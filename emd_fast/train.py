@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, out_of_memory, train
+from .run import DIST_TIMEOUT_S, LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, Stopped, out_of_memory, train
 from .schedules import SCHEDULES, WEIGHTINGS
 
 
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the end")
     r.add_argument("--fid-every", type=int, default=0, help="steps between FID evaluations (0: only at the end)")
     r.add_argument("--fid-samples", type=int, default=50_000, help="generated samples per FID (EDM uses 50,000)")
+    r.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                   help="launched by torchrun (README: Several GPUs): seconds any collective waits before the run "
+                        "stops with an error, when another process died or hangs")
     return p
 
 
@@ -144,7 +147,8 @@ def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
 def format_summary(s: dict) -> str:
     return "\n".join([
         f"run directory: {s['out']}",
-        f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
+        f"steps {s['steps']} on {s['device']}" + (f" x {s['processes']} processes" if s["processes"] > 1 else "")
+        + f": {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s"
         + (f"; after the first {WARM_ITERS} iterations {s['steady_iters_per_s']} it/s)" if s["steady_iters_per_s"]
            else ")"),
@@ -174,11 +178,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except Stopped as e:
-        print(str(e), file=sys.stderr)
+        if str(e):  # rank 0 of a distributed run says it; the others stop silently
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    print(format_summary(summary))
+    if summary is not None:  # None: a rank other than 0 of a distributed run
+        print(format_summary(summary))
     return 0
 
 
