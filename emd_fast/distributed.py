@@ -75,9 +75,11 @@ class Ranks:
         """The device of this rank: cuda:LOCAL_RANK for a CUDA run (one GPU per process), else ``device``."""
         if not self.distributed or device.type != "cuda":
             return device
-        if device.index is not None and self.world > 1:
-            raise DistributedError(f"--device {device}: with several processes each uses cuda:LOCAL_RANK; pass "
-                                   f"--device cuda")
+        if device.index is not None:
+            if self.world > 1:
+                raise DistributedError(f"--device {device}: with several processes each uses cuda:LOCAL_RANK; pass "
+                                       f"--device cuda")
+            return device
         if self.local_rank >= torch.cuda.device_count():
             raise DistributedError(f"LOCAL_RANK={self.local_rank} but this machine has {torch.cuda.device_count()} "
                                    f"CUDA device(s): launch at most that many processes per node")
@@ -94,9 +96,14 @@ class Ranks:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, rank=self.rank, world_size=self.world,
-                                 timeout=datetime.timedelta(seconds=timeout_s),
-                                 device_id=device if device.type == "cuda" else None)
+        try:
+            tdist.init_process_group(backend, rank=self.rank, world_size=self.world,
+                                     timeout=datetime.timedelta(seconds=timeout_s),
+                                     device_id=device if device.type == "cuda" else None)
+        except RuntimeError as e:  # the rendezvous failed or timed out
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise DistributedError(f"process {self.rank} of {self.world} cannot join the run at {where}: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
         try:
             yield
         finally:
