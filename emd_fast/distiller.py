@@ -211,9 +211,10 @@ class Distiller:
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, y: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
-        """``sampler``(z, y) made ``chunk`` rows at a time: z (n, *data_shape), y (n,) or None -> (n, ...) fp32."""
+        """``sampler``(z, y) made ``chunk`` rows at a time: z (n, *data_shape), y (n,) or None -> (n, ...) fp32
+        (n may be 0: a process's share of a few samples)."""
         return torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
-                          for i in range(0, len(z), chunk)])
+                          for i in range(0, len(z) or 1, chunk)])
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -119,6 +119,7 @@ def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path):
         dist.reseed(rank_seed(5, rank, 1))
         assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank, 1), 0]
     assert len({s["noise_stream.state"][0].item() for s in states}) == 3 and states[0]["noise_stream.state"][0] == 5
+    assert dist.generate(torch.randn(0, 2), None).shape == (0, 2)  # a rank's share of fewer samples than ranks
 
 
 def test_global_batch_must_divide(tmp_path, capsys, monkeypatch):
