@@ -278,7 +278,7 @@ def _fail():
 
 
 def _hang():
-    time.sleep(4)
+    time.sleep(6)
 
 
 def test_sigterm_to_one_rank_stops_all_at_one_boundary_and_resumes_exactly(tmp_path):
@@ -307,7 +307,7 @@ def test_an_exception_on_one_rank_stops_all_with_one_line_errors(tmp_path):
 
 
 def test_a_hung_rank_times_out(tmp_path):
-    logs = run_cli(tmp_path, 2, tmp_path / "run", "--steps", "50", "--dist-timeout", "2",
+    logs = run_cli(tmp_path, 2, tmp_path / "run", "--steps", "50", "--dist-timeout", "3",
                    patch=_on_rank_at_step(1, 2, _hang))
     assert [r["code"] for r in logs] == [2, 2]
     assert "hung past --dist-timeout" in logs[0]["err"] and logs[0]["err"].count("\n") == 1
