@@ -39,7 +39,8 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
         body(args)
         return 0
     except Stopped as e:
-        print(str(e), file=sys.stderr)
+        if str(e):  # rank 0 of a distributed run says it; the others stop silently
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)

@@ -60,12 +60,16 @@ class Distiller:
     ema_halflife_kimg > 0: an exponential moving average of the generator (``ema``, updated by ``update_ema``)
     whose half-life is that many thousand generator samples, or ``ema_rampup`` times the samples seen so far if
     that is shorter (EDM's schedule: early averages do not hold on to the initial generator).
+    Data-parallel runs (``emd_fast.distributed``): ``batch`` is this process's share, ``global_batch`` the examples
+    of one iteration over all processes (the EMA counts those), ``data_parallel`` wraps generator and student for
+    their training forward so that the losses' gradients are averaged across processes.
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
                  sigma_data: float = 1.0, num_classes: int = 0, classes=None, ema_halflife_kimg: float = 0.0,
-                 ema_rampup: float = 0.05, execution: Execution = Execution(), device="cpu"):
+                 ema_rampup: float = 0.05, execution: Execution = Execution(), device="cpu",
+                 global_batch: int | None = None, data_parallel=None):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if not (ema_halflife_kimg >= 0 and ema_rampup >= 0):
@@ -85,6 +89,7 @@ class Distiller:
             net.to(self.device, memory_format=self.memory_format)
         self.teacher, self.generator, self.student = teacher, generator, student
         self.batch, self.num_classes, self.step_count = batch, num_classes, 0
+        self.global_batch = global_batch or batch
         self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.int64, device=self.device)
         if self.classes is not None and (not num_classes or self.classes.numel() == 0 or
                                          int(self.classes.min()) < 0 or int(self.classes.max()) >= num_classes):
@@ -95,8 +100,10 @@ class Distiller:
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
+        wrap = data_parallel or (lambda net: net)
         self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, check_outputs=not self.deferred,
-                       autocast=PRECISIONS[execution.precision])
+                       autocast=PRECISIONS[execution.precision], train_generator=wrap(self.generator),
+                       train_student=wrap(self.student))
         # deferred checks: fused Adam reads found_inf and skips its update on the device while it is 1;
         # capturable (step counts on the device) where CUDA graphs can capture it
         adam = dict(fused=True, capturable=self.device.type == "cuda") if self.deferred else {}
@@ -169,8 +176,8 @@ class Distiller:
     def update_ema(self) -> None:
         """Move the EMA generator towards the generator after an iteration (no-op without an EMA)."""
         if self.ema is not None:
-            ema_update(self.ema, self.generator, self.step_count * self.batch, self.batch, self.ema_halflife_kimg,
-                       self.ema_rampup)
+            ema_update(self.ema, self.generator, self.step_count * self.global_batch, self.global_batch,
+                       self.ema_halflife_kimg, self.ema_rampup)
 
     def raise_if_nonfinite(self) -> None:
         """Deferred checks: FloatingPointError if an iteration so far met a nan/inf loss or gradient (one host sync;
@@ -192,11 +199,22 @@ class Distiller:
         """n one-step samples g(z, y) of ``sampler``, made ``chunk`` at a time, z ~ N(0, I) from ``generator`` and
         y = ``labels`` (n,) or, for a class-conditional teacher, uniform labels from ``generator`` after z:
         (n, *data_shape) fp32 and the labels (n,) (None for an unconditional teacher)."""
+        z, y = self.sample_inputs(n, generator, labels)
+        return self.generate(z, y, chunk), y
+
+    def sample_inputs(self, n: int, generator: torch.Generator,
+                      labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inputs of ``sample``: z (n, *data_shape) ~ N(0, I) from ``generator``, then ``labels`` (n,) or
+        uniform labels from ``generator`` (None for an unconditional teacher)."""
         z = torch.randn((n, *self.shape), generator=generator, device=self.device)
-        y = self._labels(n, generator) if labels is None else labels.to(self.device)
-        x = torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
-                       for i in range(0, n, chunk)])
-        return x, y
+        return z, self._labels(n, generator) if labels is None else labels.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, y: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
+        """``sampler``(z, y) made ``chunk`` rows at a time: z (n, *data_shape), y (n,) or None -> (n, ...) fp32
+        (n may be 0: a process's share of a few samples)."""
+        return torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
+                          for i in range(0, len(z) or 1, chunk)])
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -208,8 +226,18 @@ class Distiller:
         for prefix, opt in (("opt_g", self.opt_g), ("opt_s", self.opt_s)):
             for idx, st in opt.state_dict()["state"].items():
                 out |= {f"{prefix}.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()}
-        out["rng"] = self.rng.get_state()
-        return out | self.emd.ops.state_tensors()
+        return out | self.random_state()
+
+    def random_state(self) -> dict[str, torch.Tensor]:
+        """The state of the run's random streams: the torch.Generator and the backend's own (the kernel noise)."""
+        return {"rng": self.rng.get_state(), **self.emd.ops.state_tensors()}
+
+    def reseed(self, seed: int) -> None:
+        """Restart every random stream (the torch.Generator, the kernel NoiseStream) from ``seed``."""
+        self.rng.manual_seed(seed)
+        fresh = make_ops(self.execution.backend, torch.Generator(self.device), seed, self.device,
+                         self.execution.kernel_noise)
+        self.emd.ops.load_state_tensors(fresh.state_tensors())
 
     def checkpoint_bytes(self) -> int:
         """About the size of one checkpoint file: ``state_tensors`` with the Adam moments and step counts the first

@@ -137,11 +137,16 @@ class EMD:
     student: D_psi(x_t, t, y) -> (N, ...). ops: ReferenceOps or a fused backend with the same methods.
     check_outputs: check every network output for NaN/inf (one host sync each). autocast: None, or the dtype
     (torch.bfloat16) the network calls run in under torch.autocast; their outputs are returned in fp32.
+    train_generator, train_student: what the two losses call to run generator and student with gradients (default:
+    the networks themselves; e.g. a DistributedDataParallel wrapper of the same network, which averages the
+    gradients across processes). The E-step always calls the networks themselves.
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0,
-                 check_outputs: bool = True, autocast: torch.dtype | None = None):
+                 check_outputs: bool = True, autocast: torch.dtype | None = None,
+                 train_generator: nn.Module | None = None, train_student: nn.Module | None = None):
         self.teacher, self.generator, self.student = teacher, generator, student
+        self.train_generator, self.train_student = train_generator or generator, train_student or student
         self.schedule, self.ops, self.sigma_data = teacher.schedule, ops, sigma_data
         self.cfg = cfg.validate(self.schedule)
         self.check_outputs, self.autocast = check_outputs, autocast
@@ -239,7 +244,7 @@ class EMD:
     def generator_loss(self, es: EStep, y=None) -> torch.Tensor:
         """M-step: w(t) ||sg(x_t) - alpha g_theta(sg(z_K))||^2 / (2 sigma^2), with the noise-cancelled residual."""
         with phase("M-step forward"):
-            g = self._net("generator output", self.generator, es.z.detach(), y)
+            g = self._net("generator output", self.train_generator, es.z.detach(), y)
             eps = es.eps
             if self.cfg.in_x and self.cfg.moves_z:
                 a, s = expand_like(es.alpha, g), expand_like(es.sigma, g)
@@ -253,6 +258,6 @@ class EMD:
             alpha, sigma = self.schedule.alpha_sigma(t)
             x = x.detach()
             x_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
-            d = self._net(None, self.student, x_t, t, y)  # not checked here: the loss is, with its gradients
+            d = self._net(None, self.train_student, x_t, t, y)  # not checked here: the loss is, with its gradients
             w = self.schedule.weight(self.cfg.student_weighting, t, self.sigma_data)
             return self.ops.dsm_loss(d, x, w)

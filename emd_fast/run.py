@@ -29,6 +29,7 @@ from . import digits, mixtures, problems
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, remove_orphans,
                          save_checkpoint, sha256_file, write_json_atomic, write_text_atomic)
 from .distiller import Distiller, Execution
+from .distributed import Ranks, communication_failed, data_parallel, rank_seed
 from .emd import EMDConfig
 from .profiling import PhaseTimer
 from .schedules import make_schedule
@@ -52,7 +53,8 @@ PRESET_DEFAULTS = {
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout"}
+DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
 WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
 
@@ -86,6 +88,11 @@ class StopSignals:
 
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
+
+    def requested(self, ranks: Ranks) -> int | None:
+        """The signal to stop on at this iteration boundary: this process's, or in a distributed run any rank's (an
+        all-reduce: every rank asks at the same boundary, so all stop at the same one)."""
+        return ranks.agree(self.signum)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
@@ -156,6 +163,8 @@ def validate(cfg: dict) -> None:
     for key in ("lr_g", "lr_s"):
         if not (cfg[key] > 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")
+    if not cfg.get("dist_timeout", DIST_TIMEOUT_S) > 0:
+        raise RunError(f"--dist-timeout must be a positive number of seconds, got {cfg['dist_timeout']}")
     if not 0 <= cfg["seed"] < 2**63:
         raise RunError(f"--seed must be in [0, 2**63), got {cfg['seed']}")
     for key in ("ema", "ema_rampup"):
@@ -182,9 +191,11 @@ def validate(cfg: dict) -> None:
         raise RunError(f"--out {out} exists and is not a directory")
 
 
-def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device) -> tuple[dict, list[str]]:
+def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
+                       distributed: bool = False) -> tuple[dict, list[str]]:
     """--fast: the fastest speed settings for ``device`` for the options not in ``explicit`` (the backend only for a
-    new run: a resumed run keeps its own). Returns the new cfg and one line per setting left out, with the reason."""
+    new run: a resumed run keeps its own; no CUDA graph for a ``distributed`` run). Returns the new cfg and one line
+    per setting left out, with the reason."""
     if not cfg["fast"]:
         return cfg, []
     from .kernels import triton_available
@@ -198,7 +209,12 @@ def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device) -> t
                                                    "they need a CUDA GPU (on a CPU they run only interpreted, "
                                                    "for tests)"))
     if gpu:
-        fast |= {"cuda_graph": True, "channels_last": True}  # channels_last applies to image data only
+        fast["channels_last"] = True  # image data only
+        if distributed:
+            skipped.append("CUDA graphs: not with torch.distributed (the gradient all-reduce is not captured); "
+                           "the iteration runs eagerly around the compiled networks")
+        else:
+            fast["cuda_graph"] = True
     else:
         skipped.append(f"CUDA graphs: no CUDA device (running on {device})")
         skipped.append("channels_last: a GPU convolution layout, not used on the CPU")
@@ -236,7 +252,7 @@ def file_hashes(cfg: dict) -> dict:
             for key in ("teacher", "mixture", "prompts") if cfg.get(key)}
 
 
-def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str]]:
+def resolve(cfg: dict, explicit: set[str], distributed: bool = False) -> tuple[dict, torch.device, list[str]]:
     """The full config of a new or resumed run, its device and notes for the user; RunError / CheckpointError if it
     cannot run. Options not in ``explicit`` take their preset's defaults; on --resume the saved run's."""
     if cfg["preset"] is None and not cfg.get("teacher") and not cfg.get("mixture"):
@@ -246,7 +262,7 @@ def resolve(cfg: dict, explicit: set[str]) -> tuple[dict, torch.device, list[str
     if cfg["resume"]:
         cfg = with_preset_defaults(resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
     device = parse_device(cfg["device"])
-    cfg, notes = with_fast_defaults(cfg, set(explicit), device)
+    cfg, notes = with_fast_defaults(cfg, set(explicit), device, distributed)
     validate(cfg)
     return cfg, device, notes
 
@@ -273,10 +289,12 @@ def make_problem(cfg: dict):
 
 
 class Run:
-    """Everything built from a config: the problem (teacher, metrics, plots), the networks and the Distiller."""
+    """Everything built from a config: the problem (teacher, metrics, plots), the networks and the Distiller.
+    ``ranks``: this process's place in a distributed run (default: the only process): its share of the batch, its
+    own random streams, data-parallel networks."""
 
-    def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool):
-        self.cfg, self.problem = cfg, make_problem(cfg)
+    def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool, ranks: Ranks = Ranks()):
+        self.cfg, self.ranks, self.problem = cfg, ranks, make_problem(cfg)
         self.teacher = self.problem.teacher
         emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
                             variant=cfg["variant"], cancel_noise=cfg["cancel_noise"],
@@ -290,18 +308,28 @@ class Run:
         execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
                               channels_last=cfg.get("channels_last", False),
                               finite_check=cfg.get("finite_check", "sync"))
-        self.distiller = Distiller(self.teacher, generator, student, emd_cfg, batch=cfg["batch"], lr_g=cfg["lr_g"],
-                                   lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
-                                   seed=cfg["seed"], sigma_data=self.problem.sigma_data,
+        self.distiller = Distiller(self.teacher, generator, student, emd_cfg,
+                                   batch=ranks.per_rank_batch(cfg["batch"]), global_batch=cfg["batch"],
+                                   lr_g=cfg["lr_g"], lr_s=cfg["lr_s"], betas_g=cfg["betas_g"], betas_s=cfg["betas_s"],
+                                   seed=rank_seed(cfg["seed"], ranks.rank), sigma_data=self.problem.sigma_data,
                                    num_classes=self.problem.num_classes, classes=cfg.get("labels"),
                                    ema_halflife_kimg=cfg["ema"], ema_rampup=cfg["ema_rampup"],
-                                   execution=execution, device=device)
+                                   execution=execution, device=device,
+                                   data_parallel=data_parallel(device) if ranks.distributed else None)
 
-    def evaluate(self) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
-        """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation)."""
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """n samples of the (EMA) generator from (z, y) drawn from ``rng``, the same whatever the number of
+        processes: each rank generates its rows, rank 0 gathers them. (samples (n, ...) or None off rank 0, y)."""
+        dist, rows = self.distiller, self.ranks.rows(n)
+        z, y = dist.sample_inputs(n, rng)
+        return self.ranks.gather_rows(dist.generate(z[rows], None if y is None else y[rows]), n), y
+
+    def evaluate(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+        """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation); in a
+        distributed run every rank must call it and rank 0 gets them (the others: None, None, y)."""
         rng = torch.Generator(self.distiller.device).manual_seed(self.cfg["seed"] + 3)
-        samples, y = self.distiller.sample(self.cfg["eval_samples"], rng)
-        return self.problem.metrics(samples, y), samples, y
+        samples, y = self.sample(self.cfg["eval_samples"], rng)
+        return None if samples is None else self.problem.metrics(samples, y), samples, y
 
     @property
     def fid_seed(self) -> int:
@@ -309,10 +337,11 @@ class Run:
         return self.cfg["seed"] + 7
 
     def sample_batches(self, n: int, seed: int, chunk: int = 250):
-        """n samples of the (EMA) generator, ``chunk`` at a time, from a generator seeded with ``seed``."""
+        """n samples of the (EMA) generator, ``chunk`` at a time, from a generator seeded with ``seed`` (made by all
+        ranks of a distributed run, gathered on rank 0; None on the others)."""
         rng = torch.Generator(self.distiller.device).manual_seed(seed)
         for i in range(0, n, chunk):
-            yield self.distiller.sample(min(chunk, n - i), rng)[0]
+            yield self.sample(min(chunk, n - i), rng)[0]
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -485,13 +514,36 @@ def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
     return found[-1]
 
 
-def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
+def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
     """Run (or resume) a distillation described by ``cfg`` (the CLI options as a dict). Returns the summary.
 
     The run directory is locked while the run uses it (RunLock). A run directory this call created that fails before
-    its first checkpoint is removed again: nothing half-made is left.
+    its first checkpoint is removed again: nothing half-made is left. Launched by torchrun, this process is one rank
+    of a data-parallel run (``emd_fast.distributed``): rank 0 alone creates, locks and writes the directory and
+    returns the summary (the others return None); when another rank fails or hangs, this one stops with a RunError.
     """
-    cfg, device, notes = resolve(cfg, explicit)
+    ranks = Ranks.from_env()
+    cfg, device, notes = resolve(cfg, explicit, ranks.distributed)
+    ranks.per_rank_batch(cfg["batch"])
+    device = ranks.device(device)
+    with ranks.process_group(device, cfg.get("dist_timeout", DIST_TIMEOUT_S)), contextlib.ExitStack() as lock:
+        created = False
+        try:
+            created, latest = ranks.on_main(open_run_directory, cfg, lock)
+            return _train(cfg, device, notes, latest, ranks)
+        except BaseException as e:
+            if created and ranks.main and not list_checkpoints(cfg["out"] / "checkpoints"):
+                shutil.rmtree(cfg["out"], ignore_errors=True)
+            if ranks.distributed and communication_failed(e):
+                raise RunError(f"process {ranks.rank} of {ranks.world} stopped: another process of the run failed, "
+                               f"died or hung past --dist-timeout ({str(e).splitlines()[0][:200]})") from None
+            raise
+
+
+def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Path | None]:
+    """Create (a new run) and lock the run directory (RunLock, held until ``lock`` closes), remove what a killed
+    checkpoint write left behind. Returns (whether this call created the directory, the checkpoint to resume from or
+    None); a directory it created is removed again if it fails."""
     out = cfg["out"]
     ckpt_dir = out / "checkpoints"
     created = False
@@ -504,20 +556,20 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict:
         except OSError as e:
             raise RunError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
     try:
-        with RunLock(out) if out.is_dir() else contextlib.nullcontext():
-            if not cfg["resume"] and list_checkpoints(ckpt_dir):
-                raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
-                                      f"--out")
-            remove_orphans(ckpt_dir)  # what a killed checkpoint write left behind
-            latest = resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
-            return _train(cfg, device, notes, latest)
+        if out.is_dir():
+            lock.enter_context(RunLock(out))
+        if not cfg["resume"] and list_checkpoints(ckpt_dir):
+            raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                                  f"--out")
+        remove_orphans(ckpt_dir)
+        return created, resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
     except BaseException:
-        if created and not list_checkpoints(ckpt_dir):
+        if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | None) -> dict:
+def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | None, ranks: Ranks) -> dict | None:
     out = cfg["out"]
     ckpt_dir = out / "checkpoints"
     t0 = time.perf_counter()
@@ -531,12 +583,12 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
                                   f"{cfg[changed[0].removesuffix('_sha256')]} is not the one this run started from "
                                   f"(its SHA-256 differs)")
     saved_cfg |= hashes
-    run = Run(cfg, device, fit_teacher=latest is None)
+    run = Run(cfg, device, fit_teacher=latest is None, ranks=ranks)
     dist = run.distiller
     check_free_space(out, dist.checkpoint_bytes())
     check_batch_memory(dist, device)
     fid = None
-    if cfg.get("fid_ref"):
+    if cfg.get("fid_ref") and ranks.main:
         from .image_metrics import FID
 
         fid = FID(cfg["inception"], cfg["fid_ref"], device)
@@ -548,46 +600,61 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     if cfg["cuda_graph"]:
         from .graphs import GraphedStep, graphs_unavailable
 
-        if why := graphs_unavailable(dist):
+        if why := graphs_unavailable(dist) or (ranks.distributed and "not with torch.distributed (the gradient "
+                                                                     "all-reduce is not captured)"):
             raise RunError(f"--cuda-graph: {why}")
         step = GraphedStep(dist)
-    if notes:
+    if notes and ranks.main:
         print("\n".join(notes), file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         if state.get("config") != saved_cfg:
             raise CheckpointError(f"{latest} was written by another config")
-        dist.load_state_tensors(tensors, state["step"], str(latest))
-        truncate_metrics(out / "metrics.jsonl", state["step"])
+        dist.load_state_tensors(ranks.own_view(tensors), state["step"], str(latest))
+        if state.get("processes", 1) != ranks.world:  # new per-rank streams; parameters and optimizers continue
+            dist.reseed(rank_seed(cfg["seed"], ranks.rank, state["step"]))
+        if ranks.main:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
     else:
-        write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
-                                                "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
         init_metrics, _, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
-        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
-        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        if ranks.main:
+            write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
+                                                    "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
+            rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+            (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
     setup_s = time.perf_counter() - t0
 
     def checkpoint_due() -> bool:
         return bool(cfg["ckpt_every"]) and dist.step_count % cfg["ckpt_every"] == 0
 
-    def checkpoint():
-        state = {"config": saved_cfg, "torch": torch.__version__}
-        save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors(), state, keep=cfg["keep"])
+    def checkpoint():  # every rank calls it: gathering the ranks' random states is the barrier before the write
+        random_states = ranks.gather_random_state(dist.random_state())
+        if ranks.main:
+            state = {"config": saved_cfg, "torch": torch.__version__, "processes": ranks.world}
+            save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors() | random_states, state, keep=cfg["keep"])
 
-    def fid_now() -> dict:
-        value, n = fid(run.sample_batches(cfg["fid_samples"], run.fid_seed))
+    def fid_now() -> dict:  # every rank makes its share of the samples; rank 0 computes the FID
+        batches = run.sample_batches(cfg["fid_samples"], run.fid_seed)
+        if fid is None:
+            for _ in batches:
+                pass
+            return {}
+        value, n = fid(batches)
         return {"fid": value, "fid_samples": n}
 
     def plot(name, metrics, samples, y):
+        if not ranks.main:
+            return
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
                  f"step {dist.step_count}")
         run.problem.plot(out / "samples" / name, samples, y, metrics, history, title)
 
-    log = MetricsLog(out / "metrics.jsonl", dist)
-    bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"], desc="EMD", unit="it",
-               dynamic_ncols=True)
+    log = MetricsLog(out / "metrics.jsonl" if ranks.main else None, dist)
+    bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"] or not ranks.main, desc="EMD",
+               unit="it", dynamic_ncols=True)
     graphed = cfg["cuda_graph"]
     other_s, start_step, last = 0.0, dist.step_count, {}
     timer, timed_iters = PhaseTimer(device), 0
@@ -595,10 +662,11 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     warm_other_s = 0.0
     try:
         with StopSignals() as stop:
-            while dist.step_count < cfg["steps"] and not stop.signum:
+            while not (stopped := stop.requested(ranks)) and dist.step_count < cfg["steps"]:
                 timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
                 with timer if timed else contextlib.nullcontext():
-                    losses = _first_step(step, dist, device) if dist.step_count == start_step else step()
+                    first = dist.step_count == start_step and not ranks.distributed  # (halving the batch: 1 process)
+                    losses = _first_step(step, dist, device) if first else step()
                 dist.update_ema()
                 timed_iters += bool(timed)
                 n = dist.step_count
@@ -607,7 +675,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
                         torch.cuda.synchronize(device)
                     warm_t0, warm_other_s = time.perf_counter(), other_s
                 evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
-                fid_due = fid is not None and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
+                fid_due = cfg.get("fid_ref") and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
                 log.add(n, losses)
                 if evaluate or fid_due or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
                     log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
@@ -626,16 +694,18 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
                     other_s += time.perf_counter() - ts
                     bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
                 bar.update(1)
-            if stop.signum:  # at an iteration boundary: everything a resume needs is consistent
+            if stopped:  # at an iteration boundary (the same on every rank): everything a resume needs is consistent
                 bar.close()
                 log.sync()
                 if not checkpoint_due():
                     checkpoint()
-                raise Stopped(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after step "
-                                           f"{dist.step_count}: checkpoint written; continue with --resume --out {out}")
+                raise Stopped(stopped, f"stopped by {signal.Signals(stopped).name} after step {dist.step_count}: "
+                                       f"checkpoint written; continue with --resume --out {out}" if ranks.main else "")
     except KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
         bar.close()
         log.sync()
+        if ranks.distributed:  # the other ranks are not at a boundary: no consistent checkpoint to write
+            raise
         checkpoint()
         print(f"interrupted at step {dist.step_count}: checkpoint written; continue with --resume --out {out}",
               file=sys.stderr)
@@ -652,14 +722,16 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
         checkpoint()
     final, samples, y = run.evaluate()
-    if fid is not None:
-        final |= fid_now()
+    fid_metrics = fid_now() if cfg.get("fid_ref") else {}
+    if not ranks.main:
+        return None
+    final |= fid_metrics
     plot("final.png", final, samples, y)
     floor = run.problem.floor()
     steps_run = dist.step_count - start_step
     summary = {
         "out": str(out), "preset": cfg["preset"], "problem": type(run.problem).__name__, "steps": dist.step_count,
-        "device": str(device),
+        "device": str(device), "processes": ranks.world,
         "execution": {**dataclasses.asdict(dist.execution), "compile": cfg["compile"], "cuda_graph": graphed},
         "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
@@ -679,10 +751,10 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
 class MetricsLog:
     """metrics.jsonl, one line per iteration. The values stay on the device until ``sync`` reads all pending ones
     with one host sync (checking the deferred finite flag first); ``write`` appends them, evaluation metrics joined
-    to the last one."""
+    to the last one. path None (ranks other than 0): the values are checked, nothing is written."""
 
-    def __init__(self, path: Path, distiller: Distiller):
-        self.file, self.distiller = open(path, "a"), distiller
+    def __init__(self, path: Path | None, distiller: Distiller):
+        self.file, self.distiller = open(path, "a") if path else None, distiller
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.ready: list[dict] = []
         self.last: dict = {}
@@ -706,9 +778,9 @@ class MetricsLog:
     def write(self, metrics: dict | None = None) -> None:
         if metrics and self.ready:
             self.ready[-1] |= metrics
-        for rec in self.ready:
-            self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.writelines(json.dumps(rec) + "\n" for rec in self.ready)
+            self.file.flush()
         self.last = self.ready[-1] if self.ready else self.last
         self.ready.clear()
 
@@ -717,7 +789,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self.write()
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -16,7 +16,7 @@ from .cli import add_debug_flag, run_command
 from .diffusers_teacher import DEFAULT_GUIDANCE
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
+from .run import DIST_TIMEOUT_S, LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
 from .schedules import SCHEDULES, WEIGHTINGS
 
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the end")
     r.add_argument("--fid-every", type=int, default=0, help="steps between FID evaluations (0: only at the end)")
     r.add_argument("--fid-samples", type=int, default=50_000, help="generated samples per FID (EDM uses 50,000)")
+    r.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                   help="launched by torchrun (README: Several GPUs): seconds any collective waits before the run "
+                        "stops with an error, when another process died or hangs")
     return add_debug_flag(p)
 
 
@@ -157,7 +160,8 @@ def _explicit(parser: argparse.ArgumentParser, argv) -> set[str]:
 def format_summary(s: dict) -> str:
     return "\n".join([
         f"run directory: {s['out']}",
-        f"steps {s['steps']} on {s['device']}: {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
+        f"steps {s['steps']} on {s['device']}" + (f" x {s['processes']} processes" if s["processes"] > 1 else "")
+        + f": {s['iters_per_s']} it/s, {s['samples_per_s']} samples/s "
         f"(setup {s['setup_s']} s, training {s['train_s']} s"
         + (f"; after the first {WARM_ITERS} iterations {s['steady_iters_per_s']} it/s)" if s["steady_iters_per_s"]
            else ")"),
@@ -176,8 +180,13 @@ def main(argv=None) -> int:
     cfg["betas_g"], cfg["betas_s"] = tuple(cfg["betas_g"]), tuple(cfg["betas_s"])
     cfg["resume"] = cfg["resume"] or cfg["resume_from"] is not None
     explicit = _explicit(parser, argv) - {"debug"}
-    return run_command(lambda _: print(format_summary(train(cfg, explicit))), args,
-                       oom_hint="lower --batch, --eval-samples or --fid-samples")
+
+    def report(_):
+        summary = train(cfg, explicit)
+        if summary is not None:  # None: a rank other than 0 of a distributed run
+            print(format_summary(summary))
+
+    return run_command(report, args, oom_hint="lower --batch, --eval-samples or --fid-samples")
 
 
 if __name__ == "__main__":

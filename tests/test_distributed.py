@@ -1,0 +1,313 @@
+"""Data-parallel runs on torch.distributed (gloo, CPU): processes forked here with torchrun's environment, and one
+real torchrun launch. Equivalence with one process, rank-0 I/O, resume across numbers of processes, a signal to one
+rank, a failure or a hang of one rank."""
+import contextlib
+import datetime
+import functools
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from emd_fast import run, train
+from emd_fast.checkpoint import list_checkpoints, load_checkpoint
+from emd_fast.distiller import Distiller
+from emd_fast.distributed import Ranks, data_parallel, rank_seed
+from emd_fast.emd import EMDConfig, ReferenceOps
+from helpers import small_problem
+
+SMALL = ["--teacher-fit-steps", "20", "--batch", "24", "--hidden", "16", "--depth", "1", "--eval-every", "3",
+         "--eval-samples", "201", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu", "--keep", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    fn(rank, world, *args)
+
+
+def launch(fn, world, *args, limit_s=120):
+    """fn(rank, world, *args) in ``world`` processes with the environment torchrun gives its workers (started by a
+    forkserver that has imported torch and emd_fast: fresh single-threaded processes, quickly). A test fails
+    rather than hangs: the processes are killed after ``limit_s`` seconds."""
+    mp.set_forkserver_preload(["torch", "emd_fast.train", "helpers"])
+    context = mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, join=False,
+                                 start_method="forkserver")
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} on {world} processes did not finish in {limit_s} s")
+
+
+def _cli(rank, world, out_dir, argv, patch=None):
+    """train.main(argv) on one rank; its exit code, stdout and stderr go to out_dir/rank<r>.json."""
+    if patch:
+        patch(rank)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = train.main(argv)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(
+        {"code": code, "out": stdout.getvalue(), "err": stderr.getvalue(), "s": time.perf_counter() - t0}))
+
+
+def run_cli(tmp_path, world, out, *extra, patch=None) -> list[dict]:
+    """The training CLI on ``world`` processes; per rank {"code", "out", "err", "s" (seconds)}."""
+    log_dir = tmp_path / f"log_{out.name}_{time.monotonic_ns()}"
+    log_dir.mkdir()
+    launch(_cli, world, log_dir, ["--out", str(out), *SMALL, *extra], patch)
+    return [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors_at(out, step):
+    return load_file(str(out / "checkpoints" / f"step_{step:07d}.safetensors"))
+
+
+# --- the pieces ---------------------------------------------------------------------------------------------------
+
+def test_rank_seeds_rows_and_environment(monkeypatch):
+    assert rank_seed(7, 0) == 7  # a one-process run keeps its seed
+    seeds = {rank_seed(7, r, s) for r in range(4) for s in (0, 100)} | {rank_seed(8, 1)}
+    assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
+    for n, world in ((10, 3), (2, 3), (7, 2)):
+        rows = [Ranks(r, world).rows(n) for r in range(world)]
+        assert [i for s in rows for i in range(s.start, s.stop)] == list(range(n))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Ranks.from_env() == Ranks()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert Ranks.from_env() == Ranks(2, 3, 0, distributed=True)
+
+
+def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path):
+    """Rank r's torch.Generator and in-kernel NoiseStream start from rank_seed(seed, r); reseed restarts both."""
+    parser = train.build_parser()
+    argv = [*SMALL, "--backend", "triton", "--seed", "5", "--out", str(tmp_path / "r")]
+    cfg, device, _ = run.resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
+    states = []
+    for rank in range(3):
+        dist = run.Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
+        assert dist.batch == 8 and dist.global_batch == 24
+        assert torch.equal(dist.rng.get_state(), torch.Generator().manual_seed(rank_seed(5, rank)).get_state())
+        assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank), 0]
+        states.append(dist.random_state())
+        dist.step()
+        dist.reseed(rank_seed(5, rank, 1))
+        assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank, 1), 0]
+    assert len({s["noise_stream.state"][0].item() for s in states}) == 3 and states[0]["noise_stream.state"][0] == 5
+    assert dist.generate(torch.randn(0, 2), None).shape == (0, 2)  # a rank's share of fewer samples than ranks
+
+
+def test_global_batch_must_divide(tmp_path, capsys, monkeypatch):
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    assert train.main(["--out", str(tmp_path / "r"), *SMALL, "--batch", "25"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch 25 is the global batch and must divide evenly across the 2 processes" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+# --- equivalence: N ranks with B/N examples each take the update of one process with B ----------------------------
+
+class SharedNoiseOps(ReferenceOps):
+    """Langevin noise for the whole global batch from one stream every rank shares; this rank keeps its rows."""
+
+    def __init__(self, rng, ranks):
+        super().__init__(rng)
+        self.ranks = ranks
+
+    def randn_like(self, x):
+        full = torch.randn((x.shape[0] * self.ranks.world, *x.shape[1:]), generator=self.rng, dtype=x.dtype)
+        return full[self.ranks.rows(len(full))]
+
+
+class SharedNoiseDistiller(Distiller):
+    """Draws z, eps and t for the global batch from one stream shared by all ranks and keeps this rank's rows: the
+    same per-example randomness whatever the number of processes."""
+
+    def __init__(self, *args, ranks, **kw):
+        super().__init__(*args, **kw)
+        self.ranks = ranks
+        self.emd.ops = SharedNoiseOps(self.rng, ranks)
+
+    def _randn(self, n):
+        full = super()._randn(n * self.ranks.world)
+        return full[self.ranks.rows(len(full))]
+
+    def _sample_t(self, n):
+        full = super()._sample_t(n * self.ranks.world)
+        return full[self.ranks.rows(len(full))]
+
+
+BATCH, STEPS = 12, 4
+
+
+def trajectory(ranks, wrap=None):
+    """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2)."""
+    teacher, gen, student = small_problem(seed=0, hidden=16)
+    dist = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
+                                batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
+                                sigma_data=2.0, data_parallel=wrap, ranks=ranks)
+    out = []
+    for _ in range(STEPS):
+        dist.step()
+        nets = {"generator": dist.generator, "student": dist.student}
+        out.append({f"{name}.{k}": (p.detach().clone(), p.grad.clone()) for name, net in nets.items()
+                    for k, p in net.named_parameters()})
+    return out
+
+
+def _equivalence_worker(rank, world, path):
+    tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = trajectory(Ranks(rank, world, rank, distributed=True), data_parallel(torch.device("cpu")))
+        torch.save(result, path / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_take_the_one_process_update(tmp_path, world):
+    one = trajectory(Ranks())
+    launch(_equivalence_worker, world, tmp_path)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for r in range(1, world):  # every rank holds the same parameters, bit for bit
+        assert all(torch.equal(per_rank[0][-1][k][0], per_rank[r][-1][k][0]) for k in per_rank[0][-1])
+    worst_p = worst_g = 0.0
+    for step, (a, b) in enumerate(zip(one, per_rank[0]), 1):
+        for k in a:
+            (p1, g1), (pn, gn) = a[k], b[k]
+            worst_g = max(worst_g, float((g1 - gn).abs().max() / g1.abs().max()))
+            worst_p = max(worst_p, float((p1 - pn).abs().max()))
+            torch.testing.assert_close(gn, g1, rtol=1e-4, atol=1e-5 * float(g1.abs().max()), msg=f"{k} step {step}")
+            torch.testing.assert_close(pn, p1, rtol=1e-5, atol=1e-5, msg=f"{k} step {step}")
+    print(f"{world} processes vs 1: largest gradient difference {worst_g:.2e} of the largest gradient, largest "
+          f"parameter difference {worst_p:.2e} after {STEPS} steps")
+    # and the processes do not all see the same examples: a 2-process run without DDP would differ
+    assert any(not torch.equal(one[0][k][1], per_rank[0][0][k][1]) for k in one[0])
+
+
+# --- the run: rank-0 I/O, checkpoints, resume across world sizes ---------------------------------------------------
+
+def test_torchrun_rank0_io_and_resume_across_world_sizes(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "emd_fast.train", "--out", str(out), *SMALL, "--steps", "4"],
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("run directory:") == 1 and "on cpu x 2 processes" in res.stdout
+    assert [r["step"] for r in records(out)] == [0, 1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    _, state = load_checkpoint(out / "checkpoints" / "step_0000004.json")
+    two = tensors_at(out, 4)
+    assert state["processes"] == 2 and not torch.equal(two["rng"], two["rank1.rng"])
+
+    # the generator at initialisation is evaluated on the same samples, gathered from both ranks
+    single = tmp_path / "single"
+    assert train.main(["--out", str(single), *SMALL, "--steps", "1"]) == 0
+    a, b = records(single)[0], records(out)[0]
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a)
+
+    # 3 processes resume the 2-process checkpoint: parameters, EMA and optimizer state continue exactly, each rank's
+    # streams are new ones derived from (seed, rank, step) (--ckpt-every 0: the checkpoint of step 4 is rewritten)
+    logs = run_cli(tmp_path, 3, out, "--resume", "--steps", "4", "--ckpt-every", "0")
+    assert [r["code"] for r in logs] == [0, 0, 0]
+    three = tensors_at(out, 4)
+    assert load_checkpoint(out / "checkpoints" / "step_0000004.json")[1]["processes"] == 3
+    assert {k for k in two if "rng" not in k} == {k for k in three if "rng" not in k}
+    assert all(torch.equal(two[k], three[k]) for k in two if "rng" not in k)
+    for r, key in enumerate(("rng", "rank1.rng", "rank2.rng")):
+        assert torch.equal(three[key], torch.Generator().manual_seed(rank_seed(0, r, 4)).get_state())
+
+    assert not logs[1]["out"] and not logs[2]["out"] and not logs[1]["err"] and not logs[2]["err"]
+    assert train.main(["--out", str(out), *SMALL, "--resume", "--steps", "6"]) == 0  # and one process
+    assert [r["step"] for r in records(out)] == list(range(7))
+    assert [p.name for p in (out / "samples").iterdir()] == ["final.png"]
+
+
+# --- stopping: a signal to one rank, a failure of one rank, a hung rank --------------------------------------------
+
+def _act_at_step(target_rank, target_step, action, rank):
+    """On ``target_rank``: Distiller.step calls action() at the start of iteration ``target_step``."""
+    if rank != target_rank:
+        return
+    real = Distiller.step
+
+    def step(self):
+        if self.step_count + 1 == target_step:
+            action()
+        return real(self)
+
+    Distiller.step = step
+
+
+def _on_rank_at_step(target_rank, target_step, action):
+    return functools.partial(_act_at_step, target_rank, target_step, action)
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fail():
+    raise FloatingPointError("generator loss is nan at step 3 (injected)")
+
+
+def _hang():
+    time.sleep(6)
+
+
+def test_sigterm_to_one_rank_stops_all_at_one_boundary_and_resumes_exactly(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert [r["code"] for r in run_cli(tmp_path, 2, straight, "--steps", "7")] == [0, 0]
+    logs = run_cli(tmp_path, 2, stopped, "--steps", "7", patch=_on_rank_at_step(1, 5, _sigterm))
+    assert [r["code"] for r in logs] == [143, 143]
+    assert logs[0]["err"].strip() == (f"stopped by SIGTERM after step 5: checkpoint written; continue with --resume "
+                                      f"--out {stopped}") and not logs[1]["err"]
+    assert list_checkpoints(stopped / "checkpoints")[-1].name == "step_0000005.json"
+    assert [r["code"] for r in run_cli(tmp_path, 2, stopped, "--resume", "--steps", "7")] == [0, 0]
+    a, b = tensors_at(straight, 7), tensors_at(stopped, 7)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(r["step"], r.get("loss_g")) for r in records(straight)] == \
+        [(r["step"], r.get("loss_g")) for r in records(stopped)]
+
+
+def test_an_exception_on_one_rank_stops_all_with_one_line_errors(tmp_path):
+    out = tmp_path / "run"
+    logs = run_cli(tmp_path, 2, out, "--steps", "50", "--dist-timeout", "60", patch=_on_rank_at_step(1, 3, _fail))
+    assert [r["code"] for r in logs] == [2, 2]
+    assert logs[1]["err"] == "error: generator loss is nan at step 3 (injected)\n"
+    assert logs[0]["err"].startswith("error: process 0 of 2 stopped: another process of the run failed")
+    assert logs[0]["err"].count("\n") == 1 and logs[0]["s"] < 30  # at once, not after the timeout
+    assert not out.exists()  # failed before its first checkpoint: nothing half-made is left
+
+
+def test_a_hung_rank_times_out(tmp_path):
+    logs = run_cli(tmp_path, 2, tmp_path / "run", "--steps", "50", "--dist-timeout", "3",
+                   patch=_on_rank_at_step(1, 2, _hang))
+    assert [r["code"] for r in logs] == [2, 2]
+    assert "hung past --dist-timeout" in logs[0]["err"] and logs[0]["err"].count("\n") == 1
