@@ -28,6 +28,7 @@ Another Triton version (the GPU machines pin triton 3.6): make a venv with it an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import re
 import subprocess
@@ -131,6 +132,25 @@ def compilable(fn, _memo={}) -> JITFunction:
         jit.__globals__ = {k: compilable(v) if isinstance(v, InterpretedFunction) else v
                            for k, v in fn.fn.__globals__.items()}
     return _memo[fn]
+
+
+@contextlib.contextmanager
+def compilable_language():
+    """Within: triton.language's own jit functions (tl.sum, tl.philox, ...) are JITFunctions, also where
+    TRITON_INTERPRET=1 made them interpreted ones when triton was imported (restored on exit)."""
+    if not triton.knobs.runtime.interpret:
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    swapped = [(m, k, v) for name, m in list(sys.modules.items()) if name.startswith("triton.language")
+               for k, v in list(vars(m).items()) if isinstance(v, InterpretedFunction)]
+    for m, k, v in swapped:
+        setattr(m, k, compilable(v))
+    try:
+        yield
+    finally:
+        for m, k, v in swapped:
+            setattr(m, k, v)
 
 
 def variant_of(launch: Launch, numel: int, dtype: str) -> Variant:
@@ -243,8 +263,9 @@ def compile_variant(v: Variant, arch: int) -> Compiled:
 
 
 def _compile(v: Variant, arch: int) -> Compiled:
-    kernel = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
+    with compilable_language():
+        kernel = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

@@ -20,21 +20,21 @@ from ._common import NUM_WARPS, check_inputs, flat, is_channels_last, launch, lo
 @triton.jit
 def _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
               BIG: tl.constexpr, PER_ROW: tl.constexpr):
-    """(tile, mask, r, w) of this program: its tile (first, starts, o) as ``tile`` gives it, r = p - q (q absent:
-    r = p) and the rows' weights w, fp32."""
+    """(first, starts, o, mask, r, w) of this program: its tile as ``tile`` gives it, r = p - q (q absent: r = p)
+    and the rows' weights w, fp32. (A flat tuple: triton 3.6 cannot assign nested tuples.)"""
     first, starts, o = tile(R, V, BIG)
     mask = o < numel
     r = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
     if HAS_Q:
         r -= tl.load(q_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    return (first, starts, o), mask, r, load_per_row(w_ptr, first, starts, o, numel, row_numel, 0.0, PER_ROW)
+    return first, starts, o, mask, r, load_per_row(w_ptr, first, starts, o, numel, row_numel, 0.0, PER_ROW)
 
 
 @triton.jit
 def _loss_fwd_kernel(p_ptr, q_ptr, w_ptr, partial_ptr, numel, row_numel, scale, HAS_Q: tl.constexpr,
                      R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr, PER_ROW: tl.constexpr):
     """partial[pid] = scale * sum over this tile of w * r^2."""
-    _, _, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
+    _, _, _, _, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
     tl.store(partial_ptr + tl.program_id(0), tl.sum(w * r * r) * scale)
 
 
@@ -43,7 +43,7 @@ def _loss_bwd_kernel(p_ptr, q_ptr, w_ptr, alpha_ptr, sigma_ptr, grad_ptr, out_pt
                      HAS_Q: tl.constexpr, SNR: tl.constexpr, R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr,
                      PER_ROW: tl.constexpr):
     """out = scale * grad * w * r (SNR: times alpha / sigma of the row)."""
-    (first, starts, o), mask, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
+    first, starts, o, mask, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
     coef = w * (scale * tl.load(grad_ptr).to(tl.float32))
     if SNR:
         coef = coef * load_per_row(alpha_ptr, first, starts, o, numel, row_numel, 0.0, PER_ROW)
