@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of the Triton kernels: what the compiler makes of every launch the wrappers make.
 
     python benchmarks/aot_check.py                     # the CI set, sm_80 and sm_90: table; exit 1 if a check fails
-    python benchmarks/aot_check.py --all               # every option combination of every wrapper
+    python benchmarks/aot_check.py --all               # every option combination of every wrapper, + 2^31 elements
     python benchmarks/aot_check.py --all --arch 90 --out aot.txt
 
 No GPU is needed: the launches come from the public wrappers of ``emd_fast.kernels`` themselves, called on ``meta``
@@ -10,7 +10,9 @@ as soon as the wrapper makes it), and each distinct launch is compiled with ``tr
 ``GPUTarget("cuda", arch, 32)``, specialised as the JIT specialises a real launch (Triton's own
 ``native_specialize_impl``: 16-byte aligned pointers, sizes divisible by 16), with the ptxas of the Triton wheel.
 The cubin is read with the wheel's ``cuobjdump`` (registers, stack frame, SASS); the vector width comes from the PTX
-(each global access is traced back to the kernel parameter its address is computed from).
+(each global access is traced back to the kernel parameter its address is computed from). The compiler needs the
+kernels as JIT functions: the script unsets TRITON_INTERPRET, and ``test_aot_check.py`` runs it as one child
+process (under the interpreter triton.language is patched, and triton 3.9 leaves some of those patches behind).
 
 Checks, for every launch and arch:
 - it compiles; no stack frame, no local memory, no spill instruction (LDL/STL);
@@ -28,26 +30,32 @@ Another Triton version (the GPU machines pin triton 3.6): make a venv with it an
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
 import itertools
+import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, native_specialize_impl
+if __name__ == "__main__":  # the compiler needs the kernels as JIT functions, not as the interpreter's
+    os.environ.pop("TRITON_INTERPRET", None)
 
-from emd_fast import kernels
-from emd_fast.kernels._common import Launch, recording_launches
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
+
+from emd_fast import kernels  # noqa: E402
+from emd_fast.kernels._common import Launch, recording_launches  # noqa: E402
 
 ARCHS = (80, 90)
 SHAPES = {"4096x64": (4096, 64), "128x3x128x128": (128, 3, 128, 128)}
+BIG_SHAPES = {"32768x65536": (32768, 65536)}  # 2^31 elements: int64 offsets (--all only)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_BLOCKS_PER_SM = 8
 REGS_PER_SM = 65536
@@ -100,7 +108,7 @@ def wrapper_calls(shape, dtype, full: bool):
 @dataclass
 class Variant:
     """One distinct compilation: a kernel with its specialised signature, constexprs and num_warps."""
-    kernel: JITFunction
+    kernel: object  # the wrapper's triton.jit function
     signature: dict
     constexprs: dict
     attrs: dict
@@ -115,47 +123,20 @@ class Variant:
                 self.num_warps)
 
     @property
+    def id(self) -> str:
+        """Names this variant alike in every process (the test compiles in a child process)."""
+        return f"{self.name}-{self.dtype}-{hashlib.sha1(repr(self.key).encode()).hexdigest()[:8]}"
+
+    @property
     def name(self):
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items()
                          if not (isinstance(v, bool) and not v) and v is not None)
         return f"{self.kernel.fn.__name__.strip('_')}[{flags}]"
 
 
-def compilable(fn, _memo={}) -> JITFunction:
-    """The JITFunction of a Triton function: fn itself, or, where ``@triton.jit`` made an interpreted function
-    (TRITON_INTERPRET=1, as in the tests), one made from its Python function, with the helpers it calls alike."""
-    if isinstance(fn, JITFunction):
-        return fn
-    if fn not in _memo:
-        from triton.runtime.interpreter import InterpretedFunction
-        jit = _memo[fn] = JITFunction(fn.fn)
-        jit.__globals__ = {k: compilable(v) if isinstance(v, InterpretedFunction) else v
-                           for k, v in fn.fn.__globals__.items()}
-    return _memo[fn]
-
-
-@contextlib.contextmanager
-def compilable_language():
-    """Within: triton.language's own jit functions (tl.sum, tl.philox, ...) are JITFunctions, also where
-    TRITON_INTERPRET=1 made them interpreted ones when triton was imported (restored on exit)."""
-    if not triton.knobs.runtime.interpret:
-        yield
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    swapped = [(m, k, v) for name, m in list(sys.modules.items()) if name.startswith("triton.language")
-               for k, v in list(vars(m).items()) if isinstance(v, InterpretedFunction)]
-    for m, k, v in swapped:
-        setattr(m, k, compilable(v))
-    try:
-        yield
-    finally:
-        for m, k, v in swapped:
-            setattr(m, k, v)
-
-
 def variant_of(launch: Launch, numel: int, dtype: str) -> Variant:
     """The launch specialised as the JIT would specialise it."""
-    kernel = compilable(launch.kernel)
+    kernel = launch.kernel
     backend = make_backend(GPUTarget("cuda", ARCHS[-1], 32))
     runtime = iter(launch.args)
     signature, constexprs, attrs, per_element = {}, {}, {}, set()
@@ -175,10 +156,12 @@ def variant_of(launch: Launch, numel: int, dtype: str) -> Variant:
     return Variant(kernel, signature, constexprs, attrs, launch.num_warps, frozenset(per_element), dtype)
 
 
-def variants(full: bool = False, shapes=SHAPES, dtypes=DTYPES) -> list[Variant]:
-    """Every distinct launch the wrappers make for the calls, shapes and dtypes, in first-seen order."""
+def variants(full: bool = False) -> list[Variant]:
+    """Every distinct launch the wrappers make for the calls (full: all of them, and at BIG_SHAPES too), shapes
+    and dtypes, in first-seen order."""
     found = {}
-    for (shape_name, shape), (dtype_name, dtype) in itertools.product(shapes.items(), dtypes.items()):
+    shapes = SHAPES | (BIG_SHAPES if full else {})
+    for (shape_name, shape), (dtype_name, dtype) in itertools.product(shapes.items(), DTYPES.items()):
         numel = torch.Size(shape).numel()
         for call_name, call in wrapper_calls(shape, dtype, full).items():
             with recording_launches() as launches:
@@ -262,25 +245,33 @@ def compile_variant(v: Variant, arch: int) -> Compiled:
     return _COMPILED[v.key, arch]
 
 
+def read_dump(dump: str) -> tuple[dict[str, int], list[str]]:
+    """({REG, STACK, LOCAL}, SASS opcodes without NOPs) of ``cuobjdump -res-usage -sass`` output."""
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump)}
+    ops = [op for op in re.findall(r"^\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", dump, re.M)
+           if op != "NOP"]
+    return usage, ops
+
+
 def _compile(v: Variant, arch: int) -> Compiled:
-    with compilable_language():
-        kernel = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
-                                target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
+    if not isinstance(v.kernel, JITFunction):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1 when they were imported): run "
+                           "aot_check.py in a process without it")
+    kernel = triton.compile(ASTSource(v.kernel, v.signature, v.constexprs, v.attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         dump = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", "-sass", f.name],
                               capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", dump))
-    ops = [op for op in re.findall(r"^\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", dump, re.M)
-           if op != "NOP"]
+    usage, ops = read_dump(dump)
     f64_ops = [op for op in ops if F64_OP.match(op)]
     runtime_params = [n for n, ty in v.signature.items() if ty != "constexpr"]
     element_params = {i for i, n in enumerate(runtime_params) if n in v.per_element}
     accesses = global_accesses(kernel.asm["ptx"])
     element = [bits for bits, params in accesses if params & element_params]
-    regs, shared = int(usage["REG"]), kernel.metadata.shared
-    return Compiled(regs=regs, stack=int(usage["STACK"]), local=int(usage["LOCAL"]),
+    regs, shared = usage["REG"], kernel.metadata.shared
+    return Compiled(regs=regs, stack=usage["STACK"], local=usage["LOCAL"],
                     spills=sum(op.startswith(("LDL", "STL")) for op in ops), shared=shared, sass=len(ops),
                     vec=min(element, default=0), other=len(accesses) - len(element), f64=len(f64_ops),
                     blocks_per_sm=_blocks_per_sm(regs, shared, v.num_warps, arch), f64_ops=f64_ops)
@@ -309,6 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="every option combination of every wrapper (slower)")
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--out", type=Path, help="also write the table here")
+    p.add_argument("--json", type=Path, help="also write every row (figures, failures) here")
     args = p.parse_args(argv)
     rows, failed = [], []
     for v in variants(full=args.all):
@@ -322,6 +314,10 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": [
+            {"id": f"{v.id}-sm{arch}", "calls": v.calls, **asdict(c), "failures": c.failures()}
+            for v, arch, c in rows]}, indent=1))
     return 1 if failed else 0
 
 
