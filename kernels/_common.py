@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel wrappers: boundary checks, memory layout, block indexing.
+"""Helpers shared by the kernel wrappers: boundary checks, memory layout, the tiling (the launch rule), launches
+(recordable, for the ahead-of-time compile check).
 
 Layout: a kernel walks its tensors as flat arrays in one shared element order, with the batch index
 outermost, so that ``row = flat_index // row_numel`` picks the per-example scalars. That order is the
@@ -125,10 +126,9 @@ def tiling(numel: int, row_numel: int, *tensors: torch.Tensor) -> Tiling:
     against 128 before), 128x3x128x128 fp32 12288. Larger programs (several vectors per thread) were measured by
     the AOT check to need up to 112 registers (bf16), under 8 blocks per SM, for no fewer bytes moved."""
     vec = 16 // min(t.element_size() for t in tensors)
-    rows = THREADS
-    block = rows * vec
+    block = THREADS * vec
     per_row = PER_PROGRAM if row_numel % block == 0 else PER_VECTOR if row_numel % vec == 0 else PER_ELEMENT
-    return Tiling((triton.cdiv(numel, block),), rows, vec, numel + block >= 2**31, per_row)
+    return Tiling((triton.cdiv(numel, block),), THREADS, vec, numel + block >= 2**31, per_row)
 
 
 @triton.jit
