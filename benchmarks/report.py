@@ -3,7 +3,8 @@
     python benchmarks/report.py bench.json > bench.md
 
 One row per (kernel, size, dtype, implementation): time, achieved GB/s over the bytes a fused pass moves,
-% of the run's copy bandwidth, and the speed-up over the eager reference chain.
+% of the run's copy bandwidth, measured / roofline floor (``x floor``, benchmarks/roofline.py; "-" in the smoke
+mode) and the speed-up over the eager reference chain.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ def render(benchmarks: dict[str, dict]) -> str:
     lines = [f"Device: {first['gpu']}; torch {first['torch']}, triton {first['triton']}; "
              f"copy bandwidth {first['copy_gbps']:.0f} GB/s (read + write)"
              + ("; SMOKE MODE (tiny sizes, numbers mean nothing)" if first["smoke"] else ""), "",
-             "| kernel | size | dtype | impl | time (ms) | GB/s | % copy BW | vs eager |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+             "| kernel | size | dtype | impl | time (ms) | GB/s | % copy BW | x floor | vs eager |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     eager = {(i["kernel"], i["size"], i["dtype"]): i["time_ms"] for i in infos if i["impl"] == "eager"}
     for i in sorted(infos, key=lambda i: (i["kernel"], i["size"], i["dtype"], i["impl"])):
         base = eager.get((i["kernel"], i["size"], i["dtype"]))
         speedup = f"{base / i['time_ms']:.2f}x" if base else "-"
+        x_floor = f"{i['x_floor']:.2f}" if i.get("x_floor") is not None else "-"
         lines.append(f"| {i['kernel']} | {i['size']} | {i['dtype'].removeprefix('torch.')} | {i['impl']} | "
-                     f"{i['time_ms']:.4f} | {i['gbps']:.4g} | {i['pct_copy_bw']:.0f}% | {speedup} |")
+                     f"{i['time_ms']:.4f} | {i['gbps']:.4g} | {i['pct_copy_bw']:.0f}% | {x_floor} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 

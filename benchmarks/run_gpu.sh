@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine (no internet needed): the GPU tests, full-iteration throughput, the kernel benchmark suite, then
-# the rest of the test suite. Writes into $OUT (default ./bench_out): env.txt, tests.txt (kernel and CUDA-graph
+# On a GPU machine (no internet needed): the AOT compile check and the roofline floors, the GPU tests, full-iteration
+# throughput, the kernel benchmark suite, then the rest of the test suite. Writes into $OUT (default ./bench_out):
+# env.txt, aot.txt, roofline.txt/.json, tests.txt (kernel and CUDA-graph
 # tests), throughput.json/.txt (benchmarks/throughput.py: 2 problems x 4 impls x 2 backends x K 1/4/16, less
 # compile/triton), bench_kernels.json (pytest-benchmark), bench_kernels.md, tests_all.txt (the other tests).
 #   benchmarks/run_gpu.sh
@@ -24,6 +25,8 @@ fi
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/env.txt"
 
 rc=0
+"$PY" benchmarks/aot_check.py --out "$OUT/aot.txt" > /dev/null 2>&1 || rc=1
+"$PY" benchmarks/roofline.py --json "$OUT/roofline.json" 2>&1 | tee "$OUT/roofline.txt" || rc=1
 "$PY" -m pytest -q "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/tests.txt" || rc=1
 # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a list of options
 "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --out "$OUT/throughput.json" \

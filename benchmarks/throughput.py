@@ -31,7 +31,10 @@ counted), the same for every variant of a (problem, K). TFLOP/s = FLOPs / time; 
 (default 800: the dense bf16 matmul rate measured on an H100, DESIGN.md): the honest figure for graph-bf16; for the
 fp32 variants (fp32 matmuls, TF32 convolutions by default) it is a lower bound on what the hardware could give.
 Columns: "vs eager ref" is the row's it/s over that of the eager reference row of the same problem and K, measured
-in the same run; EMD-K/EMD-1 is the row's time over the K=1 row of the same problem, backend and impl. The summary
+in the same run; EMD-K/EMD-1 is the row's time over the K=1 row of the same problem, backend and impl. "x floor" is
+ms/iter over the roofline floor of the iteration on this device (``roofline.networks_cost`` with the copy bandwidth
+and bf16 matmul rate measured in the run; for the fp32 variants a lower bound too); "-" in the smoke mode, whose
+floors ``roofline.py`` prints alone. The summary
 gives, per problem at K=16, the fastest variant's speed-up over the eager reference against issue 4's targets
 (vector >= 10x, U-Net >= 2x) and its MFU.
 
@@ -63,6 +66,7 @@ import triton  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import compare  # noqa: E402
+import roofline  # noqa: E402
 from emd_fast import mixtures, problems  # noqa: E402
 from emd_fast.compiled import compile_networks  # noqa: E402
 from emd_fast.distiller import Distiller, Execution  # noqa: E402
@@ -255,12 +259,13 @@ def measure_row(nets, spec: dict, impl: str, backend: str, K: int, flops: int, d
 def measure(args) -> dict:
     device = torch.device("cuda" if ON_GPU else "cpu")
     compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
-    rows, notes = [], []
+    rows, notes, floor = [], [], {}
     for pname in args.problems:
         spec = problem_spec(pname, args.smoke)
         nets = build_networks(spec, device)
         flops = {K: count_flops(make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), device))
                  for K in args.K}
+        floor[pname] = {K: roofline.networks_cost(nets, spec["batch"], K) for K in args.K}
         for impl in args.impls:
             impl_nets, lines, why = impl_networks(nets, spec, impl, device, compile_backend)
             notes += [n for n in (f"{pname}: {line}" for line in lines) if n not in notes]
@@ -275,7 +280,14 @@ def measure(args) -> dict:
         ref = find(rows, problem=r["problem"], backend="reference", impl="eager", K=r["K"])
         r["time_vs_K1"] = r["ms_per_iter"] / k1["ms_per_iter"] if k1 else None
         r["speedup_vs_eager_ref"] = r["iters_per_s"] / ref["iters_per_s"] if ref else None
-    return {**machine_facts(), "smoke": args.smoke, "peak_tflops": args.peak_tflops,
+    rates = None if args.smoke else roofline.device_rates()
+    for r in rows:  # the roofline floor on this device (benchmarks/roofline.py); not judged in the smoke mode
+        cost = floor[r["problem"]][r["K"]]
+        r["floor_bytes"], r["floor_flops"] = cost["bytes"], cost["flops"]
+        r["floor_ms"] = None if rates is None else 1e3 * roofline.floor_s(
+            cost["bytes"], cost["flops"], rates["copy_gbps"], rates["matmul_tflops"])
+        r["x_floor"] = None if rates is None else r["ms_per_iter"] / r["floor_ms"]
+    return {**machine_facts(), "device_rates": rates, "smoke": args.smoke, "peak_tflops": args.peak_tflops,
             "peak_note": "measured dense bf16 matmul rate (H100, DESIGN.md): MFU of the bf16 rows; the fp32 rows "
                          "(fp32 matmuls, TF32 convolutions) get a lower bound",
             "compile_backend": compile_backend, "iters": args.iters, "warmup": args.warmup, "notes": notes,
@@ -288,13 +300,14 @@ def ratio(x: float | None, fmt: str = "{:.2f}") -> str:
 
 def table(res: dict) -> str:
     head = ["problem", "backend", "impl", "K", "ms/iter", "it/s", "samples/s", "GFLOP/iter", "TFLOP/s", "MFU %",
-            "vs eager ref", "EMD-K/EMD-1"]
+            "vs eager ref", "EMD-K/EMD-1", "x floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["results"]:
         lines.append("| " + " | ".join([
             r["problem"], r["backend"], r["impl"], str(r["K"]), f"{r['ms_per_iter']:.2f}", f"{r['iters_per_s']:.2f}",
             f"{r['samples_per_s']:.0f}", f"{r['flops_per_iter'] / 1e9:.3g}", f"{r['tflops']:.3g}",
-            f"{100 * r['mfu']:.3g}", ratio(r["speedup_vs_eager_ref"], "{:.2f}x"), ratio(r["time_vs_K1"])]) + " |")
+            f"{100 * r['mfu']:.3g}", ratio(r["speedup_vs_eager_ref"], "{:.2f}x"), ratio(r["time_vs_K1"]),
+            ratio(r["x_floor"], "{:.3g}")]) + " |")
     lines += [f"{s['problem']} EMD-{s['K']}: fastest {s['impl']} / {s['backend']}, {s['speedup_vs_eager_ref']:.2f}x "
               f"the eager reference's it/s (issue 4 target >= {s['target']:g}x: "
               f"{VERDICT[s['target_met']]}), MFU {100 * s['mfu']:.3g}%" for s in res["summary"]]

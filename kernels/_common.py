@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel wrappers: boundary checks, memory layout, block indexing.
+"""Helpers shared by the kernel wrappers: boundary checks, memory layout, the tiling (the launch rule), launches
+(recordable, for the ahead-of-time compile check).
 
 Layout: a kernel walks its tensors as flat arrays in one shared element order, with the batch index
 outermost, so that ``row = flat_index // row_numel`` picks the per-example scalars. That order is the
@@ -7,7 +8,10 @@ An input laid out differently (a transposed or sliced view) is copied once with 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -15,9 +19,9 @@ import triton.language as tl
 
 from emd_fast.checks import check_like
 
-SUB = 512  # elements per sub-block; a Langevin program handles 4 sub-blocks (one Philox call gives 4 normals)
-BLOCK = 4 * SUB  # elements per program
 NUM_WARPS = 4
+THREADS = 32 * NUM_WARPS
+PER_PROGRAM, PER_VECTOR, PER_ELEMENT = 0, 1, 2  # how often a kernel loads the per-example values
 
 
 def check_inputs(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -25,6 +29,8 @@ def check_inputs(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None
     check_like(ref_name, ref, **others)
     if ref.numel() == 0:
         raise ValueError(f"{ref_name} is empty (shape {tuple(ref.shape)})")
+    if ref.device.type == "meta" and _recorded is not None:
+        return  # recording_launches(): nothing runs
     if ref.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"Triton kernels need CUDA tensors but {ref_name} is on {ref.device} "
                          "(set TRITON_INTERPRET=1 to run them on the CPU)")
@@ -33,6 +39,40 @@ def check_inputs(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None
 def check_gamma(name: str, gamma: float) -> None:
     if isinstance(gamma, torch.Tensor) or not gamma > 0:
         raise ValueError(f"{name} must be a Python number > 0, got {gamma}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a wrapper makes it: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``."""
+    kernel: Any  # a triton.jit function
+    grid: tuple[int, ...]
+    args: tuple  # the runtime arguments: tensors, ints, floats, in the kernel's order
+    constexprs: dict[str, Any]
+    num_warps: int
+
+
+_recorded: list[Launch] | None = None
+
+
+def launch(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any], num_warps: int) -> None:
+    """Launch ``kernel``; inside ``recording_launches()`` only record the launch."""
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, grid, args, constexprs, num_warps))
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within: every launch the wrappers make is appended to the yielded list instead of run, and inputs may be
+    on the ``meta`` device (outputs then are meta tensors), so the launches for any size are listed without a GPU
+    (``benchmarks/aot_check.py`` compiles them ahead of time)."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
 
 
 def is_channels_last(ref: torch.Tensor) -> bool:
@@ -59,26 +99,58 @@ def per_example(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.contiguous()
 
 
-def launch_shape(numel: int, row_numel: int, size: int) -> tuple[tuple[int], bool, bool]:
-    """(grid, BIG, ALIGNED): one program per BLOCK elements; BIG asks for int64 offsets; ALIGNED: every block
-    of ``size`` elements lies inside one row (one scalar load of the per-example values, no division)."""
-    return (triton.cdiv(numel, BLOCK),), numel + BLOCK >= 2**31, row_numel % size == 0
+@dataclass(frozen=True)
+class Tiling:
+    """How a kernel walks its flat tensors: ``grid`` programs, each a tile of ``rows`` x ``vec`` consecutive
+    elements (a tile row is one 16-byte vector of the narrowest tensor); ``per_row`` says how often the
+    per-example values are loaded: once a program (PER_PROGRAM: the tile lies inside one example), once a
+    tile row (PER_VECTOR: ``vec`` divides the example) or per element (PER_ELEMENT)."""
+    grid: tuple[int]
+    rows: int
+    vec: int
+    big: bool  # int64 offsets
+    per_row: int
+
+    @property
+    def block(self) -> int:
+        return self.rows * self.vec
+
+    def constexprs(self) -> dict[str, int | bool]:
+        return {"R": self.rows, "V": self.vec, "BIG": self.big, "PER_ROW": self.per_row}
+
+
+def tiling(numel: int, row_numel: int, *tensors: torch.Tensor) -> Tiling:
+    """The launch rule: one 16-byte vector per thread and tensor, NUM_WARPS * 32 threads a program. V = 16 bytes /
+    the smallest element size of ``tensors`` (4 fp32, 8 bf16/fp16), so every load and store is one 128-bit
+    access, and a program is THREADS x V elements: 4096x64 fp32 runs 512 programs (about 4 per SM of an H100,
+    against 128 before), 128x3x128x128 fp32 12288. Larger programs (several vectors per thread) were measured by
+    the AOT check to need up to 112 registers (bf16), under 8 blocks per SM, for no fewer bytes moved."""
+    vec = 16 // min(t.element_size() for t in tensors)
+    block = THREADS * vec
+    per_row = PER_PROGRAM if row_numel % block == 0 else PER_VECTOR if row_numel % vec == 0 else PER_ELEMENT
+    return Tiling((triton.cdiv(numel, block),), THREADS, vec, numel + block >= 2**31, per_row)
 
 
 @triton.jit
-def program_start(SIZE: tl.constexpr, BIG: tl.constexpr):
-    """Offset of this program's first element (SIZE elements a program), int64 only when BIG."""
+def tile(R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr):
+    """(first, starts, o) of this program: its first element, the [R] first elements of its tile rows and the
+    [R, V] element offsets (int64 only when BIG)."""
     pid = tl.program_id(0)
     if BIG:
         pid = pid.to(tl.int64)
-    return pid * SIZE
+    first = pid * (R * V)
+    starts = first + tl.arange(0, R) * V
+    return first, starts, starts[:, None] + tl.arange(0, V)[None, :]
 
 
 @triton.jit
-def load_per_row(ptr, start, o, numel, row_numel, other, ALIGNED: tl.constexpr):
-    """ptr[row] in fp32 for the offsets o = start + [0, size): a scalar load when ALIGNED (one row), else a gather."""
-    if ALIGNED:
-        v = tl.load(ptr + start // row_numel, mask=start < numel, other=other)
+def load_per_row(ptr, first, starts, o, numel, row_numel, other, PER_ROW: tl.constexpr):
+    """ptr[example] in fp32 for the tile (first, starts, o), broadcastable to [R, V]: one scalar load a program
+    (PER_ROW 0), one load a tile row (1) or a gather per element (2)."""
+    if PER_ROW == 0:
+        v = tl.load(ptr + first // row_numel)
+    elif PER_ROW == 1:
+        v = tl.load(ptr + starts // row_numel, mask=starts < numel, other=other)[:, None]
     else:
         v = tl.load(ptr + o // row_numel, mask=o < numel, other=other)
     return v.to(tl.float32)

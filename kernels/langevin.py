@@ -3,7 +3,8 @@
 One kernel pass reads each input once and writes each output once; the math is fp32 whatever the input
 dtype (fp32 / bf16 / fp16), outputs are in the dtype of the chain variable. The noise is either given
 (``noise=``, element by element equal to the reference) or drawn in the kernel from a ``NoiseStream``
-(Philox 4x32-10 keyed by the seed, counter = stream counter + element block; Box-Muller to normals).
+(Philox 4x32-10 keyed by the seed, counter = stream counter + element // 4; Box-Muller with polynomial
+sin/cos, in the registers of the loads and stores: no shared memory, no fp64).
 Layout: contiguous or channels_last inputs are read in place; others are copied once (``.contiguous()``).
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ import triton.language as tl
 
 from emd_fast.checks import check_per_example
 
-from ._common import (NUM_WARPS, SUB, check_gamma, check_inputs, flat, is_channels_last, launch_shape,
-                      load_per_row, per_example, program_start, unflat)
+from ._common import (NUM_WARPS, check_gamma, check_inputs, flat, is_channels_last, launch, load_per_row, per_example,
+                      tile, tiling, unflat)
 
 
 class NoiseStream:
@@ -25,8 +26,9 @@ class NoiseStream:
 
     The state is a device int64 tensor ``[seed, counter]``: kernels read it through a pointer and the
     counter is advanced on the device after each launch, so a step never syncs with the host and can be
-    captured in a CUDA graph. A launch over n elements consumes ``cdiv(n, 4 * SUB) * SUB`` Philox
-    counters (4 normals each), so no draw is ever reused; the same seed gives the same sequence of draws.
+    captured in a CUDA graph. A launch over n elements consumes ``cdiv(n, 4)`` Philox counters (4 normals
+    each; element e takes word e % 4 of counter + e // 4, whatever the dtype or tiling), so no draw is ever
+    reused; the same seed gives the same sequence of draws.
     """
 
     def __init__(self, seed: int, device: torch.device | str):
@@ -55,61 +57,93 @@ class NoiseStream:
 
 
 @triton.jit
+def _cos_sin_turn(k):
+    """cos and sin of 2 pi k / 2^24 for int32 k in [0, 2^24): the quadrant from the top two bits, Taylor
+    polynomials of degree 12 / 11 on [0, pi/2) for the rest (truncation below 6e-8; error against float64 over
+    every k: at most 2.0e-7, fp32 rounding, tested). No range-reduction slow path, no tables, no fp64."""
+    q = k >> 22
+    x = (k & 0x3FFFFF).to(tl.float32) * 3.745070282923929e-07  # (pi / 2) / 2^22
+    x2 = x * x
+    s = x + x * x2 * (-0.16666666666666666 + x2 * (0.008333333333333333 + x2 * (
+        -1.984126984126984e-04 + x2 * (2.7557319223985893e-06 + x2 * -2.505210838544172e-08))))
+    c = 1.0 + x2 * (-0.5 + x2 * (0.041666666666666664 + x2 * (-1.388888888888889e-03 + x2 * (
+        2.48015873015873e-05 + x2 * (-2.755731922398589e-07 + x2 * 2.08767569878681e-09)))))
+    odd = (q & 1) != 0
+    cos = tl.where(odd, s, c)
+    sin = tl.where(odd, c, s)
+    return tl.where(((q + 1) & 2) != 0, -cos, cos), tl.where((q & 2) != 0, -sin, sin)
+
+
+@triton.jit
 def _box_muller(i, j):
-    """Two uint32 blocks -> two independent N(0, 1) fp32 blocks (24-bit uniforms, u1 in (0, 1])."""
-    u1 = ((i >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08
-    theta = (j >> 8).to(tl.float32) * (6.283185307179586 * 5.9604644775390625e-08)
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    return r * tl.cos(theta), r * tl.sin(theta)
+    """Two uint32 blocks -> two independent N(0, 1) fp32 blocks: radius sqrt(-2 ln u) with u = (i + 1/2) 2^-32
+    in (0, 1] (so |n| <= 6.77), angle 2 pi (j >> 8) 2^-24. log2 is libdevice's (1 ulp), sqrt the hardware's."""
+    u = i.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    r = tl.sqrt(-1.3862943611198906 * tl.log2(u))  # -2 ln u = -2 ln(2) log2(u)
+    cos, sin = _cos_sin_turn((j >> 8).to(tl.int32))
+    return r * cos, r * sin
+
+
+@triton.jit
+def _normals(state_ptr, starts, R: tl.constexpr, V: tl.constexpr):
+    """[R, V] standard normals in the tile's own layout: element e of the flat tensor takes output word e % 4
+    of Philox counter (stream counter + e // 4), whatever the tiling (starts: the [R] first elements of the
+    tile rows; V a multiple of 4)."""
+    seed = tl.load(state_ptr)
+    counter = tl.load(state_ptr + 1) + (starts // 4).to(tl.int64)
+    col = tl.arange(0, V)[None, :]
+    n = tl.zeros([R, V], dtype=tl.float32)
+    for j in tl.static_range(V // 4):
+        c = counter + j
+        lo = (c & 0xFFFFFFFF).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, lo, (c >> 32).to(tl.uint32), lo * 0, lo * 0)
+        n0, n1 = _box_muller(r0, r1)
+        n2, n3 = _box_muller(r2, r3)
+        n = tl.where(col == 4 * j, n0[:, None], n)
+        n = tl.where(col == 4 * j + 1, n1[:, None], n)
+        n = tl.where(col == 4 * j + 2, n2[:, None], n)
+        n = tl.where(col == 4 * j + 3, n3[:, None], n)
+    return n
 
 
 @triton.jit
 def _langevin_kernel(x_ptr, a_ptr, b_ptr, eta_ptr, g_ptr, alpha_ptr, sigma_ptr, noise_ptr, state_ptr, gamma_ptr,
                      x_out, eta_out, v_out, xt_out, numel, row_numel, gamma, keep, root,
                      SCORE: tl.constexpr, HAS_ETA: tl.constexpr, HAS_G: tl.constexpr, HAS_NOISE: tl.constexpr,
-                     GAMMA_ROW: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr):
-    """x' = x + gamma * (target - x) + root * n over 4 sub-blocks of SUB elements.
+                     GAMMA_ROW: tl.constexpr, R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr,
+                     PER_ROW: tl.constexpr):
+    """x' = x + gamma * (target - x) + root * n over one [R, V] tile.
 
     SCORE: target = sigma * delta, delta = alpha * (a - b) / sigma^2 (a, b: teacher, student denoisers),
     v = alpha * delta, and optionally eta' = keep * eta + root * n, x_t' = alpha * g + sigma * x'.
     Otherwise target = a (the z-step: a = J^T v), with per-example gamma = gamma_ptr[row] if GAMMA_ROW.
     """
-    first = program_start(4 * SUB, BIG)
-    if not HAS_NOISE:
-        seed = tl.load(state_ptr)
-        c = tl.load(state_ptr + 1) + tl.program_id(0).to(tl.int64) * SUB + tl.arange(0, SUB)
-        lo = (c & 0xFFFFFFFF).to(tl.uint32)
-        r0, r1, r2, r3 = tl.philox(seed, lo, (c >> 32).to(tl.uint32), lo * 0, lo * 0)
-        n0, n1 = _box_muller(r0, r1)
-        n2, n3 = _box_muller(r2, r3)
-    for q in tl.static_range(4):
-        start = first + q * SUB
-        o = start + tl.arange(0, SUB)
-        mask = o < numel
-        if HAS_NOISE:
-            n = tl.load(noise_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        else:
-            n = (n0 if q == 0 else n1) if q < 2 else (n2 if q == 2 else n3)
-        x = tl.load(x_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        if SCORE:
-            al = load_per_row(alpha_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
-            si = load_per_row(sigma_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
-            delta = al * (a - tl.load(b_ptr + o, mask=mask, other=0.0).to(tl.float32)) / (si * si)
-            x_new = x + gamma * (si * delta - x) + root * n
-            tl.store(v_out + o, al * delta, mask=mask)
-            if HAS_ETA:
-                eta = tl.load(eta_ptr + o, mask=mask, other=0.0).to(tl.float32)
-                tl.store(eta_out + o, keep * eta + root * n, mask=mask)
-            if HAS_G:
-                g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-                tl.store(xt_out + o, al * g + si * x_new, mask=mask)
-        elif GAMMA_ROW:
-            gm = load_per_row(gamma_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
-            x_new = x + gm * (a - x) + tl.sqrt(2.0 * gm) * n
-        else:
-            x_new = x + gamma * (a - x) + root * n
-        tl.store(x_out + o, x_new, mask=mask)
+    first, starts, o = tile(R, V, BIG)
+    mask = o < numel
+    if HAS_NOISE:
+        n = tl.load(noise_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    else:
+        n = _normals(state_ptr, starts, R, V)
+    x = tl.load(x_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    if SCORE:
+        al = load_per_row(alpha_ptr, first, starts, o, numel, row_numel, 1.0, PER_ROW)
+        si = load_per_row(sigma_ptr, first, starts, o, numel, row_numel, 1.0, PER_ROW)
+        delta = al * (a - tl.load(b_ptr + o, mask=mask, other=0.0).to(tl.float32)) / (si * si)
+        x_new = x + gamma * (si * delta - x) + root * n
+        tl.store(v_out + o, al * delta, mask=mask)
+        if HAS_ETA:
+            eta = tl.load(eta_ptr + o, mask=mask, other=0.0).to(tl.float32)
+            tl.store(eta_out + o, keep * eta + root * n, mask=mask)
+        if HAS_G:
+            g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
+            tl.store(xt_out + o, al * g + si * x_new, mask=mask)
+    elif GAMMA_ROW:
+        gm = load_per_row(gamma_ptr, first, starts, o, numel, row_numel, 1.0, PER_ROW)
+        x_new = x + gm * (a - x) + tl.sqrt(2.0 * gm) * n
+    else:
+        x_new = x + gamma * (a - x) + root * n
+    tl.store(x_out + o, x_new, mask=mask)
 
 
 def _check_noise_source(ref_name, ref, noise, stream):
@@ -133,16 +167,16 @@ def _launch(ref, cl, gamma, noise, stream, x, a, b=None, eta=None, g=None, alpha
     x_new, eta_new, v, xt = (torch.empty(numel, dtype=ref.dtype, device=ref.device) if want else None
                              for want in (True, eta is not None, score, g is not None))
     dummy = x  # stands in for absent tensors; never touched (the matching constexpr flag is off)
-    grid, big, aligned = launch_shape(numel, row_numel, SUB)
-    _langevin_kernel[grid](
+    tiles = tiling(numel, row_numel, *(t for t in (x, a, b, eta, g, noise) if t is not None))
+    launch(_langevin_kernel, tiles.grid, (
         x, a, _or(b, dummy), _or(eta, dummy), _or(g, dummy), _or(alpha, dummy), _or(sigma, dummy),
         _or(noise, dummy), stream.state if stream is not None else dummy, _or(gamma_row, dummy),
         x_new, _or(eta_new, dummy), _or(v, dummy), _or(xt, dummy),
-        numel, row_numel, float(gamma), float(1 - gamma), math.sqrt(2 * gamma),
-        SCORE=score, HAS_ETA=eta is not None, HAS_G=g is not None, HAS_NOISE=noise is not None,
-        GAMMA_ROW=gamma_row is not None, BIG=big, ALIGNED=aligned, SUB=SUB, num_warps=NUM_WARPS)
+        numel, row_numel, float(gamma), float(1 - gamma), math.sqrt(2 * gamma)),
+        dict(SCORE=score, HAS_ETA=eta is not None, HAS_G=g is not None, HAS_NOISE=noise is not None,
+             GAMMA_ROW=gamma_row is not None, **tiles.constexprs()), NUM_WARPS)
     if stream is not None:
-        stream.advance(grid[0] * SUB)
+        stream.advance(triton.cdiv(numel, 4))
     return tuple(None if out is None else unflat(out, ref.shape, cl) for out in (x_new, eta_new, v, xt))
 
 

@@ -14,69 +14,68 @@ import triton.language as tl
 
 from emd_fast.checks import check_per_example
 
-from ._common import (BLOCK, NUM_WARPS, check_inputs, flat, is_channels_last, launch_shape, load_per_row,
-                      per_example, program_start, unflat)
+from ._common import (NUM_WARPS, check_inputs, flat, is_channels_last, launch, load_per_row, per_example, tile, tiling,
+                      unflat)
 
 
 @triton.jit
-def _residual(p_ptr, q_ptr, w_ptr, start, numel, row_numel, HAS_Q: tl.constexpr, ALIGNED: tl.constexpr,
-              BLOCK: tl.constexpr):
-    """(offsets, mask, r, w) of the block at start: r = p - q (q absent: r = p) and its rows' weights, fp32."""
-    o = start + tl.arange(0, BLOCK)
+def _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
+              BIG: tl.constexpr, PER_ROW: tl.constexpr):
+    """(first, starts, o, mask, r, w) of this program: its tile as ``tile`` gives it, r = p - q (q absent: r = p)
+    and the rows' weights w, fp32. (A flat tuple: triton 3.6 cannot assign nested tuples.)"""
+    first, starts, o = tile(R, V, BIG)
     mask = o < numel
     r = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
     if HAS_Q:
         r -= tl.load(q_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    return o, mask, r, load_per_row(w_ptr, start, o, numel, row_numel, 0.0, ALIGNED)
+    return first, starts, o, mask, r, load_per_row(w_ptr, first, starts, o, numel, row_numel, 0.0, PER_ROW)
 
 
 @triton.jit
-def _loss_fwd_kernel(p_ptr, q_ptr, w_ptr, partial_ptr, numel, row_numel, scale,
-                     HAS_Q: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """partial[pid] = scale * sum over this block of w * r^2."""
-    start = program_start(BLOCK, BIG)
-    _, _, r, w = _residual(p_ptr, q_ptr, w_ptr, start, numel, row_numel, HAS_Q, ALIGNED, BLOCK)
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(w * r * r, axis=0) * scale)
+def _loss_fwd_kernel(p_ptr, q_ptr, w_ptr, partial_ptr, numel, row_numel, scale, HAS_Q: tl.constexpr,
+                     R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr, PER_ROW: tl.constexpr):
+    """partial[pid] = scale * sum over this tile of w * r^2."""
+    _, _, _, _, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(w * r * r) * scale)
 
 
 @triton.jit
 def _loss_bwd_kernel(p_ptr, q_ptr, w_ptr, alpha_ptr, sigma_ptr, grad_ptr, out_ptr, numel, row_numel, scale,
-                     HAS_Q: tl.constexpr, SNR: tl.constexpr, BIG: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     HAS_Q: tl.constexpr, SNR: tl.constexpr, R: tl.constexpr, V: tl.constexpr, BIG: tl.constexpr,
+                     PER_ROW: tl.constexpr):
     """out = scale * grad * w * r (SNR: times alpha / sigma of the row)."""
-    start = program_start(BLOCK, BIG)
-    o, mask, r, w = _residual(p_ptr, q_ptr, w_ptr, start, numel, row_numel, HAS_Q, ALIGNED, BLOCK)
+    first, starts, o, mask, r, w = _residual(p_ptr, q_ptr, w_ptr, numel, row_numel, HAS_Q, R, V, BIG, PER_ROW)
     coef = w * (scale * tl.load(grad_ptr).to(tl.float32))
     if SNR:
-        coef = coef * load_per_row(alpha_ptr, start, o, numel, row_numel, 0.0, ALIGNED)
-        coef = coef / load_per_row(sigma_ptr, start, o, numel, row_numel, 1.0, ALIGNED)
+        coef = coef * load_per_row(alpha_ptr, first, starts, o, numel, row_numel, 0.0, PER_ROW)
+        coef = coef / load_per_row(sigma_ptr, first, starts, o, numel, row_numel, 1.0, PER_ROW)
     tl.store(out_ptr + o, coef * r, mask=mask)
 
 
-def _launch_args(p, w):
-    """(grid, numel, row_numel, flags) of a loss kernel over flat p with per-example w."""
-    numel, row_numel = p.numel(), p.numel() // w.shape[0]
-    grid, big, aligned = launch_shape(numel, row_numel, BLOCK)
-    return grid, numel, row_numel, {"BIG": big, "ALIGNED": aligned, "BLOCK": BLOCK, "num_warps": NUM_WARPS}
+def _tiling(p, q, w, out=None):
+    """(tiling, numel, row_numel) of a loss kernel over flat p (and q, out) with per-example w."""
+    numel = p.numel()
+    row_numel = numel // w.shape[0]
+    return tiling(numel, row_numel, *(t for t in (p, q, out) if t is not None)), numel, row_numel
 
 
 def _loss_value(p, q, w, scale):
     """scale * sum w r^2 as an fp32 0-dim tensor (p, q flat)."""
-    grid, numel, row_numel, flags = _launch_args(p, w)
-    partial = torch.empty(grid[0], dtype=torch.float32, device=p.device)
-    _loss_fwd_kernel[grid](p, q if q is not None else p, w, partial, numel, row_numel, scale,
-                           HAS_Q=q is not None, **flags)
+    tiles, numel, row_numel = _tiling(p, q, w)
+    partial = torch.empty(tiles.grid[0], dtype=torch.float32, device=p.device)
+    launch(_loss_fwd_kernel, tiles.grid, (p, q if q is not None else p, w, partial, numel, row_numel, scale),
+           dict(HAS_Q=q is not None, **tiles.constexprs()), NUM_WARPS)
     return partial.sum()
 
 
 def _loss_grad(meta, p, q, w, grad_output, scale, alpha=None, sigma=None):
     """scale * grad_output * w r (* alpha / sigma), shaped, typed and laid out as meta = (shape, dtype, cl)."""
     shape, dtype, cl = meta
-    grid, numel, row_numel, flags = _launch_args(p, w)
-    out = torch.empty(numel, dtype=dtype, device=p.device)
-    _loss_bwd_kernel[grid](p, q if q is not None else p, w, alpha if alpha is not None else w,
-                           sigma if sigma is not None else w, grad_output, out, numel, row_numel, scale,
-                           HAS_Q=q is not None, SNR=alpha is not None, **flags)
+    out = torch.empty(p.numel(), dtype=dtype, device=p.device)
+    tiles, numel, row_numel = _tiling(p, q, w, out)
+    launch(_loss_bwd_kernel, tiles.grid, (p, q if q is not None else p, w, alpha if alpha is not None else w,
+                                    sigma if sigma is not None else w, grad_output, out, numel, row_numel, scale),
+           dict(HAS_Q=q is not None, SNR=alpha is not None, **tiles.constexprs()), NUM_WARPS)
     return unflat(out, shape, cl)
 
 

@@ -26,7 +26,7 @@ compare, report = _load("compare"), _load("report")
 def _record(name, median_s, gpu_ms=None, impl="triton"):
     info = {"kernel": "dsm_loss", "impl": impl, "size": "s", "dtype": "torch.float32", "time_ms": 1e3 * median_s,
             "gbps": 1.0, "pct_copy_bw": 50.0, "copy_gbps": 2.0, "gpu": "G", "torch": "t", "triton": "tr",
-            "smoke": False, "gpu_ms": gpu_ms}
+            "smoke": False, "gpu_ms": gpu_ms, "x_floor": 2.0 if impl == "triton" else None}
     return {"fullname": name, "stats": {"median": median_s}, "extra_info": info}
 
 
@@ -56,7 +56,8 @@ def test_compare_prefers_cuda_event_times(tmp_path):
 def test_report_table(tmp_path):
     records = [_record("e", 0.004, impl="eager"), _record("t", 0.001)]
     table = report.render(compare.load_benchmarks(_write(tmp_path / "r.json", records)))
-    assert "| dsm_loss | s | float32 | triton | 1.0000 | 1 | 50% | 4.00x |" in table
+    assert "| dsm_loss | s | float32 | triton | 1.0000 | 1 | 50% | 2.00 | 4.00x |" in table
+    assert "| dsm_loss | s | float32 | eager | 4.0000 | 1 | 50% | - | 1.00x |" in table
     assert table.startswith("Device: G; torch t, triton tr")
 
 

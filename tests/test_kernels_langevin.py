@@ -9,10 +9,17 @@ import torch
 
 from emd_fast import ops
 from emd_fast.kernels import NoiseStream, langevin_eps_step, langevin_z_step, triton_available
-from emd_fast.kernels._common import BLOCK, SUB
+import triton
+import triton.language as tl
 
-SHAPES = [(7, 33), (3, 5, 7, 9), (1, 1), (3, 1500), (3, 512), (3, 2, 32, 32)]
-# (3, 1500) spans programs and ends inside a block; the last two have rows of whole sub-blocks (scalar alpha, sigma)
+from emd_fast.kernels import _common
+from emd_fast.kernels._common import tile
+from emd_fast.kernels.langevin import _cos_sin_turn, _normals
+
+SHAPES = [(7, 33), (3, 5, 7, 9), (1, 1), (3, 1500), (5, 24), (3, 512), (3, 2, 32, 32)]
+# alpha, sigma per element: (7, 33), (3, 5, 7, 9), (1, 1), bf16 (3, 1500); per 16-byte vector: (5, 24), fp32
+# (3, 1500), bf16 (3, 512); per program (rows of whole tiles): (3, 2, 32, 32), fp32 (3, 512). (3, 1500) spans
+# programs and ends inside a tile.
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GAMMA = 0.037
@@ -168,9 +175,11 @@ def test_noise_is_standard_normal(kernel_device):
 def test_noise_is_uncorrelated(kernel_device):
     stream = NoiseStream(7, kernel_device)
     x, y = _draw(stream), _draw(stream)
-    bound = 5 / math.sqrt(x.numel() - BLOCK)
+    bound = 5 / math.sqrt(x.numel() - 2048)
     assert abs(_corr(x, y)) < bound  # consecutive calls
-    for lag in (1, SUB, BLOCK):  # neighbours; SUB apart: the same Philox counter, another output word
+    # 1: the two normals of one Box-Muller pair; 2: another pair of the same Philox counter; 4, 8: the next
+    # counters; 512, 2048: a tile apart
+    for lag in (1, 2, 4, 8, 512, 2048):
         assert abs(_corr(x[:-lag], x[lag:])) < bound, lag
         assert abs(_corr(x[:-lag] ** 2, x[lag:] ** 2)) < bound, lag
 
@@ -179,16 +188,67 @@ def test_noise_stream_reproducible_and_advancing(kernel_device):
     a, b = NoiseStream(5, kernel_device), NoiseStream(5, kernel_device)
     first = _draw(a, (3, 700))
     assert torch.equal(first, _draw(b, (3, 700)))  # same seed, same draws
-    assert int(a.state[1]) == math.ceil(2100 / BLOCK) * SUB  # SUB Philox counters per program
+    assert int(a.state[1]) == math.ceil(2100 / 4)  # a Philox counter (4 normals) per 4 elements
     assert not torch.equal(first, _draw(a, (3, 700)))  # the next call draws afresh
     assert not torch.equal(first, _draw(NoiseStream(6, kernel_device), (3, 700)))  # another seed
+
+
+def test_noise_does_not_depend_on_dtype_or_tiling(kernel_device):
+    """Element e takes word e % 4 of Philox counter (counter + e // 4): the same normals whatever the dtype and
+    so the tiling (fp32: programs of 128 vectors of 4 elements, bf16: of 8)."""
+    shape = (3, 2100)
+    want = _draw(NoiseStream(8, kernel_device), shape)
+    z = torch.zeros(shape, device=kernel_device, dtype=torch.bfloat16)
+    got = langevin_z_step(z, z, 0.5, stream=NoiseStream(8, kernel_device)).flatten().double()
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=0)  # bf16 rounding; other normals would differ by O(1)
+    assert _common.tiling(6300, 2100, z).block == 2 * _common.tiling(6300, 2100, z.float()).block
+
+
+@triton.jit
+def _normals_kernel(state_ptr, out_ptr, R: tl.constexpr, V: tl.constexpr):
+    _, starts, o = tile(R, V, False)
+    tl.store(out_ptr + o, _normals(state_ptr, starts, R, V))
+
+
+def test_noise_tails(kernel_device):
+    """2^24 draws of the kernels' generator (its Box-Muller cannot reach beyond 6.77): the fractions beyond 4 and
+    5 standard deviations are within 5 binomial standard errors of the normal's (expected counts about 1063
+    and 9.6)."""
+    n, tile_numel = 2**24, 2**18
+    state = torch.tensor([2024, 0], dtype=torch.int64, device=kernel_device)
+    x = torch.empty(n, device=kernel_device)
+    _normals_kernel[(n // tile_numel,)](state, x, R=tile_numel // 4, V=4)
+    x = x.abs()
+    assert float(x.max()) < 6.77
+    for k in (4.0, 5.0):
+        p = math.erfc(k / math.sqrt(2))  # P(|x| > k)
+        count = int((x > k).sum())
+        assert abs(count - n * p) < 5 * math.sqrt(n * p * (1 - p)), (k, count, n * p)
+
+
+@triton.jit
+def _cos_sin_kernel(k_ptr, cos_ptr, sin_ptr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cos, sin = _cos_sin_turn(tl.load(k_ptr + o))
+    tl.store(cos_ptr + o, cos)
+    tl.store(sin_ptr + o, sin)
+
+
+def test_cos_sin_polynomial_accuracy(kernel_device):
+    """The Box-Muller angle's cos and sin against float64 at every one of the 2^24 angles."""
+    k = torch.arange(2**24, dtype=torch.int32, device=kernel_device)
+    cos, sin = torch.empty(2**24, device=kernel_device), torch.empty(2**24, device=kernel_device)
+    _cos_sin_kernel[(16,)](k, cos, sin, BLOCK=2**20)
+    angle = k.double() * (2 * math.pi / 2**24)
+    assert float((cos.double() - angle.cos()).abs().max()) < 3e-7
+    assert float((sin.double() - angle.sin()).abs().max()) < 3e-7
 
 
 def test_noise_stream_state_dict_round_trip(kernel_device):
     stream = NoiseStream(11, kernel_device)
     _draw(stream, (5, 10))
     saved = stream.state_dict()
-    assert saved["state"].device.type == "cpu" and saved["state"].tolist() == [11, SUB]
+    assert saved["state"].device.type == "cpu" and saved["state"].tolist() == [11, math.ceil(50 / 4)]
     expected = _draw(stream, (5, 10))
     other = NoiseStream(0, kernel_device)
     other.load_state_dict(saved)
