@@ -40,13 +40,15 @@ def run_one(job: tuple[str, list[str], int, Path, list[str]]) -> tuple[str, int,
     import torch
 
     from emd_fast import train
+    from emd_fast.checkpoint import list_checkpoints
 
     name, args, seed, out, extra = job
     torch.set_num_threads(1)
     run_dir = out / f"{_slug(name)}_seed{seed}"
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        if train.main(["--out", str(run_dir), "--seed", str(seed), "--quiet", *args, *extra]) != 0:
+        resume = ["--resume"] if list_checkpoints(run_dir / "checkpoints") else []  # an interrupted sweep
+        if train.main(["--out", str(run_dir), "--seed", str(seed), "--quiet", *args, *extra, *resume]) != 0:
             raise RuntimeError(f"run {run_dir} failed")
     return name, seed, json.loads(summary_path.read_text())
 
@@ -56,11 +58,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--only", nargs="*", default=None, help="substrings selecting configurations")
+    p.add_argument("--only", nargs="*", default=None, help="configurations: exact names, or substrings")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="options passed to every run (after --)")
     a = p.parse_args(argv)
     extra = [x for x in a.extra if x != "--"]
-    configs = {k: v for k, v in CONFIGS.items() if not a.only or any(s in k for s in a.only)}
+    configs = {k: v for k, v in CONFIGS.items() if not a.only or any(s == k or s not in CONFIGS and s in k
+                                                                     for s in a.only)}
     jobs = [(name, args, seed, a.out, extra) for name, args in configs.items() for seed in a.seeds]
     results: dict[str, list[dict]] = {name: [] for name in configs}
     with ProcessPoolExecutor(a.workers) as pool:

@@ -58,6 +58,7 @@ def run_one(job: tuple) -> dict:
     import torch
 
     from emd_fast import train
+    from emd_fast.checkpoint import list_checkpoints
 
     index, mixture, K, seed, out, extra = job
     torch.set_num_threads(1)
@@ -72,8 +73,9 @@ def run_one(job: tuple) -> dict:
 
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            resume = ["--resume"] if list_checkpoints(run_dir / "checkpoints") else []  # an interrupted sweep
             rc = train.main(["--mixture", str(mixture), "--K", str(K), "--seed", str(seed), "--out", str(run_dir),
-                             *BUDGET, *extra])
+                             *BUDGET, *extra, *resume])
         if rc != 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             failed.write_text(err.getvalue().strip())

@@ -12,8 +12,11 @@ from typing import Callable
 from .checkpoint import CheckpointError
 from .run import Stopped, out_of_memory
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class Interrupted(BaseException):
-    """SIGTERM or SIGUSR1 outside the training loop (where a stop cannot wait for an iteration boundary)."""
+    """A stop signal outside the training loop (where a stop cannot wait for an iteration boundary)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -21,6 +24,10 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum, frame):
+    """The first stop signal unwinds the command (cleaning up on the way); the ones after it are ignored, so a
+    second Ctrl-C cannot break into that clean-up."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -30,10 +37,10 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
-    """Run ``body(args)`` and turn how it ends into an exit code (see the module docstring). SIGTERM and SIGUSR1
-    raise Interrupted wherever no handler of the training loop is active (so they unwind and clean up as Ctrl-C
-    does); ``oom_hint`` says which options lower the memory needed."""
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGUSR1)
+    """Run ``body(args)`` and turn how it ends into an exit code (see the module docstring). SIGINT, SIGTERM and
+    SIGUSR1 raise Interrupted wherever the training loop's handlers are not active (so they unwind and clean up);
+    ``oom_hint`` says which options lower the memory needed."""
+    previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS
                 if threading.current_thread() is threading.main_thread() and signal.getsignal(s) is not signal.SIG_IGN}
     try:
         body(args)
