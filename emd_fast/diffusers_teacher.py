@@ -342,6 +342,9 @@ def inspect_folder(path) -> TeacherFolder:
     weight_files(parts["unet"])
     if unet_class in LATENT_UNETS:
         weight_files(parts["vae"])
+    if not (parts["scheduler"] / "scheduler_config.json").is_file() and (root.parent / "model_index.json").is_file():
+        raise ValueError(f"{root}: no scheduler_config.json: the {root.name}/ folder of a pipeline? give the pipeline "
+                         f"folder, --teacher {root.parent}")
     sched = _read_json(parts["scheduler"] / "scheduler_config.json", "scheduler config")
     scheduler_class = sched.get("_class_name", "DDPMScheduler")
     if scheduler_class not in SCHEDULERS:

@@ -219,11 +219,13 @@ def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):
     assert "--labels must lie in [0, 3)" in err
 
 
-def test_pipeline_folder_with_a_pixel_unet(tmp_path):
+def test_pipeline_folder_with_a_pixel_unet(tmp_path, capsys):
     folder = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
     assert inspect_folder(folder).unet == folder / "unet"
     assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2") == 0
+    err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder / "unet")))
+    assert f"unet/ folder of a pipeline? give the pipeline folder, --teacher {folder}" in err
 
 
 @pytest.mark.parametrize("cls,options", [
