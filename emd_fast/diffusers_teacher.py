@@ -332,10 +332,16 @@ def inspect_folder(path) -> TeacherFolder:
     if unet_class in LATENT_UNETS:
         vae_cfg = _read_json(parts["vae"] / "config.json", "VAE config")
         latent = vae_cfg.get("latent_channels", 4)
+        if vae_cfg.get("out_channels", 3) not in (1, 3):
+            raise ValueError(f"{parts['vae']}: out_channels {vae_cfg['out_channels']}: the VAE must decode images of 1 "
+                             f"or 3 channels")
         if unet_cfg.get("in_channels", 4) != latent:
             raise ValueError(f"{parts['unet']}: in_channels {unet_cfg.get('in_channels')} differs from the VAE's "
                              f"latent_channels {latent} (an inpainting or image-conditioned UNet?): not supported")
     channels = unet_cfg.get("in_channels", 4 if unet_class in LATENT_UNETS else 3)
+    if unet_class in PIXEL_UNETS and channels not in (1, 3):  # e.g. LDM's UNet2DModel in a VQ-VAE's latent space
+        raise ValueError(f"{parts['unet']}: {unet_class} with in_channels {channels}: a pixel UNet's samples are images "
+                         f"of 1 or 3 channels (latent UNet2DModels, with a VQ-VAE, are not supported)")
     if unet_cfg.get("out_channels", channels) not in (channels, 2 * channels):  # 2x: a learned variance besides
         raise ValueError(f"{parts['unet']}: out_channels {unet_cfg['out_channels']} differs from in_channels "
                          f"{channels}: not a denoising UNet emd_fast can read")

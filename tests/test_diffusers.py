@@ -219,6 +219,17 @@ def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):
     assert "--labels must lie in [0, 3)" in err
 
 
+def test_grayscale_non_square_pixel_unet_trains_and_samples(tmp_path):
+    """MNIST-style: 1 channel, 28 x 20 (not a power of two, not square), 6 and 10 channels (groups of 2)."""
+    folder = pixel_folder(tmp_path / "m", in_channels=1, out_channels=1, sample_size=(28, 20), block_out_channels=(6, 10),
+                          norm_num_groups=2, attention_head_dim=5)
+    out, arrays = tmp_path / "r", tmp_path / "s.npz"
+    assert train_main(out, "--teacher", str(folder), "--steps", "2") == 0
+    assert sample.main([str(out), "--n", "3", "--out", str(arrays), str(tmp_path / "g.png")]) == 0
+    with np.load(arrays) as f:
+        assert f["images"].shape == (3, 1, 28, 20) and np.isfinite(f["images"]).all()
+
+
 def test_pipeline_folder_with_a_pixel_unet(tmp_path, capsys):
     folder = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
@@ -345,6 +356,7 @@ def two_variants(folder):
     (two_variants, "weights in several variants (ema, fp16) and none plain"),
     (lambda f: edit_json(f / "config.json", sample_size=None), "sample_size None in config.json"),
     (lambda f: edit_json(f / "config.json", out_channels=5), "out_channels 5 differs from in_channels 3"),
+    (lambda f: edit_json(f / "config.json", in_channels=4, out_channels=4), "UNet2DModel with in_channels 4: a pixel"),
     (lambda f: edit_json(f / "config.json", class_embed_type="timestep"), "class_embed_type 'timestep' needs class"),
     (lambda f: replace_scheduler(f, "EDMEulerScheduler"), "scheduler 'EDMEulerScheduler' is not supported"),
     (lambda f: replace_scheduler(f, "FlowMatchEulerDiscreteScheduler"), "'FlowMatchEulerDiscreteScheduler' is not"),
@@ -545,6 +557,7 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("image_proj", "encoder_hid_dim_type 'image_proj' needs image embeddings"),
     ("truncated_text_encoder", "text_encoder: cannot load the text encoder: Error while deserializing header"),
     ("no_vae_weights", "vae: incomplete diffusers folder, no weights"),
+    ("vae_4_channels", "vae: out_channels 4: the VAE must decode images of 1 or 3 channels"),
 ])
 def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path, capsys):
     import shutil
@@ -568,6 +581,8 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
         edit_json(folder / "unet" / "config.json", encoder_hid_dim_type="image_proj", encoder_hid_dim=16)
     if case == "truncated_text_encoder":
         truncate(folder / "text_encoder" / "model.safetensors", 0.001)
+    if case == "vae_4_channels":
+        edit_json(folder / "vae" / "config.json", out_channels=4)
     if case == "no_vae_weights":
         (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     args = ["--teacher", str(teacher)] + ([] if case == "no_prompts" else ["--prompts", str(prompts)])
