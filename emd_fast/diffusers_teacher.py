@@ -338,6 +338,13 @@ def inspect_folder(path) -> TeacherFolder:
         if unet_cfg.get("in_channels", 4) != latent:
             raise ValueError(f"{parts['unet']}: in_channels {unet_cfg.get('in_channels')} differs from the VAE's "
                              f"latent_channels {latent} (an inpainting or image-conditioned UNet?): not supported")
+    text_config = parts["text_encoder"] / "config.json" if parts["text_encoder"] is not None else None
+    if unet_class in LATENT_UNETS and text_config is not None and text_config.is_file():
+        width = _read_json(text_config, "text encoder config").get("hidden_size")
+        wanted = unet_cfg.get("encoder_hid_dim") or unet_cfg.get("cross_attention_dim", 1280)
+        if width is not None and set(wanted if isinstance(wanted, list) else [wanted]) != {width}:
+            raise ValueError(f"{text_config.parent}: the text encoder's hidden_size {width} is not the width of the "
+                             f"text embeddings the UNet takes ({wanted}): a text encoder of another model?")
     channels = unet_cfg.get("in_channels", 4 if unet_class in LATENT_UNETS else 3)
     if unet_class in PIXEL_UNETS and channels not in (1, 3):  # e.g. LDM's UNet2DModel in a VQ-VAE's latent space
         raise ValueError(f"{parts['unet']}: {unet_class} with in_channels {channels}: a pixel UNet's samples are images "

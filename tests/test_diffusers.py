@@ -557,6 +557,7 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("image_proj", "encoder_hid_dim_type 'image_proj' needs image embeddings"),
     ("truncated_text_encoder", "text_encoder: cannot load the text encoder: Error while deserializing header"),
     ("no_vae_weights", "vae: incomplete diffusers folder, no weights"),
+    ("text_width", "the text encoder's hidden_size 16 is not the width of the text embeddings the UNet takes (24)"),
     ("vae_4_channels", "vae: out_channels 4: the VAE must decode images of 1 or 3 channels"),
 ])
 def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path, capsys):
@@ -581,6 +582,8 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
         edit_json(folder / "unet" / "config.json", encoder_hid_dim_type="image_proj", encoder_hid_dim=16)
     if case == "truncated_text_encoder":
         truncate(folder / "text_encoder" / "model.safetensors", 0.001)
+    if case == "text_width":
+        edit_json(folder / "unet" / "config.json", cross_attention_dim=24)
     if case == "vae_4_channels":
         edit_json(folder / "vae" / "config.json", out_channels=4)
     if case == "no_vae_weights":
