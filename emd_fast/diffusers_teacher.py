@@ -281,6 +281,17 @@ def is_diffusers_folder(path) -> bool:
     return p.is_dir() and ((p / "model_index.json").is_file() or (p / "config.json").is_file())
 
 
+def check_not_a_folders_file(path) -> None:
+    """ValueError (one line) where a --teacher file is one of a diffusers folder's own files (its config or weights):
+    the folder is the teacher."""
+    p = Path(path)
+    if p.is_file() and (p.name.endswith("config.json") or p.name == "model_index.json"
+                        or p.name.startswith(WEIGHT_STEM)):
+        folder = p.parent.parent if (p.parent.parent / "model_index.json").is_file() else p.parent
+        if is_diffusers_folder(folder):
+            raise ValueError(f"--teacher {p}: a file of the diffusers folder {folder}: give the folder, --teacher {folder}")
+
+
 def inspect_folder(path) -> TeacherFolder:
     """Check a diffusers pipeline folder (model_index.json with unet/ and scheduler/) or model folder (config.json,
     weights, scheduler_config.json) from its JSON files; ValueError (one line) for anything missing or unsupported."""

@@ -237,6 +237,10 @@ def test_pipeline_folder_with_a_pixel_unet(tmp_path, capsys):
     assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2") == 0
     err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder / "unet")))
     assert f"unet/ folder of a pipeline? give the pipeline folder, --teacher {folder}" in err
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json"):
+        err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder / name)))
+        assert f"a file of the diffusers folder {folder}: give the folder" in err, name
 
 
 @pytest.mark.parametrize("cls,options", [
