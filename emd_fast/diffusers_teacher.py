@@ -299,7 +299,8 @@ def inspect_folder(path) -> TeacherFolder:
     if not root.is_dir():
         raise ValueError(f"--teacher {root}: not a directory")
     parts: dict[str, Path | None] = {}
-    if (root / "model_index.json").is_file():
+    flat = (root / "config.json").is_file() and not (root / "unet").is_dir()  # google/ddpm-*: the UNet's files at the top
+    if (root / "model_index.json").is_file() and not flat:
         index = _read_json(root / "model_index.json", "pipeline index")
         for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
             entry = index.get(name)

@@ -219,6 +219,20 @@ def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):
     assert "--labels must lie in [0, 3)" in err
 
 
+def test_pipeline_with_the_unet_and_scheduler_at_the_top(tmp_path):
+    """The layout of google/ddpm-cifar10-32: model_index.json beside the UNet's config, weights and scheduler config."""
+    import shutil
+
+    folder = tmp_path / "pipe"
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
+    for part in ("unet", "scheduler"):
+        for f in (folder / part).iterdir():
+            f.rename(folder / f.name)
+        shutil.rmtree(folder / part)
+    assert inspect_folder(folder).unet == folder
+    assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2", "--eval-every", "0") == 0
+
+
 def test_grayscale_non_square_pixel_unet_trains_and_samples(tmp_path):
     """MNIST-style: 1 channel, 28 x 20 (not a power of two, not square), 6 and 10 channels (groups of 2)."""
     folder = pixel_folder(tmp_path / "m", in_channels=1, out_channels=1, sample_size=(28, 20), block_out_channels=(6, 10),
