@@ -38,7 +38,7 @@ from .schedules import Schedule, expand_like
 from .teachers import NetworkTeacher
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
 PIXEL_UNETS = ("UNet2DModel",)
 LATENT_UNETS = ("UNet2DConditionModel",)
 DEFAULT_GUIDANCE = 3.0  # this project's choice: the EMD paper's text-to-image value could not be read here

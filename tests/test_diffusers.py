@@ -265,6 +265,8 @@ def test_pipeline_folder_with_a_pixel_unet(tmp_path, capsys):
     ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", thresholding=True,
                                          beta_schedule="squaredcos_cap_v2")),
     ("DDIMScheduler", dict(num_train_timesteps=500, trained_betas=torch.linspace(1e-4, 0.04, 500).tolist())),
+    ("DDPMScheduler", dict(beta_schedule="sigmoid")),
+    ("DDPMScheduler", dict(beta_schedule="laplace")),
 ])
 def test_sampling_schedulers_give_their_training_noise_levels(cls, options, tmp_path):
     """The scheduler_config.json of a sampler (DDIM, PNDM, Euler, DPM-Solver) with sampling-only options: the noise
@@ -361,7 +363,7 @@ def two_variants(folder):
 @pytest.mark.parametrize("breakage,message", [
     (lambda f: edit_json(f / "config.json", _class_name="UNet1DModel"), "model class 'UNet1DModel' is not supported"),
     (lambda f: edit_json(f / "scheduler_config.json", prediction_type="flow"), "prediction type 'flow' is not"),
-    (lambda f: edit_json(f / "scheduler_config.json", beta_schedule="laplace"), "beta schedule 'laplace' is not"),
+    (lambda f: edit_json(f / "scheduler_config.json", beta_schedule="exp"), "beta schedule 'exp' is not"),
     (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "incomplete diffusers folder, no weights"),
     (lambda f: (f / "scheduler_config.json").unlink(), "no scheduler_config.json"),
     (lambda f: (f / "config.json").unlink(), "without model_index.json or config.json"),
