@@ -272,7 +272,8 @@ def weight_files(directory: Path, stems=(WEIGHT_STEM,)) -> tuple[str | None, lis
                     return variant, [index, *(directory / name for name in shards)]
     if len(variants) > 1:
         raise ValueError(f"{directory}: weights in several variants ({', '.join(variants)}) and none plain: keep one")
-    raise ValueError(f"{directory}: incomplete diffusers folder, no weights ({stems[0]}.safetensors or .bin)")
+    raise ValueError(f"{directory}: incomplete diffusers folder, no weights "
+                     f"({' or '.join(f'{stem}.safetensors / .bin' for stem in stems)})")
 
 
 def is_diffusers_folder(path) -> bool:

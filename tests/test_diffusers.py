@@ -577,7 +577,9 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("class_labels", "UNet2DConditionModel with num_class_embeds 10 needs class labels"),
     ("image_proj", "encoder_hid_dim_type 'image_proj' needs image embeddings"),
     ("truncated_text_encoder", "text_encoder: cannot load the text encoder: Error while deserializing header"),
-    ("no_vae_weights", "vae: incomplete diffusers folder, no weights"),
+    ("no_vae_weights", "vae: incomplete diffusers folder, no weights (diffusion_pytorch_model.safetensors / .bin)"),
+    ("no_text_encoder_weights", "text_encoder: incomplete diffusers folder, no weights (model.safetensors / .bin or "
+                                "pytorch_model.safetensors / .bin)"),
     ("text_width", "the text encoder's hidden_size 16 is not the width of the text embeddings the UNet takes (24)"),
     ("vae_4_channels", "vae: out_channels 4: the VAE must decode images of 1 or 3 channels"),
 ])
@@ -607,6 +609,8 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
         edit_json(folder / "unet" / "config.json", cross_attention_dim=24)
     if case == "vae_4_channels":
         edit_json(folder / "vae" / "config.json", out_channels=4)
+    if case == "no_text_encoder_weights":
+        (folder / "text_encoder" / "model.safetensors").unlink()
     if case == "no_vae_weights":
         (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     args = ["--teacher", str(teacher)] + ([] if case == "no_prompts" else ["--prompts", str(prompts)])
