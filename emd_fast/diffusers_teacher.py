@@ -487,9 +487,13 @@ def load_schedule(folder: TeacherFolder) -> DiscreteSchedule:
     """The scheduler config's alphas_cumprod (computed by diffusers' DDPMScheduler) as a DiscreteSchedule."""
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
             "rescale_betas_zero_snr")
-    scheduler = _diffusers().DDPMScheduler(**{k: v for k, v in folder.scheduler_config.items() if k in keep})
+    options = {k: v for k, v in folder.scheduler_config.items() if k in keep}
     try:
-        return DiscreteSchedule(scheduler.alphas_cumprod)
+        alphas_cumprod = _diffusers().DDPMScheduler(**options).alphas_cumprod
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: {_reason(e)}") from None
+    try:
+        return DiscreteSchedule(alphas_cumprod)
     except ValueError as e:
         raise ValueError(f"{folder.scheduler}/scheduler_config.json: {e} (fp32, as diffusers computes them)") from None
 
