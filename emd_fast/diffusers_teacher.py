@@ -344,6 +344,9 @@ def inspect_folder(path) -> TeacherFolder:
                              f"inputs; emd_fast supports text embeddings only (Stable Diffusion 1.x/2.x style)")
     if unet_class in LATENT_UNETS:
         vae_cfg = _read_json(parts["vae"] / "config.json", "VAE config")
+        if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"{parts['vae']}: VAE class {vae_cfg['_class_name']!r} is not supported; emd_fast decodes "
+                             f"with AutoencoderKL (Stable Diffusion's)")
         latent = vae_cfg.get("latent_channels", 4)
         if vae_cfg.get("out_channels", 3) not in (1, 3):
             raise ValueError(f"{parts['vae']}: out_channels {vae_cfg['out_channels']}: the VAE must decode images of 1 "

@@ -584,6 +584,7 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("no_text_encoder_weights", "text_encoder: incomplete diffusers folder, no weights (model.safetensors / .bin or "
                                 "pytorch_model.safetensors / .bin)"),
     ("text_width", "the text encoder's hidden_size 16 is not the width of the text embeddings the UNet takes (24)"),
+    ("vq_vae", "VAE class 'VQModel' is not supported; emd_fast decodes with AutoencoderKL"),
     ("vae_4_channels", "vae: out_channels 4: the VAE must decode images of 1 or 3 channels"),
 ])
 def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path, capsys):
@@ -610,6 +611,8 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
         truncate(folder / "text_encoder" / "model.safetensors", 0.001)
     if case == "text_width":
         edit_json(folder / "unet" / "config.json", cross_attention_dim=24)
+    if case == "vq_vae":
+        edit_json(folder / "vae" / "config.json", _class_name="VQModel")
     if case == "vae_4_channels":
         edit_json(folder / "vae" / "config.json", out_channels=4)
     if case == "no_text_encoder_weights":
