@@ -37,12 +37,13 @@ class DiffusersProblem(ImageProblem):
 
     def __init__(self, cfg: dict):
         self.cfg, self.folder = cfg, check_options(cfg)
+        schedule = load_schedule(self.folder)  # before the weights: a bad scheduler config fails fast
         unet = load_unet(self.folder)
         prompts = uncond = None
         if self.folder.latent:
             cond, uncond = self.prompt_embeddings()
             prompts = PromptTable(cond)
-        net = DiffusersDenoiser(unet, load_schedule(self.folder), self.folder.prediction_type, prompts)
+        net = DiffusersDenoiser(unet, schedule, self.folder.prediction_type, prompts)
         size = unet.config.sample_size
         shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         self.teacher = GuidedTeacher(net, shape, cfg.get("guidance_scale", DEFAULT_GUIDANCE), uncond,

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .checks import check_per_example
@@ -35,11 +38,20 @@ from .schedules import Schedule, expand_like
 from .teachers import NetworkTeacher
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
 PIXEL_UNETS = ("UNet2DModel",)
 LATENT_UNETS = ("UNet2DConditionModel",)
 DEFAULT_GUIDANCE = 3.0  # this project's choice: the EMD paper's text-to-image value could not be read here
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# schedulers whose training noise is DDPM's: alphas_cumprod from the betas (num_train_timesteps, beta_start, beta_end,
+# beta_schedule, trained_betas, rescale_betas_zero_snr) and the UNet called at the integer timestep; what they do
+# differently (timestep spacing, sigmas, solver order, clipping, thresholding) is sampling only, unused here
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+              "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+              "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+              "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+              "DEISMultistepScheduler", "SASolverScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
+WEIGHT_STEM = "diffusion_pytorch_model"  # diffusers' weight file names; transformers' text encoders: model, pytorch_model
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
 INSTALL_HINT = 'diffusers teachers need the diffusers extra: pip install -e ".[diffusers]"'
 
 
@@ -162,7 +174,8 @@ class DiffusersDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_per_example("x_t", x_t, t=t)
         dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x_t.to(dtype), t, **self.condition(y, dtype), return_dict=False)[0].float()
+        out = self.unet(x_t.to(dtype), t, **self.condition(y, dtype), return_dict=False)[0]
+        out = out[:, :x_t.shape[1]].float()  # a UNet with a learned variance outputs (prediction, variance)
         alpha, sigma = (expand_like(v.float(), x_t) for v in self.schedule.alpha_sigma(t))
         return denoiser_from_prediction(self.prediction_type, out, x_t.float(), alpha, sigma)
 
@@ -175,8 +188,7 @@ class GuidedTeacher(NetworkTeacher):
     def __init__(self, net: DiffusersDenoiser, data_shape, guidance_scale: float = DEFAULT_GUIDANCE,
                  uncond: torch.Tensor | None = None, source=None):
         super().__init__(net, net.schedule, data_shape, source=source)
-        if not guidance_scale >= 0:
-            raise ValueError(f"--guidance-scale must be >= 0, got {guidance_scale}")
+        check_guidance(guidance_scale)
         if net.text and uncond is None and guidance_scale != 1:
             raise ValueError("classifier-free guidance needs the empty prompt's embedding (uncond)")
         self.guidance_scale = float(guidance_scale)
@@ -236,10 +248,49 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def weight_files(directory: Path, stems=(WEIGHT_STEM,)) -> tuple[str | None, list[Path]]:
+    """(variant, files) of the weights from_pretrained reads in a model folder: ``stem``.safetensors (else .bin), or
+    a sharded checkpoint (its index .json and the shards it lists). The plain files where there are any, else those
+    of the folder's one variant (``stem``.fp16.safetensors: variant 'fp16'). ValueError (one line) where there are
+    none, or only several variants."""
+    names = {f.name for f in directory.iterdir()}
+    pattern = re.compile(rf"^(?:{'|'.join(map(re.escape, stems))})(?:\.(\w+)\.(?:safetensors|bin)|"
+                         rf"\.(?:safetensors|bin)\.index\.(\w+)\.json)$")
+    variants = sorted({m.group(1) or m.group(2) for m in map(pattern.match, names) if m})
+    for variant in [None] + (variants if len(variants) == 1 else []):
+        infix = f".{variant}" if variant else ""
+        for stem in stems:
+            for fmt in ("safetensors", "bin"):
+                if f"{stem}{infix}.{fmt}" in names:
+                    return variant, [directory / f"{stem}{infix}.{fmt}"]
+                index = directory / f"{stem}.{fmt}.index{infix}.json"
+                if index.name in names:
+                    shards = sorted(set(_read_json(index, "weight index").get("weight_map", {}).values()))
+                    missing = [name for name in shards if name not in names]
+                    if missing or not shards:
+                        raise ValueError(f"{index}: incomplete sharded weights, missing {missing or 'the weight_map'}")
+                    return variant, [index, *(directory / name for name in shards)]
+    if len(variants) > 1:
+        raise ValueError(f"{directory}: weights in several variants ({', '.join(variants)}) and none plain: keep one")
+    raise ValueError(f"{directory}: incomplete diffusers folder, no weights "
+                     f"({' or '.join(f'{stem}.safetensors / .bin' for stem in stems)})")
+
+
 def is_diffusers_folder(path) -> bool:
     """True if ``path`` is a directory with a diffusers pipeline or model config (model_index.json / config.json)."""
     p = Path(path)
     return p.is_dir() and ((p / "model_index.json").is_file() or (p / "config.json").is_file())
+
+
+def check_not_a_folders_file(path) -> None:
+    """ValueError (one line) where a --teacher file is one of a diffusers folder's own files (its config or weights):
+    the folder is the teacher."""
+    p = Path(path)
+    if p.is_file() and (p.name.endswith("config.json") or p.name == "model_index.json"
+                        or p.name.startswith(WEIGHT_STEM)):
+        folder = p.parent.parent if (p.parent.parent / "model_index.json").is_file() else p.parent
+        if is_diffusers_folder(folder):
+            raise ValueError(f"--teacher {p}: a file of the diffusers folder {folder}: give the folder, --teacher {folder}")
 
 
 def inspect_folder(path) -> TeacherFolder:
@@ -249,7 +300,8 @@ def inspect_folder(path) -> TeacherFolder:
     if not root.is_dir():
         raise ValueError(f"--teacher {root}: not a directory")
     parts: dict[str, Path | None] = {}
-    if (root / "model_index.json").is_file():
+    flat = (root / "config.json").is_file() and not (root / "unet").is_dir()  # google/ddpm-*: the UNet's files at the top
+    if (root / "model_index.json").is_file() and not flat:
         index = _read_json(root / "model_index.json", "pipeline index")
         for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
             entry = index.get(name)
@@ -271,6 +323,18 @@ def inspect_folder(path) -> TeacherFolder:
     if unet_class in LATENT_UNETS and (parts["vae"] is None or not parts["vae"].is_dir()):
         raise ValueError(f"{root}: the latent model {unet_class} needs a VAE to decode samples: give the pipeline "
                          f"folder (model_index.json with vae/), not the UNet's own folder")
+    size = unet_cfg.get("sample_size")
+    if not (isinstance(size, int) or (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size))):
+        raise ValueError(f"{parts['unet']}: sample_size {size!r} in config.json: need the UNet's input size (an int or "
+                         f"[height, width])")
+    if unet_cfg.get("class_embed_type") is not None or (unet_class in LATENT_UNETS and unet_cfg.get("num_class_embeds")):
+        key = "class_embed_type" if unet_cfg.get("class_embed_type") is not None else "num_class_embeds"
+        raise ValueError(f"{parts['unet']}: {unet_class} with {key} {unet_cfg[key]!r} needs class labels of a kind "
+                         f"emd_fast does not give: it conditions UNet2DModel on num_class_embeds labels and "
+                         f"UNet2DConditionModel on text only")
+    if unet_cfg.get("encoder_hid_dim_type") not in (None, "text_proj"):
+        raise ValueError(f"{parts['unet']}: encoder_hid_dim_type {unet_cfg['encoder_hid_dim_type']!r} needs image "
+                         f"embeddings; emd_fast supports text embeddings only")
     if unet_cfg.get("time_embedding_type", "positional") != "positional":
         raise ValueError(f"{parts['unet']}: time_embedding_type {unet_cfg['time_embedding_type']!r} is not supported "
                          f"(only discrete-timestep UNets: 'positional')")
@@ -280,13 +344,45 @@ def inspect_folder(path) -> TeacherFolder:
                              f"inputs; emd_fast supports text embeddings only (Stable Diffusion 1.x/2.x style)")
     if unet_class in LATENT_UNETS:
         vae_cfg = _read_json(parts["vae"] / "config.json", "VAE config")
+        if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"{parts['vae']}: VAE class {vae_cfg['_class_name']!r} is not supported; emd_fast decodes "
+                             f"with AutoencoderKL (Stable Diffusion's)")
         latent = vae_cfg.get("latent_channels", 4)
+        if vae_cfg.get("out_channels", 3) not in (1, 3):
+            raise ValueError(f"{parts['vae']}: out_channels {vae_cfg['out_channels']}: the VAE must decode images of 1 "
+                             f"or 3 channels")
         if unet_cfg.get("in_channels", 4) != latent:
             raise ValueError(f"{parts['unet']}: in_channels {unet_cfg.get('in_channels')} differs from the VAE's "
                              f"latent_channels {latent} (an inpainting or image-conditioned UNet?): not supported")
-    if not any((parts["unet"] / name).is_file() for name in WEIGHT_FILES):
-        raise ValueError(f"{parts['unet']}: incomplete diffusers folder, no weights ({' or '.join(WEIGHT_FILES)})")
+    text_config = parts["text_encoder"] / "config.json" if parts["text_encoder"] is not None else None
+    if unet_class in LATENT_UNETS and text_config is not None and text_config.is_file():
+        width = _read_json(text_config, "text encoder config").get("hidden_size")
+        wanted = unet_cfg.get("encoder_hid_dim") or unet_cfg.get("cross_attention_dim", 1280)
+        if width is not None and set(wanted if isinstance(wanted, list) else [wanted]) != {width}:
+            raise ValueError(f"{text_config.parent}: the text encoder's hidden_size {width} is not the width of the "
+                             f"text embeddings the UNet takes ({wanted}): a text encoder of another model?")
+    channels = unet_cfg.get("in_channels", 4 if unet_class in LATENT_UNETS else 3)
+    if unet_class in PIXEL_UNETS and channels not in (1, 3):  # e.g. LDM's UNet2DModel in a VQ-VAE's latent space
+        raise ValueError(f"{parts['unet']}: {unet_class} with in_channels {channels}: a pixel UNet's samples are images "
+                         f"of 1 or 3 channels (latent UNet2DModels, with a VQ-VAE, are not supported)")
+    if unet_cfg.get("out_channels", channels) not in (channels, 2 * channels):  # 2x: a learned variance besides
+        raise ValueError(f"{parts['unet']}: out_channels {unet_cfg['out_channels']} differs from in_channels "
+                         f"{channels}: not a denoising UNet emd_fast can read")
+    weight_files(parts["unet"])
+    if unet_class in LATENT_UNETS:
+        weight_files(parts["vae"])
+    if not (parts["scheduler"] / "scheduler_config.json").is_file() and (root.parent / "model_index.json").is_file():
+        raise ValueError(f"{root}: no scheduler_config.json: the {root.name}/ folder of a pipeline? give the pipeline "
+                         f"folder, --teacher {root.parent}")
     sched = _read_json(parts["scheduler"] / "scheduler_config.json", "scheduler config")
+    scheduler_class = sched.get("_class_name", "DDPMScheduler")
+    if scheduler_class not in SCHEDULERS:
+        raise ValueError(f"{parts['scheduler']}: scheduler {scheduler_class!r} is not supported: emd_fast reads the "
+                         f"noise levels of DDPM-style discrete beta schedules ({', '.join(SCHEDULERS[:6])}, ...)")
+    for key, plain in (("timestep_type", "discrete"), ("use_flow_sigmas", False)):
+        if sched.get(key, plain) != plain:  # EDM-style continuous timesteps (CosXL), flow matching
+            raise ValueError(f"{parts['scheduler']}: {scheduler_class} with {key} {sched[key]!r} is not supported "
+                             f"(only discrete-timestep noise levels of a beta schedule)")
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{parts['scheduler']}: prediction type {prediction!r} is not supported; choose one of "
@@ -299,11 +395,10 @@ def inspect_folder(path) -> TeacherFolder:
 
 
 def folder_sha256(path) -> str:
-    """SHA-256 over what defines the teacher: the UNet's config and weights and the scheduler's config (name and
-    content hash of each file)."""
+    """SHA-256 over what defines the teacher: the UNet's config and the weight files it loads, and the scheduler's
+    config (name and content hash of each file)."""
     folder = inspect_folder(path)
-    files = [folder.unet / "config.json", folder.scheduler / "scheduler_config.json",
-             *(folder.unet / name for name in WEIGHT_FILES if (folder.unet / name).is_file())]
+    files = [folder.unet / "config.json", folder.scheduler / "scheduler_config.json", *weight_files(folder.unet)[1]]
     from .checkpoint import sha256_file
 
     h = hashlib.sha256()
@@ -337,11 +432,16 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def check_guidance(scale: float) -> None:
+    """ValueError (one line) unless the classifier-free guidance scale is finite and >= 0."""
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"--guidance-scale must be finite and >= 0, got {scale}")
+
+
 def check_options(cfg: dict) -> TeacherFolder:
     """The diffusers options of a run fit its teacher folder (ValueError, one line); returns the folder."""
     folder = inspect_folder(cfg["teacher"])
-    if not cfg.get("guidance_scale", DEFAULT_GUIDANCE) >= 0:
-        raise ValueError(f"--guidance-scale must be >= 0, got {cfg['guidance_scale']}")
+    check_guidance(cfg.get("guidance_scale", DEFAULT_GUIDANCE))
     if cfg.get("schedule"):
         raise ValueError(f"--schedule: a diffusers teacher's noise levels are its scheduler's; leave --schedule out")
     if folder.latent:
@@ -360,33 +460,49 @@ def _diffusers():
         import diffusers
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
+    diffusers.utils.logging.disable_progress_bar()  # a bar per sharded weight file read; the run has its own
     return diffusers
+
+
+def _reason(e: Exception) -> str:
+    """The first line of a loading error (and the next where the first only announces a list)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
+def _load_model(cls, directory: Path, what: str, stems=(WEIGHT_STEM,)) -> nn.Module:
+    """``cls.from_pretrained`` of a model folder in fp32, eval mode, from disk only, with the variant of its weights;
+    ValueError (one line) for a broken file."""
+    variant, files = weight_files(directory, stems)
+    try:  # use_safetensors: no error logged for the .safetensors file a .bin-only folder lacks
+        return cls.from_pretrained(directory, local_files_only=True, torch_dtype=torch.float32, variant=variant,
+                                   use_safetensors=".safetensors" in files[0].name, low_cpu_mem_usage=False).eval()
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{directory}: cannot load {what}: {_reason(e)}") from None
 
 
 def load_unet(folder: TeacherFolder) -> nn.Module:
     """The UNet in fp32, eval mode, from disk only."""
-    cls = getattr(_diffusers(), folder.unet_class)
-    try:
-        return cls.from_pretrained(folder.unet, local_files_only=True, torch_dtype=torch.float32,
-                                   low_cpu_mem_usage=False).eval()
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ValueError(f"{folder.unet}: cannot load {folder.unet_class}: {str(e).splitlines()[0]}") from None
+    return _load_model(getattr(_diffusers(), folder.unet_class), folder.unet, folder.unet_class)
 
 
 def load_schedule(folder: TeacherFolder) -> DiscreteSchedule:
     """The scheduler config's alphas_cumprod (computed by diffusers' DDPMScheduler) as a DiscreteSchedule."""
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
             "rescale_betas_zero_snr")
-    scheduler = _diffusers().DDPMScheduler(**{k: v for k, v in folder.scheduler_config.items() if k in keep})
-    return DiscreteSchedule(scheduler.alphas_cumprod)
+    options = {k: v for k, v in folder.scheduler_config.items() if k in keep}
+    try:
+        alphas_cumprod = _diffusers().DDPMScheduler(**options).alphas_cumprod
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: {_reason(e)}") from None
+    try:
+        return DiscreteSchedule(alphas_cumprod)
+    except ValueError as e:
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: {e} (fp32, as diffusers computes them)") from None
 
 
 def load_vae(folder: TeacherFolder) -> nn.Module:
-    try:
-        return _diffusers().AutoencoderKL.from_pretrained(folder.vae, local_files_only=True, torch_dtype=torch.float32,
-                                                          low_cpu_mem_usage=False).eval().requires_grad_(False)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ValueError(f"{folder.vae}: cannot load the VAE: {str(e).splitlines()[0]}") from None
+    return _load_model(_diffusers().AutoencoderKL, folder.vae, "the VAE").requires_grad_(False)
 
 
 @torch.no_grad()
@@ -404,11 +520,13 @@ def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> t
     transformers_logging.disable_progress_bar()  # a bar per weight file read; the run has its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer, local_files_only=True)
-        encoder = CLIPTextModel.from_pretrained(folder.text_encoder, local_files_only=True,
-                                                torch_dtype=torch.float32).to(device).eval()
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ValueError(f"{folder.path}: cannot load the text encoder: {str(e).splitlines()[0]}") from None
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{folder.tokenizer}: cannot load the tokenizer: {_reason(e)}") from None
+    encoder = _load_model(CLIPTextModel, folder.text_encoder, "the text encoder", ("model", "pytorch_model"))
+    encoder = encoder.to(device)
+    # a tokenizer_config.json without model_max_length gives a huge one: the encoder's positions bound it
+    length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return torch.cat([encoder(ids[i:i + 64])[0].float().cpu() for i in range(0, len(prompts), 64)])
 

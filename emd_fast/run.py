@@ -180,6 +180,10 @@ def validate(cfg: dict) -> None:
 
         check_options(cfg)
     else:
+        if cfg.get("teacher"):
+            from .diffusers_teacher import check_not_a_folders_file
+
+            check_not_a_folders_file(cfg["teacher"])
         for key in ("prompts", "grad_checkpoint"):
             if cfg.get(key):
                 raise RunError(f"--{key.replace('_', '-')} applies to diffusers teachers (--teacher DIR)")

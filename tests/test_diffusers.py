@@ -29,10 +29,10 @@ def scheduler(**kw):
 
 def tiny_unet(seed=0, **kw):
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                 attention_head_dim=8, **kw)
+    return diffusers.UNet2DModel(**{**dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                           layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                           attention_head_dim=8), **kw})
 
 
 def pixel_folder(path, prediction_type="epsilon", beta_schedule="linear", seed=0, **unet_kw):
@@ -83,8 +83,13 @@ def test_schedule_refuses_bad_tables_and_drops_a_zero_terminal_snr():
     with pytest.raises(ValueError, match="strictly decreasing"):
         DiscreteSchedule(torch.tensor([0.5, 0.7]))
     zero_snr = scheduler(beta_schedule="linear", rescale_betas_zero_snr=True).alphas_cumprod
+    assert zero_snr[-1] == 0  # infinite noise at the last timestep: dropped, t is clamped to the one before
     s = DiscreteSchedule(zero_snr)
     assert s.t_max == 998 and np.isfinite(s.lambda_range).all()
+    t = torch.tensor([997.5, 998.0, 998.7, 999.0, 1e9], dtype=torch.float64)
+    assert torch.equal(s.alpha(t)[1:], s.alpha(torch.full((4,), 998.0, dtype=torch.float64)))
+    assert torch.isfinite(s.lam(t)).all() and all(((v > 0) & (v < 1)).all() for v in s.alpha_sigma(t))
+    assert s.t_from_lambda(torch.tensor([-float("inf"), -1e9], dtype=torch.float64)).tolist() == [998.0, 998.0]
 
 
 # --- prediction types: the same analytic denoiser as an epsilon-, v- and sample-predicting module -----------------
@@ -214,11 +219,115 @@ def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):
     assert "--labels must lie in [0, 3)" in err
 
 
-def test_pipeline_folder_with_a_pixel_unet(tmp_path):
+def test_pipeline_with_the_unet_and_scheduler_at_the_top(tmp_path):
+    """The layout of google/ddpm-cifar10-32: model_index.json beside the UNet's config, weights and scheduler config."""
+    import shutil
+
+    folder = tmp_path / "pipe"
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
+    for part in ("unet", "scheduler"):
+        for f in (folder / part).iterdir():
+            f.rename(folder / f.name)
+        shutil.rmtree(folder / part)
+    assert inspect_folder(folder).unet == folder
+    assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2", "--eval-every", "0") == 0
+
+
+def test_grayscale_non_square_pixel_unet_trains_and_samples(tmp_path):
+    """MNIST-style: 1 channel, 28 x 20 (not a power of two, not square), 6 and 10 channels (groups of 2)."""
+    folder = pixel_folder(tmp_path / "m", in_channels=1, out_channels=1, sample_size=(28, 20), block_out_channels=(6, 10),
+                          norm_num_groups=2, attention_head_dim=5)
+    out, arrays = tmp_path / "r", tmp_path / "s.npz"
+    assert train_main(out, "--teacher", str(folder), "--steps", "2") == 0
+    assert sample.main([str(out), "--n", "3", "--out", str(arrays), str(tmp_path / "g.png")]) == 0
+    with np.load(arrays) as f:
+        assert f["images"].shape == (3, 1, 28, 20) and np.isfinite(f["images"]).all()
+
+
+def test_pipeline_folder_with_a_pixel_unet(tmp_path, capsys):
     folder = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(folder)
     assert inspect_folder(folder).unet == folder / "unet"
     assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2") == 0
+    err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder / "unet")))
+    assert f"unet/ folder of a pipeline? give the pipeline folder, --teacher {folder}" in err
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json"):
+        err = one_line_error(capsys, train_main(tmp_path / "r2", "--teacher", str(folder / name)))
+        assert f"a file of the diffusers folder {folder}: give the folder" in err, name
+
+
+@pytest.mark.parametrize("cls,options", [
+    ("DDIMScheduler", dict(set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing", clip_sample=True,
+                           thresholding=True, sample_max_value=2.0, **SD_BETAS)),
+    ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, **SD_BETAS)),
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", beta_schedule="linear")),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", thresholding=True,
+                                         beta_schedule="squaredcos_cap_v2")),
+    ("DDIMScheduler", dict(num_train_timesteps=500, trained_betas=torch.linspace(1e-4, 0.04, 500).tolist())),
+    ("DDPMScheduler", dict(beta_schedule="sigmoid")),
+    ("DDPMScheduler", dict(beta_schedule="laplace")),
+])
+def test_sampling_schedulers_give_their_training_noise_levels(cls, options, tmp_path):
+    """The scheduler_config.json of a sampler (DDIM, PNDM, Euler, DPM-Solver) with sampling-only options: the noise
+    levels are that scheduler's own alphas_cumprod."""
+    folder = tmp_path / "m"
+    tiny_unet().save_pretrained(folder)
+    own = getattr(diffusers, cls)(**options)
+    own.save_pretrained(folder)
+    s = load_schedule(inspect_folder(folder))
+    steps = own.config.num_train_timesteps
+    assert s.t_max == steps - 1
+    assert torch.allclose(s.alpha(torch.arange(float(steps), dtype=torch.float64)) ** 2, own.alphas_cumprod.double(),
+                          rtol=1e-12, atol=0)
+
+
+def test_zero_terminal_snr_teacher_trains_on_the_timesteps_before_the_last(tmp_path):
+    """rescale_betas_zero_snr: alphas_cumprod[-1] = 0 (infinite noise) is not a noise level the EMD iteration can
+    use (sigma/alpha = inf); the run's t range ends one timestep before, and every loss stays finite."""
+    folder = tmp_path / "m"
+    tiny_unet().save_pretrained(folder)
+    diffusers.DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                            timestep_spacing="trailing").save_pretrained(folder)
+    out = tmp_path / "r"
+    assert train_main(out, "--teacher", str(folder), "--steps", "2") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["teacher_info"]["schedule"]["t_max"] == 998.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss_g" in row]
+    assert len(steps) == 2 and all(np.isfinite([row["loss_g"], row["loss_s"], row["grad_g"]]).all() for row in steps)
+
+
+def test_learned_variance_unet_is_read_by_its_prediction_half():
+    """A UNet whose out_channels are twice its in_channels outputs (prediction, variance), as diffusers' pipelines
+    split it: D is read from the first half."""
+    unet = tiny_unet(out_channels=6)
+    schedule = DiscreteSchedule(scheduler().alphas_cumprod)
+    net = DiffusersDenoiser(unet, schedule, "epsilon")
+    g = torch.Generator().manual_seed(3)
+    x_t, t = torch.randn(4, 3, 8, 8, generator=g), torch.rand(4, generator=g) * 999
+    a, s = (v.reshape(-1, 1, 1, 1).float() for v in schedule.alpha_sigma(t))
+    with torch.no_grad():
+        eps = unet(x_t, t).sample[:, :3]
+        assert torch.allclose(net(x_t, t), (x_t - s * eps) / a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("save", [dict(variant="fp16"), dict(safe_serialization=False), dict(max_shard_size="50KB")])
+def test_weights_as_a_variant_bin_or_shards_load_and_define_the_teacher(save, tmp_path):
+    """fp16-variant-only, .bin-only and sharded weights: the run trains; the teacher's SHA-256 covers the files that
+    are loaded (a changed shard or variant file is another teacher)."""
+    from emd_fast.diffusers_teacher import folder_sha256, weight_files
+
+    folder = tmp_path / "m"
+    tiny_unet().save_pretrained(folder, **save)
+    scheduler().save_pretrained(folder)
+    variant, files = weight_files(folder)
+    assert variant == save.get("variant") and all(f.is_file() for f in files) and len(files) >= 1
+    assert train_main(tmp_path / "r", "--teacher", str(folder), "--steps", "2", "--eval-every", "0") == 0
+    before = folder_sha256(folder)
+    data = files[-1].read_bytes()
+    files[-1].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert folder_sha256(folder) != before
 
 
 def test_load_schedule_reads_the_scheduler_config(tmp_path):
@@ -236,14 +345,50 @@ def edit_json(path, **changes):
     path.write_text(json.dumps(data))
 
 
+def truncate(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def replace_scheduler(folder, cls, **options):
+    (folder / "scheduler_config.json").unlink()
+    getattr(diffusers, cls)(**options).save_pretrained(folder)
+
+
+def two_variants(folder):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.rename(folder / "diffusion_pytorch_model.fp16.safetensors")
+    (folder / "diffusion_pytorch_model.ema.safetensors").write_bytes(b"")
+
+
 @pytest.mark.parametrize("breakage,message", [
     (lambda f: edit_json(f / "config.json", _class_name="UNet1DModel"), "model class 'UNet1DModel' is not supported"),
     (lambda f: edit_json(f / "scheduler_config.json", prediction_type="flow"), "prediction type 'flow' is not"),
-    (lambda f: edit_json(f / "scheduler_config.json", beta_schedule="laplace"), "beta schedule 'laplace' is not"),
+    (lambda f: edit_json(f / "scheduler_config.json", beta_schedule="exp"), "beta schedule 'exp' is not"),
     (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(), "incomplete diffusers folder, no weights"),
     (lambda f: (f / "scheduler_config.json").unlink(), "no scheduler_config.json"),
     (lambda f: (f / "config.json").unlink(), "without model_index.json or config.json"),
     (lambda f: edit_json(f / "config.json", time_embedding_type="fourier"), "time_embedding_type 'fourier'"),
+    (lambda f: (f / "config.json").write_text('{"_class_name": "UNet2DModel", '), "unreadable UNet config"),
+    (lambda f: (f / "scheduler_config.json").write_text("{"), "unreadable scheduler config"),
+    (lambda f: truncate(f / "diffusion_pytorch_model.safetensors"), "cannot load UNet2DModel: Unable to load weights"),
+    (lambda f: truncate(f / "diffusion_pytorch_model.safetensors", 0), "cannot load UNet2DModel"),
+    (lambda f: edit_json(f / "config.json", block_out_channels=[8, 32]), "cannot load UNet2DModel: Error(s) in "
+                                                                          "loading state_dict for UNet2DModel: size"),
+    (two_variants, "weights in several variants (ema, fp16) and none plain"),
+    (lambda f: edit_json(f / "config.json", sample_size=None), "sample_size None in config.json"),
+    (lambda f: edit_json(f / "config.json", out_channels=5), "out_channels 5 differs from in_channels 3"),
+    (lambda f: edit_json(f / "config.json", in_channels=4, out_channels=4), "UNet2DModel with in_channels 4: a pixel"),
+    (lambda f: edit_json(f / "config.json", class_embed_type="timestep"), "class_embed_type 'timestep' needs class"),
+    (lambda f: replace_scheduler(f, "EDMEulerScheduler"), "scheduler 'EDMEulerScheduler' is not supported"),
+    (lambda f: replace_scheduler(f, "FlowMatchEulerDiscreteScheduler"), "'FlowMatchEulerDiscreteScheduler' is not"),
+    (lambda f: replace_scheduler(f, "EulerDiscreteScheduler", timestep_type="continuous"),
+     "EulerDiscreteScheduler with timestep_type 'continuous' is not supported"),
+    (lambda f: replace_scheduler(f, "DPMSolverMultistepScheduler", use_flow_sigmas=True), "use_flow_sigmas True"),
+    (lambda f: replace_scheduler(f, "DDPMScheduler", num_train_timesteps=20000),  # fp32 alphas_cumprod underflow
+     "scheduler_config.json: alphas_cumprod must be"),
+    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps="1000"), "'num_train_timesteps': '1000'"),
+    (lambda f: edit_json(f / "scheduler_config.json", trained_betas="0.1"), "scheduler_config.json: no noise levels"),
+    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps=-3), "scheduler_config.json: no noise lev"),
 ])
 def test_bad_folders_are_one_line_errors(breakage, message, tmp_path, capsys):
     folder = pixel_folder(tmp_path / "m")
@@ -253,7 +398,9 @@ def test_bad_folders_are_one_line_errors(breakage, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--guidance-scale", "-1"], "--guidance-scale must be >= 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be finite and >= 0"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be finite and >= 0, got inf"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be finite and >= 0, got nan"),
     (["--schedule", "edm"], "leave --schedule out"),
     (["--prompts", "PROMPTS"], "is not text-conditioned"),
     (["--labels", "1"], "is unconditional"),
@@ -389,7 +536,7 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_denois
     assert torch.equal(teacher[1.0].denoise(x_t, t, y), d_c)
     assert torch.allclose(teacher[0.0].denoise(x_t, t, y), d_u, atol=1e-5)
     assert torch.allclose(teacher[3.5].denoise(x_t, t, y), d_u + 3.5 * (d_c - d_u), atol=1e-4)
-    with pytest.raises(ValueError, match="guidance-scale must be >= 0"):
+    with pytest.raises(ValueError, match="guidance-scale must be finite and >= 0"):
         GuidedTeacher(net, (4, 8, 8), -0.5, uncond)
 
 
@@ -426,10 +573,19 @@ def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     ("unet_only", "needs a VAE to decode samples"),
     ("empty_prompts", "no prompts (one per line)"),
     ("no_prompts", "is text-conditioned: pass --prompts FILE"),
-    ("negative_guidance", "--guidance-scale must be >= 0"),
+    ("negative_guidance", "--guidance-scale must be finite and >= 0"),
     ("no_text_encoder", "no text_encoder/ or tokenizer/"),
     ("sdxl", "with addition_embed_type 'text_time' needs extra conditioning inputs"),
     ("inpainting", "in_channels 9 differs from the VAE's latent_channels 4"),
+    ("class_labels", "UNet2DConditionModel with num_class_embeds 10 needs class labels"),
+    ("image_proj", "encoder_hid_dim_type 'image_proj' needs image embeddings"),
+    ("truncated_text_encoder", "text_encoder: cannot load the text encoder: Error while deserializing header"),
+    ("no_vae_weights", "vae: incomplete diffusers folder, no weights (diffusion_pytorch_model.safetensors / .bin)"),
+    ("no_text_encoder_weights", "text_encoder: incomplete diffusers folder, no weights (model.safetensors / .bin or "
+                                "pytorch_model.safetensors / .bin)"),
+    ("text_width", "the text encoder's hidden_size 16 is not the width of the text embeddings the UNet takes (24)"),
+    ("vq_vae", "VAE class 'VQModel' is not supported; emd_fast decodes with AutoencoderKL"),
+    ("vae_4_channels", "vae: out_channels 4: the VAE must decode images of 1 or 3 channels"),
 ])
 def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path, capsys):
     import shutil
@@ -447,10 +603,60 @@ def test_bad_latent_input_is_a_one_line_error(case, message, sd_folder, tmp_path
         edit_json(folder / "unet" / "config.json", addition_embed_type="text_time")
     if case == "inpainting":
         edit_json(folder / "unet" / "config.json", in_channels=9)
+    if case == "class_labels":
+        edit_json(folder / "unet" / "config.json", num_class_embeds=10)
+    if case == "image_proj":
+        edit_json(folder / "unet" / "config.json", encoder_hid_dim_type="image_proj", encoder_hid_dim=16)
+    if case == "truncated_text_encoder":
+        truncate(folder / "text_encoder" / "model.safetensors", 0.001)
+    if case == "text_width":
+        edit_json(folder / "unet" / "config.json", cross_attention_dim=24)
+    if case == "vq_vae":
+        edit_json(folder / "vae" / "config.json", _class_name="VQModel")
+    if case == "vae_4_channels":
+        edit_json(folder / "vae" / "config.json", out_channels=4)
+    if case == "no_text_encoder_weights":
+        (folder / "text_encoder" / "model.safetensors").unlink()
+    if case == "no_vae_weights":
+        (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     args = ["--teacher", str(teacher)] + ([] if case == "no_prompts" else ["--prompts", str(prompts)])
     args += ["--guidance-scale", "-0.1"] if case == "negative_guidance" else []
     err = one_line_error(capsys, train_main(tmp_path / "r", *args))
     assert message in err and not (tmp_path / "r").exists()
+
+
+def test_long_unicode_prompts_and_a_tokenizer_without_a_max_length(sd_folder, tmp_path):
+    """Prompts longer than the text encoder's positions are truncated (as Stable Diffusion pipelines do), also where
+    tokenizer_config.json gives no model_max_length (transformers then says 10**30); unicode and blank lines pass."""
+    import shutil
+
+    from emd_fast.diffusers_teacher import encode_prompts
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd_folder, folder)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "model_max_length"}))
+    assert transformers.AutoTokenizer.from_pretrained(folder / "tokenizer").model_max_length > 10**20
+    prompts = prompts_file(tmp_path, "a cat " * 100 + "\n\n \u3000\n\u00fc\u00f1\u00ed \u732b \U0001f431 dog\r\n")
+    out = tmp_path / "r"
+    assert train_main(out, "--teacher", str(folder), "--prompts", str(prompts), "--steps", "2") == 0
+    cond = load_file(str(out / "prompt_embeddings.safetensors"))["cond"]
+    assert cond.shape == (2, 8, 16) and torch.isfinite(cond).all()
+    # 8 positions: start, 6 words, end; the rest of the long prompt is cut
+    assert torch.allclose(cond[0], encode_prompts(inspect_folder(folder), ["a cat a cat a cat"])[0], atol=1e-6)
+
+
+def test_pipeline_of_fp16_variant_weights_only(sd_folder, tmp_path):
+    """A pipeline saved with variant="fp16" (UNet, VAE and text encoder: *.fp16.safetensors only) trains, with the
+    same embeddings as the plain pipeline."""
+    folder = tmp_path / "fp16"
+    diffusers.StableDiffusionPipeline.from_pretrained(sd_folder).save_pretrained(folder, variant="fp16")
+    assert not list(folder.glob("*/diffusion_pytorch_model.safetensors"))
+    args = ["--prompts", str(prompts_file(tmp_path)), "--steps", "2", "--eval-every", "2"]
+    assert train_main(tmp_path / "a", "--teacher", str(folder), *args) == 0
+    assert train_main(tmp_path / "b", "--teacher", str(sd_folder), *args) == 0
+    a, b = final_tensors(tmp_path / "a"), final_tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cached_embeddings_are_those_of_the_runs_prompts_and_text_encoder(sd_folder, tmp_path):
