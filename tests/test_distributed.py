@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from emd_fast import run, train
 from emd_fast.checkpoint import list_checkpoints, load_checkpoint
 from emd_fast.distiller import Distiller
-from emd_fast.distributed import Ranks, data_parallel, rank_seed
+from emd_fast.distributed import Ranks, data_parallel, fully_sharded, rank_seed
 from emd_fast.emd import EMDConfig, ReferenceOps
 from helpers import small_problem
 
@@ -166,35 +166,50 @@ class SharedNoiseDistiller(Distiller):
 BATCH, STEPS = 12, 4
 
 
-def trajectory(ranks, wrap=None):
-    """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2)."""
+def full(t):
+    """A sharded tensor (DTensor) made whole (a collective: every rank calls it), or a copy of a plain one."""
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def trajectory(ranks, wrap=None, shard=None, ema=0.0):
+    """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2), and
+    with an EMA (half-life ``ema`` kimg) its parameters (gradient None); and the Distiller."""
     teacher, gen, student = small_problem(seed=0, hidden=16)
     dist = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
                                 batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
-                                sigma_data=2.0, data_parallel=wrap, ranks=ranks)
+                                sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=ema, ranks=ranks)
     out = []
     for _ in range(STEPS):
         dist.step()
-        nets = {"generator": dist.generator, "student": dist.student}
-        out.append({f"{name}.{k}": (p.detach().clone(), p.grad.clone()) for name, net in nets.items()
-                    for k, p in net.named_parameters()})
-    return out
+        dist.update_ema()
+        nets = {"generator": dist.generator, "student": dist.student} | ({"ema": dist.ema} if ema else {})
+        out.append({f"{name}.{k}": (full(p), None if p.grad is None else full(p.grad))
+                    for name, net in nets.items() for k, p in net.named_parameters()})
+    return out, dist
 
 
-def _equivalence_worker(rank, world, path):
+def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
     tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        result = trajectory(Ranks(rank, world, rank, distributed=True), data_parallel(torch.device("cpu")))
-        torch.save(result, path / f"rank{rank}.pt")
+        ranks, cpu = Ranks(rank, world, rank, distributed=True), torch.device("cpu")
+        if how == "ddp":
+            result, _ = trajectory(ranks, data_parallel(cpu), ema=ema)
+        else:
+            result, dist = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema)
+            nets = (dist.generator, dist.student, dist.ema)  # each rank holds about 1/world of every network
+            held = [sum(p.to_local().numel() for p in net.parameters()) / sum(p.numel() for p in net.parameters())
+                    for net in nets]
+            assert all(abs(h - 1 / world) < 0.1 for h in held), held
+        torch.save(result, path / f"{how}_rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_take_the_one_process_update(tmp_path, world):
-    one = trajectory(Ranks())
+    one, _ = trajectory(Ranks())
     launch(_equivalence_worker, world, tmp_path)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(world)]
     for r in range(1, world):  # every rank holds the same parameters, bit for bit
         assert all(torch.equal(per_rank[0][-1][k][0], per_rank[r][-1][k][0]) for k in per_rank[0][-1])
     worst_p = worst_g = 0.0
@@ -209,6 +224,31 @@ def test_ranks_take_the_one_process_update(tmp_path, world):
           f"parameter difference {worst_p:.2e} after {STEPS} steps")
     # and the processes do not all see the same examples: a 2-process run without DDP would differ
     assert any(not torch.equal(one[0][k][1], per_rank[0][0][k][1]) for k in one[0])
+
+
+def test_sharded_ranks_take_the_ddp_and_one_process_update(tmp_path):
+    """FSDP2 (--shard): generator, student and EMA sharded over 2 processes follow the DDP run and the one-process
+    run, fp32, up to the order of float additions (the EMA too: it is updated shard by shard)."""
+    one, _ = trajectory(Ranks(), ema=0.01)
+    for how in ("ddp", "shard"):
+        launch(_equivalence_worker, 2, tmp_path, how, 0.01)
+    ddp, sharded = (torch.load(tmp_path / f"{how}_rank0.pt") for how in ("ddp", "shard"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(sharded[-1].values(),
+                                                        torch.load(tmp_path / "shard_rank1.pt")[-1].values()))
+    worst = {"ddp": 0.0, "one": 0.0}
+    for step, (s, d, o) in enumerate(zip(sharded, ddp, one), 1):
+        assert s.keys() == d.keys() == o.keys() and any(k.startswith("ema.") for k in s)
+        for k in s:
+            for ref, name in ((d, "ddp"), (o, "one")):
+                (ps, gs), (pr, gr) = s[k], ref[k]
+                worst[name] = max(worst[name], float((ps - pr).abs().max()))
+                torch.testing.assert_close(ps, pr, rtol=1e-5, atol=1e-5, msg=f"{k} step {step} vs {name}")
+                if gr is not None:
+                    torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-5 * float(gr.abs().max()),
+                                               msg=f"{k} gradient step {step} vs {name}")
+    assert not torch.equal(one[-1]["ema.denoiser.out.weight"][0], one[0]["ema.denoiser.out.weight"][0])
+    print(f"sharded (2 processes): largest parameter difference after {STEPS} steps {worst['ddp']:.2e} vs DDP, "
+          f"{worst['one']:.2e} vs one process")
 
 
 # --- the run: rank-0 I/O, checkpoints, resume across world sizes ---------------------------------------------------
