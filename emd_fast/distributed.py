@@ -207,7 +207,10 @@ def fully_sharded(device: torch.device, world: int):
     keeps 1/world of every parameter (and so of its gradient and Adam moments); a forward or backward all-gathers one
     block's parameters at a time and frees them after, and backward reduce-scatters the averaged gradients. The
     blocks are the members of the network's outermost ModuleLists / ModuleDicts (a UNet's encoder and decoder
-    blocks, an MLP's layers); the rest is sharded as one group with the root. Parameters become DTensors."""
+    blocks, an MLP's layers); the rest is sharded as one group with the root. Parameters become DTensors.
+    Every group, the root's too, is resharded after each forward (FSDP2 keeps the root's gathered by default): the
+    E-step's forwards are not followed by a backward, and ``parameters()`` must always be the shards (the EMA
+    update, the optimizers)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -216,8 +219,8 @@ def fully_sharded(device: torch.device, world: int):
     def shard(module: nn.Module) -> None:
         for block in _blocks(module):
             if any(True for _ in block.parameters()):
-                fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
 
     return shard
 
@@ -252,6 +255,8 @@ def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict[
     others. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if not opt.state:  # before the first step (get_optimizer_state_dict would take a step with lr 0 to make one)
+        return {}
     full = get_optimizer_state_dict(module, opt, options=_full(cpu_offload=True))
     if not full:
         return {}

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from emd_fast import run, train
+from emd_fast import run, sample, train
 from emd_fast.checkpoint import list_checkpoints, load_checkpoint
 from emd_fast.distiller import Distiller
 from emd_fast.distributed import Ranks, data_parallel, fully_sharded, rank_seed
@@ -287,6 +288,69 @@ def test_torchrun_rank0_io_and_resume_across_world_sizes(tmp_path):
     assert train.main(["--out", str(out), *SMALL, "--resume", "--steps", "6"]) == 0  # and one process
     assert [r["step"] for r in records(out)] == list(range(7))
     assert [p.name for p in (out / "samples").iterdir()] == ["final.png"]
+
+
+def run_until(src, dst, step):
+    """A copy of run directory ``src`` whose newest checkpoint is that of ``step`` (a run stopped there)."""
+    shutil.copytree(src, dst)
+    for path in (dst / "checkpoints").glob("step_*"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+    return dst
+
+
+def test_sharded_checkpoints_resume_on_any_number_of_processes_and_sample(tmp_path):
+    """--shard on 2 processes: its checkpoints equal the DDP run's (full tensors, the same names); a sharded resume
+    on 2 processes continues bit for bit; one process (sharded under torchrun, or not) loads them exactly and both
+    continue alike; emd_fast.sample reads them in a plain process."""
+    shard, ddp, ema = tmp_path / "shard", tmp_path / "ddp", ["--ema", "0.01", "--steps", "6"]
+    assert [r["code"] for r in run_cli(tmp_path, 2, shard, "--shard", *ema)] == [0, 0]
+    assert [r["code"] for r in run_cli(tmp_path, 2, ddp, *ema)] == [0, 0]
+    for step in (4, 6):
+        s, d = tensors_at(shard, step), tensors_at(ddp, step)
+        assert s.keys() == d.keys() and any(k.startswith("ema.") for k in s) and any(k.startswith("opt_s.") for k in s)
+        for k in s:
+            torch.testing.assert_close(s[k], d[k], rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(records(shard), records(ddp), strict=True):  # evaluations: every rank's share gathered on rank 0
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+
+    again = run_until(shard, tmp_path / "again", 4)
+    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--shard", "--resume", "--steps", "6")] == [0, 0]
+    a, b = tensors_at(shard, 6), tensors_at(again, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(again) == records(shard)
+
+    plain, sharded = run_until(shard, tmp_path / "plain", 4), run_until(shard, tmp_path / "one_sharded", 4)
+    assert train.main(["--out", str(plain), *SMALL, "--resume", "--steps", "4", "--ckpt-every", "0"]) == 0
+    four, reloaded = tensors_at(shard, 4), tensors_at(plain, 4)  # rewritten by a plain process: nothing changed
+    assert all(torch.equal(four[k], reloaded[k]) for k in reloaded if "rng" not in k)
+    assert train.main(["--out", str(plain), *SMALL, "--resume", "--steps", "6"]) == 0
+    assert [r["code"] for r in run_cli(tmp_path, 1, sharded, "--shard", "--resume", "--steps", "6")] == [0]
+    a, b = tensors_at(plain, 6), tensors_at(sharded, 6)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    npz = tmp_path / "s.npz"
+    assert sample.main([str(shard), "--n", "9", "--out", str(npz)]) == 0 and npz.is_file()
+    loaded, step, _ = run.load_run(shard, "cpu")
+    assert step == 6 and all(torch.equal(v, a6) for v, a6 in
+                             zip(loaded.distiller.sampler.state_dict().values(),
+                                 [tensors_at(shard, 6)[f"ema.{k}"] for k in loaded.distiller.sampler.state_dict()]))
+
+
+def test_shard_option_errors(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert train.main(["--out", str(out), *SMALL, "--shard"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shard shards the networks across the processes of a torchrun launch") and \
+        err.count("\n") == 1
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    for option in ("--cuda-graph", "--compile"):
+        assert train.main(["--out", str(out), *SMALL, "--shard", option]) == 2
+        assert capsys.readouterr().err == f"error: {option} is not supported with --shard (untested with FSDP2)\n"
+    assert not out.exists()
 
 
 # --- stopping: a signal to one rank, a failure of one rank, a hung rank --------------------------------------------
