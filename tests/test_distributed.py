@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from emd_fast import run, sample, train
 from emd_fast.checkpoint import list_checkpoints, load_checkpoint
-from emd_fast.distiller import Distiller
+from emd_fast.distiller import Distiller, Execution
 from emd_fast.distributed import Ranks, data_parallel, fully_sharded, rank_seed
 from emd_fast.emd import EMDConfig, ReferenceOps
 from helpers import small_problem
@@ -172,13 +172,14 @@ def full(t):
     return t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def trajectory(ranks, wrap=None, shard=None, ema=0.0):
+def trajectory(ranks, wrap=None, shard=None, ema=0.0, execution=Execution()):
     """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2), and
     with an EMA (half-life ``ema`` kimg) its parameters (gradient None); and the Distiller."""
     teacher, gen, student = small_problem(seed=0, hidden=16)
     dist = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
                                 batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
-                                sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=ema, ranks=ranks)
+                                sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=ema,
+                                execution=execution, ranks=ranks)
     out = []
     for _ in range(STEPS):
         dist.step()
@@ -195,8 +196,9 @@ def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
         ranks, cpu = Ranks(rank, world, rank, distributed=True), torch.device("cpu")
         if how == "ddp":
             result, _ = trajectory(ranks, data_parallel(cpu), ema=ema)
-        else:
-            result, dist = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema)
+        else:  # "shard", or "shard_fused": fused Adam on the shards with its on-device skip flag (deferred checks)
+            execution = Execution(finite_check="deferred" if how == "shard_fused" else "sync")
+            result, dist = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema, execution=execution)
             nets = (dist.generator, dist.student, dist.ema)  # each rank holds about 1/world of every network
             held = [sum(p.to_local().numel() for p in net.parameters()) / sum(p.numel() for p in net.parameters())
                     for net in nets]
@@ -231,9 +233,9 @@ def test_sharded_ranks_take_the_ddp_and_one_process_update(tmp_path):
     """FSDP2 (--shard): generator, student and EMA sharded over 2 processes follow the DDP run and the one-process
     run, fp32, up to the order of float additions (the EMA too: it is updated shard by shard)."""
     one, _ = trajectory(Ranks(), ema=0.01)
-    for how in ("ddp", "shard"):
+    for how in ("ddp", "shard", "shard_fused"):
         launch(_equivalence_worker, 2, tmp_path, how, 0.01)
-    ddp, sharded = (torch.load(tmp_path / f"{how}_rank0.pt") for how in ("ddp", "shard"))
+    ddp, sharded, fused = (torch.load(tmp_path / f"{how}_rank0.pt") for how in ("ddp", "shard", "shard_fused"))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(sharded[-1].values(),
                                                         torch.load(tmp_path / "shard_rank1.pt")[-1].values()))
     worst = {"ddp": 0.0, "one": 0.0}
@@ -247,6 +249,8 @@ def test_sharded_ranks_take_the_ddp_and_one_process_update(tmp_path):
                 if gr is not None:
                     torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-5 * float(gr.abs().max()),
                                                msg=f"{k} gradient step {step} vs {name}")
+    for k, (p, _) in fused[-1].items():
+        torch.testing.assert_close(p, sharded[-1][k][0], rtol=1e-5, atol=1e-6, msg=f"{k} fused Adam")
     assert not torch.equal(one[-1]["ema.denoiser.out.weight"][0], one[0]["ema.denoiser.out.weight"][0])
     print(f"sharded (2 processes): largest parameter difference after {STEPS} steps {worst['ddp']:.2e} vs DDP, "
           f"{worst['one']:.2e} vs one process")
