@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict
+from .distributed import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .emd import EMD, EMDConfig, EStep, ReferenceOps
 from .profiling import phase
 from .schedules import expand_like
@@ -242,21 +243,14 @@ class Distiller:
         return out | self.random_state()
 
     def _networks(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "student": self.student} | ({"ema": self.ema} if self.ema is not None else {})
+        nets = {"generator": self.generator, "student": self.student}
+        return nets | ({"ema": self.ema} if self.ema is not None else {})
 
     def _model_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        if not self.sharded:
-            return net.state_dict()
-        from .distributed import full_model_state
-
-        return full_model_state(net)
+        return full_model_state(net) if self.sharded else net.state_dict()
 
     def _optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict]:
-        if not self.sharded:
-            return opt.state_dict()["state"]
-        from .distributed import full_optimizer_state
-
-        return full_optimizer_state(net, opt)
+        return full_optimizer_state(net, opt) if self.sharded else opt.state_dict()["state"]
 
     def random_state(self) -> dict[str, torch.Tensor]:
         """The state of the run's random streams: the torch.Generator and the backend's own (the kernel noise)."""
@@ -282,8 +276,6 @@ class Distiller:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         """Continue from ``state_tensors`` (sharded or not, whatever wrote them); sharded, every process holds all
         of them and keeps its shards."""
-        if self.sharded:
-            from .distributed import load_full_model_state, load_full_optimizer_state
         for name, net in self._networks().items():
             load_state_dict_strict(net, tensors, f"{name}.", source,
                                    load=functools.partial(load_full_model_state, net) if self.sharded else None)
