@@ -157,8 +157,10 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(weights)), state
 
 
-def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source) -> None:
-    """Load ``prefix``-ed tensors into module; CheckpointError lists missing/unexpected keys or shape mismatches."""
+def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source,
+                           load=None) -> None:
+    """Load ``prefix``-ed tensors into module (with ``load(state_dict)`` if given, e.g. a sharded network's loader,
+    else ``module.load_state_dict``); CheckpointError lists missing/unexpected keys or shape mismatches."""
     own = module.state_dict()
     sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
@@ -169,4 +171,4 @@ def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Ten
         if v.shape != own[k].shape:
             raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(own[k].shape)}")
-    module.load_state_dict(sub)
+    (load or module.load_state_dict)(sub)

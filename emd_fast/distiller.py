@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict
+from .distributed import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .emd import EMD, EMDConfig, EStep, ReferenceOps
 from .profiling import phase
 from .schedules import expand_like
@@ -62,14 +64,19 @@ class Distiller:
     that is shorter (EDM's schedule: early averages do not hold on to the initial generator).
     Data-parallel runs (``emd_fast.distributed``): ``batch`` is this process's share, ``global_batch`` the examples
     of one iteration over all processes (the EMA counts those), ``data_parallel`` wraps generator and student for
-    their training forward so that the losses' gradients are averaged across processes.
+    their training forward so that the losses' gradients are averaged across processes. Sharded runs (``--shard``):
+    ``shard`` shards generator, student and EMA in place across the processes instead (FSDP2, see
+    ``distributed.fully_sharded``; the EMA is copied before, and sharded like the generator: its update stays local
+    to each shard); ``state_tensors`` then gathers full tensors on process 0 (the same checkpoint as unsharded).
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
                  lr_g: float, lr_s: float, betas_g=(0.0, 0.99), betas_s=(0.0, 0.99), seed: int = 0,
                  sigma_data: float = 1.0, num_classes: int = 0, classes=None, ema_halflife_kimg: float = 0.0,
                  ema_rampup: float = 0.05, execution: Execution = Execution(), device="cpu",
-                 global_batch: int | None = None, data_parallel=None):
+                 global_batch: int | None = None, data_parallel=None, shard=None):
+        if data_parallel and shard:
+            raise ValueError("a network is either data-parallel or sharded, not both")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if not (ema_halflife_kimg >= 0 and ema_rampup >= 0):
@@ -97,6 +104,10 @@ class Distiller:
                              f"got {self.classes.tolist()}")
         self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
         self.ema = copy.deepcopy(generator).requires_grad_(False).eval() if ema_halflife_kimg else None
+        self.sharded = shard is not None
+        for net in (generator, student, self.ema) if shard else ():
+            if net is not None:
+                shard(net)
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
@@ -163,6 +174,8 @@ class Distiller:
             loss.backward()
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # one multi-tensor norm launch
+        if self.sharded:  # the norms of the shards (DTensors): combined across the processes
+            norm = norm.full_tensor()
         finite = torch.isfinite(loss.detach() + norm)  # nan/inf anywhere in the loss or a gradient
         if self.deferred:
             torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
@@ -218,15 +231,26 @@ class Distiller:
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything a resumed run needs, as flat name -> tensor (safetensors-ready)."""
-        out = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
-        out |= {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        if self.ema is not None:
-            out |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
-        for prefix, opt in (("opt_g", self.opt_g), ("opt_s", self.opt_s)):
-            for idx, st in opt.state_dict()["state"].items():
+        """Everything a resumed run needs, as flat name -> tensor (safetensors-ready).
+        Sharded: the full tensors (as an unsharded run's) on process 0, only the random state on the others; every
+        process must call it."""
+        out = {}
+        for name, net in self._networks().items():
+            out |= {f"{name}.{k}": v for k, v in self._model_state(net).items()}
+        for prefix, net, opt in (("opt_g", self.generator, self.opt_g), ("opt_s", self.student, self.opt_s)):
+            for idx, st in self._optimizer_state(net, opt).items():
                 out |= {f"{prefix}.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()}
         return out | self.random_state()
+
+    def _networks(self) -> dict[str, nn.Module]:
+        nets = {"generator": self.generator, "student": self.student}
+        return nets | ({"ema": self.ema} if self.ema is not None else {})
+
+    def _model_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return full_model_state(net) if self.sharded else net.state_dict()
+
+    def _optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict]:
+        return full_optimizer_state(net, opt) if self.sharded else opt.state_dict()["state"]
 
     def random_state(self) -> dict[str, torch.Tensor]:
         """The state of the run's random streams: the torch.Generator and the backend's own (the kernel noise)."""
@@ -250,11 +274,12 @@ class Distiller:
         return size
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
-        load_state_dict_strict(self.generator, tensors, "generator.", source)
-        load_state_dict_strict(self.student, tensors, "student.", source)
-        if self.ema is not None:
-            load_state_dict_strict(self.ema, tensors, "ema.", source)
-        for prefix, opt in (("opt_g", self.opt_g), ("opt_s", self.opt_s)):
+        """Continue from ``state_tensors`` (sharded or not, whatever wrote them); sharded, every process holds all
+        of them and keeps its shards."""
+        for name, net in self._networks().items():
+            load_state_dict_strict(net, tensors, f"{name}.", source,
+                                   load=functools.partial(load_full_model_state, net) if self.sharded else None)
+        for prefix, net, opt in (("opt_g", self.generator, self.opt_g), ("opt_s", self.student, self.opt_s)):
             sd = opt.state_dict()
             state: dict[int, dict] = {}
             for key, v in tensors.items():
@@ -264,7 +289,10 @@ class Distiller:
             if len(state) != len(sd["param_groups"][0]["params"]):
                 raise CheckpointError(f"{source}: {prefix} holds state for {len(state)} parameters, "
                                       f"the model has {len(sd['param_groups'][0]['params'])}")
-            opt.load_state_dict({**sd, "state": state})
+            if self.sharded:
+                load_full_optimizer_state(net, opt, state)
+            else:
+                opt.load_state_dict({**sd, "state": state})
             match_param_layouts(opt)
         if "rng" not in tensors:
             raise CheckpointError(f"{source}: no random-generator state")

@@ -198,3 +198,87 @@ def data_parallel(device: torch.device):
 def communication_failed(e: BaseException) -> bool:
     """True for an error raised by a collective because another rank failed, died or hung past the timeout."""
     return isinstance(e, getattr(tdist, "DistError", ())) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+
+
+# --- FSDP2 (--shard): networks sharded across the ranks -------------------------------------------------------------
+
+def fully_sharded(device: torch.device, world: int):
+    """A function sharding a network in place across the ``world`` ranks with FSDP2 (``fully_shard``): each rank
+    keeps 1/world of every parameter (and so of its gradient and Adam moments); a forward or backward all-gathers one
+    block's parameters at a time and frees them after, and backward reduce-scatters the averaged gradients. The
+    blocks are the members of the network's outermost ModuleLists / ModuleDicts (a UNet's encoder and decoder
+    blocks, an MLP's layers); the rest is sharded as one group with the root. Parameters become DTensors.
+    Every group, the root's too, is resharded after each forward (FSDP2 keeps the root's gathered by default): the
+    E-step's forwards are not followed by a backward, and ``parameters()`` must always be the shards (the EMA
+    update, the optimizers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+
+    def shard(module: nn.Module) -> None:
+        for block in _blocks(module):
+            if any(True for _ in block.parameters()):
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+
+    return shard
+
+
+def _blocks(module: nn.Module):
+    """The members of the outermost ModuleList / ModuleDict containers inside ``module``."""
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from child.children()
+        else:
+            yield from _blocks(child)
+
+
+def _full(**kw):
+    """Options of torch.distributed.checkpoint.state_dict for whole (unsharded) state dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded network's full state dict (plain CPU tensors, the names of the unsharded network) on rank 0, {} on
+    the others. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full(cpu_offload=True))
+
+
+def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    """The full per-parameter state of ``opt`` over a sharded network, keyed by parameter index as in an unsharded
+    optimizer's ``state_dict()`` (so the checkpoint reads the same whatever the sharding), on rank 0; {} on the
+    others. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not opt.state:  # before the first step (get_optimizer_state_dict would take a step with lr 0 to make one)
+        return {}
+    full = get_optimizer_state_dict(module, opt, options=_full(cpu_offload=True))
+    if not full:
+        return {}
+    index = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
+    return {index[name]: st for name, st in full["state"].items()}
+
+
+def load_full_model_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank holds all of it) into a sharded network: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_full())
+
+
+def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer,
+                              state: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Load full per-parameter optimizer state keyed by parameter index (``full_optimizer_state``'s form, every rank
+    holding all of it) into the optimizer of a sharded network: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    (group,) = opt.param_groups  # one group: the network's parameters, in the order of named_parameters
+    names = [name for name, _ in module.named_parameters()]
+    full = {"state": {names[i]: st for i, st in state.items()},
+            "param_groups": [{**{k: v for k, v in group.items() if k != "params"}, "params": names}]}
+    set_optimizer_state_dict(module, opt, full, options=_full())

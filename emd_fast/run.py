@@ -29,7 +29,7 @@ from . import digits, mixtures, problems
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, remove_orphans,
                          save_checkpoint, sha256_file, write_json_atomic, write_text_atomic)
 from .distiller import Distiller, Execution
-from .distributed import Ranks, communication_failed, data_parallel, rank_seed
+from .distributed import Ranks, communication_failed, data_parallel, fully_sharded, rank_seed
 from .emd import EMDConfig
 from .profiling import PhaseTimer
 from .schedules import make_schedule
@@ -53,7 +53,7 @@ PRESET_DEFAULTS = {
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
 WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
@@ -212,6 +212,9 @@ def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
         skipped.append("fused Triton kernels: " + ("triton is not installed" if gpu else
                                                    "they need a CUDA GPU (on a CPU they run only interpreted, "
                                                    "for tests)"))
+    if cfg.get("shard"):
+        del fast["compile"]
+        skipped.append("torch.compile: not with --shard (untested with FSDP2)")
     if gpu:
         fast["channels_last"] = True  # image data only
         if distributed:
@@ -309,6 +312,7 @@ class Run:
         net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
         generator, student = problems.init_networks(net, self.t_star)
         # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
+        shard = cfg.get("shard") and ranks.distributed
         execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
                               channels_last=cfg.get("channels_last", False),
                               finite_check=cfg.get("finite_check", "sync"))
@@ -319,14 +323,20 @@ class Run:
                                    num_classes=self.problem.num_classes, classes=cfg.get("labels"),
                                    ema_halflife_kimg=cfg["ema"], ema_rampup=cfg["ema_rampup"],
                                    execution=execution, device=device,
-                                   data_parallel=data_parallel(device) if ranks.distributed else None)
+                                   data_parallel=data_parallel(device) if ranks.distributed and not shard else None,
+                                   shard=fully_sharded(device, ranks.world) if shard else None)
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """n samples of the (EMA) generator from (z, y) drawn from ``rng``, the same whatever the number of
         processes: each rank generates its rows, rank 0 gathers them. (samples (n, ...) or None off rank 0, y)."""
         dist, rows = self.distiller, self.ranks.rows(n)
         z, y = dist.sample_inputs(n, rng)
-        return self.ranks.gather_rows(dist.generate(z[rows], None if y is None else y[rows]), n), y
+        z_own, y_own = z[rows], None if y is None else y[rows]
+        if dist.sharded:  # all ranks call a sharded network together: as many rows (padding) on each
+            longest = -(-n // self.ranks.world)
+            z_own, y_own = (None if v is None else torch.cat([v, v.new_zeros((longest - len(v), *v.shape[1:]))])
+                            for v in (z_own, y_own))
+        return self.ranks.gather_rows(dist.generate(z_own, y_own)[:rows.stop - rows.start], n), y
 
     def evaluate(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
         """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation); in a
@@ -529,6 +539,7 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
     ranks = Ranks.from_env()
     cfg, device, notes = resolve(cfg, explicit, ranks.distributed)
     ranks.per_rank_batch(cfg["batch"])
+    check_shard(cfg, ranks)
     device = ranks.device(device)
     with ranks.process_group(device, cfg.get("dist_timeout", DIST_TIMEOUT_S)), contextlib.ExitStack() as lock:
         created = False
@@ -542,6 +553,18 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
                 raise RunError(f"process {ranks.rank} of {ranks.world} stopped: another process of the run failed, "
                                f"died or hung past --dist-timeout ({str(e).splitlines()[0][:200]})") from None
             raise
+
+
+def check_shard(cfg: dict, ranks: Ranks) -> None:
+    """--shard needs several processes (torchrun) and excludes what is untested with sharded networks (RunError)."""
+    if not cfg.get("shard"):
+        return
+    if not ranks.distributed:
+        raise RunError("--shard shards the networks across the processes of a torchrun launch: run it under "
+                       "torchrun (one process holds whole networks: drop --shard)")
+    for key in ("cuda_graph", "compile"):
+        if cfg.get(key):
+            raise RunError(f"--{key.replace('_', '-')} is not supported with --shard (untested with FSDP2)")
 
 
 def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Path | None]:
@@ -634,9 +657,10 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
 
     def checkpoint():  # every rank calls it: gathering the ranks' random states is the barrier before the write
         random_states = ranks.gather_random_state(dist.random_state())
+        tensors = dist.state_tensors() if ranks.main or dist.sharded else None  # sharded: gathered by all ranks
         if ranks.main:
             state = {"config": saved_cfg, "torch": torch.__version__, "processes": ranks.world}
-            save_checkpoint(ckpt_dir, dist.step_count, dist.state_tensors() | random_states, state, keep=cfg["keep"])
+            save_checkpoint(ckpt_dir, dist.step_count, tensors | random_states, state, keep=cfg["keep"])
 
     def fid_now() -> dict:  # every rank makes its share of the samples; rank 0 computes the FID
         batches = run.sample_batches(cfg["fid_samples"], run.fid_seed)

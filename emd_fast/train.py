@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
                    help="launched by torchrun (README: Several GPUs): seconds any collective waits before the run "
                         "stops with an error, when another process died or hangs")
+    r.add_argument("--shard", action="store_true",
+                   help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
+                        "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
     return add_debug_flag(p)
 
 

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +20,10 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from emd_fast import run, train
+from emd_fast import run, sample, train
 from emd_fast.checkpoint import list_checkpoints, load_checkpoint
-from emd_fast.distiller import Distiller
-from emd_fast.distributed import Ranks, data_parallel, rank_seed
+from emd_fast.distiller import Distiller, Execution
+from emd_fast.distributed import Ranks, data_parallel, fully_sharded, rank_seed
 from emd_fast.emd import EMDConfig, ReferenceOps
 from helpers import small_problem
 
@@ -166,35 +167,52 @@ class SharedNoiseDistiller(Distiller):
 BATCH, STEPS = 12, 4
 
 
-def trajectory(ranks, wrap=None):
-    """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2)."""
+def full(t):
+    """A sharded tensor (DTensor) made whole (a collective: every rank calls it), or a copy of a plain one."""
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def trajectory(ranks, wrap=None, shard=None, ema=0.0, execution=Execution()):
+    """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2), and
+    with an EMA (half-life ``ema`` kimg) its parameters (gradient None); and the Distiller."""
     teacher, gen, student = small_problem(seed=0, hidden=16)
     dist = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
                                 batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
-                                sigma_data=2.0, data_parallel=wrap, ranks=ranks)
+                                sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=ema,
+                                execution=execution, ranks=ranks)
     out = []
     for _ in range(STEPS):
         dist.step()
-        nets = {"generator": dist.generator, "student": dist.student}
-        out.append({f"{name}.{k}": (p.detach().clone(), p.grad.clone()) for name, net in nets.items()
-                    for k, p in net.named_parameters()})
-    return out
+        dist.update_ema()
+        nets = {"generator": dist.generator, "student": dist.student} | ({"ema": dist.ema} if ema else {})
+        out.append({f"{name}.{k}": (full(p), None if p.grad is None else full(p.grad))
+                    for name, net in nets.items() for k, p in net.named_parameters()})
+    return out, dist
 
 
-def _equivalence_worker(rank, world, path):
+def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
     tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        result = trajectory(Ranks(rank, world, rank, distributed=True), data_parallel(torch.device("cpu")))
-        torch.save(result, path / f"rank{rank}.pt")
+        ranks, cpu = Ranks(rank, world, rank, distributed=True), torch.device("cpu")
+        if how == "ddp":
+            result, _ = trajectory(ranks, data_parallel(cpu), ema=ema)
+        else:  # "shard", or "shard_fused": fused Adam on the shards with its on-device skip flag (deferred checks)
+            execution = Execution(finite_check="deferred" if how == "shard_fused" else "sync")
+            result, dist = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema, execution=execution)
+            nets = (dist.generator, dist.student, dist.ema)  # each rank holds about 1/world of every network
+            held = [sum(p.to_local().numel() for p in net.parameters()) / sum(p.numel() for p in net.parameters())
+                    for net in nets]
+            assert all(abs(h - 1 / world) < 0.1 for h in held), held
+        torch.save(result, path / f"{how}_rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_take_the_one_process_update(tmp_path, world):
-    one = trajectory(Ranks())
+    one, _ = trajectory(Ranks())
     launch(_equivalence_worker, world, tmp_path)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    per_rank = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(world)]
     for r in range(1, world):  # every rank holds the same parameters, bit for bit
         assert all(torch.equal(per_rank[0][-1][k][0], per_rank[r][-1][k][0]) for k in per_rank[0][-1])
     worst_p = worst_g = 0.0
@@ -209,6 +227,33 @@ def test_ranks_take_the_one_process_update(tmp_path, world):
           f"parameter difference {worst_p:.2e} after {STEPS} steps")
     # and the processes do not all see the same examples: a 2-process run without DDP would differ
     assert any(not torch.equal(one[0][k][1], per_rank[0][0][k][1]) for k in one[0])
+
+
+def test_sharded_ranks_take_the_ddp_and_one_process_update(tmp_path):
+    """FSDP2 (--shard): generator, student and EMA sharded over 2 processes follow the DDP run and the one-process
+    run, fp32, up to the order of float additions (the EMA too: it is updated shard by shard)."""
+    one, _ = trajectory(Ranks(), ema=0.01)
+    for how in ("ddp", "shard", "shard_fused"):
+        launch(_equivalence_worker, 2, tmp_path, how, 0.01)
+    ddp, sharded, fused = (torch.load(tmp_path / f"{how}_rank0.pt") for how in ("ddp", "shard", "shard_fused"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(sharded[-1].values(),
+                                                        torch.load(tmp_path / "shard_rank1.pt")[-1].values()))
+    worst = {"ddp": 0.0, "one": 0.0}
+    for step, (s, d, o) in enumerate(zip(sharded, ddp, one), 1):
+        assert s.keys() == d.keys() == o.keys() and any(k.startswith("ema.") for k in s)
+        for k in s:
+            for ref, name in ((d, "ddp"), (o, "one")):
+                (ps, gs), (pr, gr) = s[k], ref[k]
+                worst[name] = max(worst[name], float((ps - pr).abs().max()))
+                torch.testing.assert_close(ps, pr, rtol=1e-5, atol=1e-5, msg=f"{k} step {step} vs {name}")
+                if gr is not None:
+                    torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-5 * float(gr.abs().max()),
+                                               msg=f"{k} gradient step {step} vs {name}")
+    for k, (p, _) in fused[-1].items():
+        torch.testing.assert_close(p, sharded[-1][k][0], rtol=1e-5, atol=1e-6, msg=f"{k} fused Adam")
+    assert not torch.equal(one[-1]["ema.denoiser.out.weight"][0], one[0]["ema.denoiser.out.weight"][0])
+    print(f"sharded (2 processes): largest parameter difference after {STEPS} steps {worst['ddp']:.2e} vs DDP, "
+          f"{worst['one']:.2e} vs one process")
 
 
 # --- the run: rank-0 I/O, checkpoints, resume across world sizes ---------------------------------------------------
@@ -247,6 +292,69 @@ def test_torchrun_rank0_io_and_resume_across_world_sizes(tmp_path):
     assert train.main(["--out", str(out), *SMALL, "--resume", "--steps", "6"]) == 0  # and one process
     assert [r["step"] for r in records(out)] == list(range(7))
     assert [p.name for p in (out / "samples").iterdir()] == ["final.png"]
+
+
+def run_until(src, dst, step):
+    """A copy of run directory ``src`` whose newest checkpoint is that of ``step`` (a run stopped there)."""
+    shutil.copytree(src, dst)
+    for path in (dst / "checkpoints").glob("step_*"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+    return dst
+
+
+def test_sharded_checkpoints_resume_on_any_number_of_processes_and_sample(tmp_path):
+    """--shard on 2 processes: its checkpoints equal the DDP run's (full tensors, the same names); a sharded resume
+    on 2 processes continues bit for bit; one process (sharded under torchrun, or not) loads them exactly and both
+    continue alike; emd_fast.sample reads them in a plain process."""
+    shard, ddp, ema = tmp_path / "shard", tmp_path / "ddp", ["--ema", "0.01", "--steps", "6"]
+    assert [r["code"] for r in run_cli(tmp_path, 2, shard, "--shard", *ema)] == [0, 0]
+    assert [r["code"] for r in run_cli(tmp_path, 2, ddp, *ema)] == [0, 0]
+    for step in (4, 6):
+        s, d = tensors_at(shard, step), tensors_at(ddp, step)
+        assert s.keys() == d.keys() and any(k.startswith("ema.") for k in s) and any(k.startswith("opt_s.") for k in s)
+        for k in s:
+            torch.testing.assert_close(s[k], d[k], rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(records(shard), records(ddp), strict=True):  # evaluations: every rank's share gathered on rank 0
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+
+    again = run_until(shard, tmp_path / "again", 4)
+    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--shard", "--resume", "--steps", "6")] == [0, 0]
+    a, b = tensors_at(shard, 6), tensors_at(again, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(again) == records(shard)
+
+    plain, sharded = run_until(shard, tmp_path / "plain", 4), run_until(shard, tmp_path / "one_sharded", 4)
+    assert train.main(["--out", str(plain), *SMALL, "--resume", "--steps", "4", "--ckpt-every", "0"]) == 0
+    four, reloaded = tensors_at(shard, 4), tensors_at(plain, 4)  # rewritten by a plain process: nothing changed
+    assert all(torch.equal(four[k], reloaded[k]) for k in reloaded if "rng" not in k)
+    assert train.main(["--out", str(plain), *SMALL, "--resume", "--steps", "6"]) == 0
+    assert [r["code"] for r in run_cli(tmp_path, 1, sharded, "--shard", "--resume", "--steps", "6")] == [0]
+    a, b = tensors_at(plain, 6), tensors_at(sharded, 6)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    npz = tmp_path / "s.npz"
+    assert sample.main([str(shard), "--n", "9", "--out", str(npz)]) == 0 and npz.is_file()
+    loaded, step, _ = run.load_run(shard, "cpu")
+    assert step == 6 and all(torch.equal(v, a6) for v, a6 in
+                             zip(loaded.distiller.sampler.state_dict().values(),
+                                 [tensors_at(shard, 6)[f"ema.{k}"] for k in loaded.distiller.sampler.state_dict()]))
+
+
+def test_shard_option_errors(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert train.main(["--out", str(out), *SMALL, "--shard"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --shard shards the networks across the processes of a torchrun launch") and \
+        err.count("\n") == 1
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    for option in ("--cuda-graph", "--compile"):
+        assert train.main(["--out", str(out), *SMALL, "--shard", option]) == 2
+        assert capsys.readouterr().err == f"error: {option} is not supported with --shard (untested with FSDP2)\n"
+    assert not out.exists()
 
 
 # --- stopping: a signal to one rank, a failure of one rank, a hung rank --------------------------------------------
