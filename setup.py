@@ -27,5 +27,5 @@ setup(
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["emd-train=emd_fast.train:main"]},
+    entry_points={"console_scripts": ["emd-train=emd_fast.train:console"]},
 )

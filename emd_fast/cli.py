@@ -7,12 +7,22 @@ import argparse
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .checkpoint import CheckpointError
 from .run import Stopped, out_of_memory
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
+
+
+def run_as_process(main: Callable[[], int]) -> NoReturn:
+    """``python -m emd_fast.<command>``: exit with ``main()``'s code. Stop signals arriving after the command ended
+    are ignored (called in-process, run_command gives the previous handlers back instead): a Ctrl-C in the instant
+    before the interpreter exits must not raise in its clean-up."""
+    global _whole_process
+    _whole_process = True
+    sys.exit(main())
 
 
 class Interrupted(BaseException):
@@ -67,7 +77,7 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
         return 1
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if _whole_process else handler)
 
 
 def first_line(e: BaseException) -> str:

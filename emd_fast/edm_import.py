@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .cli import add_debug_flag, run_command
+from .cli import add_debug_flag, run_as_process, run_command
 from .edm_checkpoint import load_edm_pickle
 from .network_files import save_network
 
@@ -31,4 +30,4 @@ def main(argv=None) -> int:
                                                                              "into CPU memory)")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_process(main)

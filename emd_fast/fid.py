@@ -13,7 +13,6 @@ nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import write_json_atomic
-from .cli import add_debug_flag, run_command
+from .cli import add_debug_flag, run_as_process, run_command
 from .image_metrics import FID, FeatureStats, InceptionFeatures
 from .images import read_images
 from .run import load_run
@@ -79,4 +78,4 @@ def main(argv=None) -> int:
     return run_command(lambda a: print((calc if a.command == "calc" else ref)(a)), args, oom_hint="lower --batch")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_process(main)

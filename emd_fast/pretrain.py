@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import digits
-from .cli import add_debug_flag, run_command
+from .cli import add_debug_flag, run_as_process, run_command
 from .image_metrics import DigitsClassifier
 from .images import class_rows, save_grid
 from .network_files import save_network
@@ -200,4 +200,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_process(main)

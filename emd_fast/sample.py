@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import add_debug_flag, run_command
+from .cli import add_debug_flag, run_as_process, run_command
 from .images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
 from .run import load_run
 
@@ -135,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_process(main)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
-from .cli import add_debug_flag, run_command
+from .cli import add_debug_flag, run_as_process, run_command
 from .diffusers_teacher import DEFAULT_GUIDANCE
 from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
@@ -192,5 +191,10 @@ def main(argv=None) -> int:
     return run_command(report, args, oom_hint="lower --batch, --eval-samples or --fid-samples")
 
 
+def console() -> None:
+    """The ``emd-train`` console script: ``python -m emd_fast.train``."""
+    run_as_process(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

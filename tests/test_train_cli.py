@@ -269,6 +269,16 @@ def test_ema_follows_the_generator(tmp_path):
         torch.testing.assert_close(p_ema, p0 + w * (p - p0))
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test, also when pytest runs as a shell's background job (which ignores
+    SIGINT; a run leaves ignored signals alone)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("signum, code, extra", [(signal.SIGTERM, 143, ()), (signal.SIGUSR1, 138, ()),
                                                  (signal.SIGINT, 130, ()),
                                                  (signal.SIGTERM, 143, ("--finite-check", "deferred"))])
