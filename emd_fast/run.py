@@ -506,6 +506,15 @@ def check_batch_memory(dist: Distiller, device: torch.device) -> None:
                        f"{available // (6 * 4 * math.prod(dist.shape))} would leave nothing for the networks)")
 
 
+def config_differences(written, cfg: dict) -> str:
+    """What differs between a checkpoint's config and the run's, e.g. "K: checkpoint 8, run 4" ("" if nothing).
+    Options added to emd_fast after the checkpoint was written are not in it and take their defaults (resume_config
+    refuses them when given explicitly), so an older run resumes after an upgrade."""
+    if not isinstance(written, dict):
+        return "the checkpoint holds no config"
+    return ", ".join(f"{k}: checkpoint {v!r}, run {cfg.get(k)!r}" for k, v in written.items() if cfg.get(k) != v)
+
+
 def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``, which must be
     intact; CheckpointError otherwise, naming the newest intact checkpoint to continue from instead."""
@@ -636,8 +645,8 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     if latest is not None:
-        if state.get("config") != saved_cfg:
-            raise CheckpointError(f"{latest} was written by another config")
+        if differences := config_differences(state.get("config"), saved_cfg):
+            raise CheckpointError(f"{latest} was written by another config ({differences})")
         dist.load_state_tensors(ranks.own_view(tensors), state["step"], str(latest))
         if state.get("processes", 1) != ranks.world:  # new per-rank streams; parameters and optimizers continue
             dist.reseed(rank_seed(cfg["seed"], ranks.rank, state["step"]))

@@ -79,6 +79,36 @@ def test_checkpoint_record_that_is_not_a_record(finished_run, tmp_path, capsys):
         one_line_error(capsys, sample.main([str(out)]))
 
 
+def test_a_run_from_before_an_option_existed_resumes(tmp_path, capsys):
+    """A checkpoint written before an option was added (its config lacks the key) resumes at the option's default
+    and ends where an undisturbed run does; a checkpoint whose config differs is refused, naming the key."""
+    from emd_fast.checkpoint import _state_hash
+
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert train.main(["--out", str(straight), *SMALL, "--steps", "6"]) == 0
+    assert train.main(["--out", str(old), *SMALL, "--steps", "4"]) == 0
+    meta = list_checkpoints(old / "checkpoints")[-1]
+    record = json.loads(meta.read_text())
+    config = json.loads((old / "config.json").read_text())
+    assert "guidance_scale" in record["config"]
+    for cfg in (record["config"], config):
+        del cfg["guidance_scale"]  # an option this run's version did not have
+    (old / "config.json").write_text(json.dumps(config))
+    record.pop("state_sha256")
+    meta.write_text(json.dumps({**record, "state_sha256": _state_hash(record)}))
+    assert train.main(["--out", str(old), "--resume", "--steps", "6", "--quiet"]) == 0
+    want, got = final_state(straight), final_state(old)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    capsys.readouterr()
+    meta = list_checkpoints(old / "checkpoints")[-1]
+    record = json.loads(meta.read_text())
+    record["config"]["gamma_eps"] = 0.2
+    record.pop("state_sha256")
+    meta.write_text(json.dumps({**record, "state_sha256": _state_hash(record)}))
+    err = one_line_error(capsys, train.main(["--out", str(old), "--resume", "--steps", "8", "--quiet"]))
+    assert "was written by another config (gamma_eps: checkpoint 0.2, run 0.3)" in err
+
+
 def test_not_enough_disk_for_a_checkpoint(tmp_path, capsys, monkeypatch):
     real = run_module.shutil.disk_usage
     monkeypatch.setattr(run_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
