@@ -64,6 +64,9 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except Exception as e:
+        if (stop := _stop_in_chain(e)) is not None:  # a stop signal that some code wrapped in its own error
+            print(f"stopped by {signal.Signals(stop).name}", file=sys.stderr)
+            return 128 + stop
         if args.debug:
             raise
         if isinstance(e, MemoryError) or out_of_memory(e):
@@ -78,6 +81,18 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_IGN if _whole_process else handler)
+
+
+def _stop_in_chain(e: BaseException) -> int | None:
+    """The signal number of an Interrupted or KeyboardInterrupt that ``e`` was raised from or while handling (Python
+    wraps an exception raised in e.g. ``__set_name__`` in a RuntimeError), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            return getattr(e, "signum", signal.SIGINT)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def first_line(e: BaseException) -> str:

@@ -180,6 +180,22 @@ def test_every_command_fails_in_one_line(finished_run, tmp_path, capsys, command
     assert message in one_line_error(capsys, command(argv))
 
 
+def test_a_stop_signal_wrapped_in_another_error_is_still_a_stop(tmp_path, capsys, monkeypatch):
+    """Python turns an exception raised in ``__set_name__`` (a Ctrl-C landing in a class body during an import)
+    into a RuntimeError; the command still reports the stop, exit 130, not an internal error."""
+    from emd_fast.cli import Interrupted
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise Interrupted(signal.SIGINT)
+        except Interrupted as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from e
+
+    monkeypatch.setattr(train, "train", interrupted_import)
+    assert train.main(["--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == "stopped by SIGINT\n"
+
+
 def test_a_bug_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise TypeError("unexpected")
