@@ -10,9 +10,8 @@ import threading
 from typing import Callable, NoReturn
 
 from .checkpoint import CheckpointError
-from .run import Stopped, out_of_memory
+from .run import STOP_SIGNALS, Stopped, out_of_memory
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
 
 

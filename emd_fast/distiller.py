@@ -264,13 +264,14 @@ class Distiller:
         self.emd.ops.load_state_tensors(fresh.state_tensors())
 
     def checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint file: ``state_tensors`` with the Adam moments and step counts the first
-        step creates, and ~100 bytes of safetensors header per tensor."""
-        tensors = list(self.state_tensors().values())
-        size = sum(t.numel() * t.element_size() + 100 for t in tensors)
+        """About the size of one checkpoint file, from the shapes alone (nothing is gathered or copied): the
+        networks' state, two Adam moments and a step count per parameter, the random state, and ~100 bytes of
+        safetensors header per tensor."""
+        tensors = [v for net in self._networks().values() for v in net.state_dict().values()]
+        size = sum(t.numel() * t.element_size() + 100 for t in tensors + list(self.random_state().values()))
         for opt in (self.opt_g, self.opt_s):
             size += sum(2 * p.numel() * p.element_size() + 4 + 300 for group in opt.param_groups
-                        for p in group["params"] if p not in opt.state)
+                        for p in group["params"])
         return size
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:

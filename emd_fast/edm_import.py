@@ -29,5 +29,6 @@ def main(argv=None) -> int:
     return run_command(convert, add_debug_flag(p).parse_args(argv), oom_hint="free memory (the network is read "
                                                                              "into CPU memory)")
 
+
 if __name__ == "__main__":
     run_as_process(main)

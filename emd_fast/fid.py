@@ -77,5 +77,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda a: print((calc if a.command == "calc" else ref)(a)), args, oom_hint="lower --batch")
 
+
 if __name__ == "__main__":
     run_as_process(main)

@@ -71,18 +71,21 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and what Slurm and Kubernetes send
+# The CUDA graph of an iteration does not capture DDP's gradient all-reduce.
+GRAPHS_NOT_DISTRIBUTED = "not with torch.distributed (the gradient all-reduce is not captured)"
+
+
 class StopSignals:
     """While active, SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before a kill) only record
     that a stop was asked for (``signum``): the training loop finishes its iteration, writes a checkpoint and stops.
     Handlers can only be installed from the main thread; elsewhere the signals keep their behaviour, as do signals
     the process ignores (SIGINT in a shell's background job)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
     def __enter__(self) -> "StopSignals":
         self.signum, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS
+            self.previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS
                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
@@ -218,8 +221,8 @@ def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
     if gpu:
         fast["channels_last"] = True  # image data only
         if distributed:
-            skipped.append("CUDA graphs: not with torch.distributed (the gradient all-reduce is not captured); "
-                           "the iteration runs eagerly around the compiled networks")
+            skipped.append(f"CUDA graphs: {GRAPHS_NOT_DISTRIBUTED}; the iteration runs eagerly around the compiled "
+                           f"networks")
         else:
             fast["cuda_graph"] = True
     else:
@@ -516,25 +519,32 @@ def config_differences(written, cfg: dict) -> str:
 
 
 def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
-    """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``, which must be
-    intact; CheckpointError otherwise, naming the newest intact checkpoint to continue from instead."""
+    """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``
+    (CheckpointError if there is none)."""
     if cfg.get("resume_from"):
         return Path(cfg["resume_from"]).with_suffix(".json")
     found = list_checkpoints(ckpt_dir)
     if not found:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+    return found[-1]
+
+
+def load_resume_checkpoint(cfg: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of the checkpoint a run resumes from, verified; if it is corrupt and --resume-from did not
+    name it, the CheckpointError names the newest intact checkpoint to continue from instead."""
     try:
-        load_checkpoint(found[-1])
+        return load_checkpoint(path)
     except CheckpointError as e:
-        for older in reversed(found[:-1]):
+        if cfg.get("resume_from"):
+            raise
+        for older in reversed([p for p in list_checkpoints(path.parent) if p != path]):
             try:
                 load_checkpoint(older)
             except CheckpointError:
                 continue
             raise CheckpointError(f"{e}; the newest intact checkpoint is {older}: continue from it with "
                                   f"--resume-from {older}") from None
-        raise CheckpointError(f"{e}; no intact checkpoint is left in {ckpt_dir}") from None
-    return found[-1]
+        raise CheckpointError(f"{e}; no intact checkpoint is left in {path.parent}") from None
 
 
 def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
@@ -612,7 +622,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     hashes = file_hashes(cfg)
     saved_cfg = {k: v for k, v in jsonable(cfg).items() if k not in RUNTIME_KEYS}
     if latest is not None:
-        tensors, state = load_checkpoint(latest)
+        tensors, state = load_resume_checkpoint(cfg, latest)
         changed = [k for k, v in hashes.items() if state.get("config", {}).get(k) != v]
         if changed:
             raise CheckpointError(f"--resume: the {changed[0].removesuffix('_sha256')} file "
@@ -636,14 +646,11 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     if cfg["cuda_graph"]:
         from .graphs import GraphedStep, graphs_unavailable
 
-        if why := graphs_unavailable(dist) or (ranks.distributed and "not with torch.distributed (the gradient "
-                                                                     "all-reduce is not captured)"):
+        if why := graphs_unavailable(dist) or (ranks.distributed and GRAPHS_NOT_DISTRIBUTED):
             raise RunError(f"--cuda-graph: {why}")
         step = GraphedStep(dist)
     if notes and ranks.main:
         print("\n".join(notes), file=sys.stderr)
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         if differences := config_differences(state.get("config"), saved_cfg):
             raise CheckpointError(f"{latest} was written by another config ({differences})")
