@@ -8,6 +8,8 @@
 #   BASELINE=path/to/baseline.json benchmarks/run_gpu.sh    # also fail on >10% regressions (compare.py)
 #   THROUGHPUT_BASELINE=path/to/throughput.json benchmarks/run_gpu.sh   # the same for the throughput rows
 #   THROUGHPUT_ARGS="--problems unet --impls eager graph-bf16" benchmarks/run_gpu.sh   # replaces the defaults below
+#   STAGE_S=120 benchmarks/run_gpu.sh    # each stage stopped after 120 s with SIGINT (pytest still prints its summary)
+# Test stages print each test's name and result as it runs (-v): a stage cut short still says what failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -15,7 +17,8 @@ OUT="${OUT:-bench_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 # compile/triton left out to save time: the triton backend's gain shows in eager/triton and graph/triton
 THROUGHPUT_ARGS="${THROUGHPUT_ARGS:---iters 20 --warmup 5 --skip compile/triton}"
-GPU_TESTS=(tests/test_kernels_langevin.py tests/test_kernels_losses.py tests/test_graphs.py tests/test_bench_compare.py)
+GPU_TESTS=(tests/test_kernels_langevin.py tests/test_kernels_losses.py tests/test_graphs.py tests/test_fast_loop.py
+           tests/test_fast_path.py tests/test_bench_compare.py)
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA GPU visible')" || exit 2
 if ! "$PY" -c "import emd_fast.kernels.langevin" 2>/dev/null; then  # kernels/ is mapped to emd_fast.kernels by setup.py
@@ -25,16 +28,19 @@ fi
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/env.txt"
 
 rc=0
-"$PY" benchmarks/aot_check.py --out "$OUT/aot.txt" > /dev/null 2>&1 || rc=1
-"$PY" benchmarks/roofline.py --json "$OUT/roofline.json" 2>&1 | tee "$OUT/roofline.txt" || rc=1
-"$PY" -m pytest -q "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/tests.txt" || rc=1
+stage() {  # run a stage, SIGINT after STAGE_S seconds when set (0 or unset: no limit)
+    if [ "${STAGE_S:-0}" -gt 0 ]; then timeout -s INT -k 20 "$STAGE_S" "$@"; else "$@"; fi
+}
+stage "$PY" benchmarks/aot_check.py --out "$OUT/aot.txt" > /dev/null 2>&1 || rc=1
+stage "$PY" benchmarks/roofline.py --json "$OUT/roofline.json" 2>&1 | tee "$OUT/roofline.txt" || rc=1
+stage "$PY" -m pytest -v -rfE "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/tests.txt" || rc=1
 # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a list of options
-"$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --out "$OUT/throughput.json" \
+stage "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --out "$OUT/throughput.json" \
     ${THROUGHPUT_BASELINE:+--baseline "$THROUGHPUT_BASELINE"} 2>&1 | tee "$OUT/throughput.txt" || rc=1
-"$PY" -m pytest -q benchmarks/test_bench_kernels.py --benchmark-json="$OUT/bench_kernels.json" \
+stage "$PY" -m pytest -q benchmarks/test_bench_kernels.py --benchmark-json="$OUT/bench_kernels.json" \
     --benchmark-columns=min,median,max,rounds 2>&1 | tee "$OUT/bench.txt" || rc=1
 # the rest of the suite, GPU paths included (the files above already ran)
-"$PY" -m pytest -q tests "${GPU_TESTS[@]/#/--ignore=}" 2>&1 | tee "$OUT/tests_all.txt" | tail -3 || rc=1
+stage "$PY" -m pytest -v -rfE tests "${GPU_TESTS[@]/#/--ignore=}" 2>&1 | tee "$OUT/tests_all.txt" | tail -3 || rc=1
 if [ -f "$OUT/bench_kernels.json" ]; then
     "$PY" benchmarks/report.py "$OUT/bench_kernels.json" | tee "$OUT/bench_kernels.md"
     if [ -n "${BASELINE:-}" ]; then

@@ -33,3 +33,25 @@ def test_smoke_run_reports_ratios_skips_and_regressions(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| vs eager ref |" in text and "vector EMD-16: fastest eager / reference" in text
     assert "SLOWER" in text and "only in baseline: vector/reference/compile/K1" in text
+
+
+def test_interrupted_run_keeps_the_rows_measured(tmp_path, monkeypatch):
+    """A SIGINT (a time limit's) during the third variant: the JSON holds the two rows measured, says it was
+    interrupted, and the run exits 1."""
+    measured = throughput.measure_row
+
+    def row_or_interrupt(*args, **kwargs):
+        if row_or_interrupt.calls == 2:
+            raise KeyboardInterrupt
+        row_or_interrupt.calls += 1
+        return measured(*args, **kwargs)
+
+    row_or_interrupt.calls = 0
+    monkeypatch.setattr(throughput, "measure_row", row_or_interrupt)
+    out = tmp_path / "t.json"
+    rc = throughput.main(["--smoke", "--problems", "vector", "--K", "1", "4", "--impls", "eager",
+                          "--iters", "1", "--warmup", "0", "--quiet", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 1 and res["interrupted"]
+    assert [(r["backend"], r["K"]) for r in res["results"]] == [("reference", 1), ("reference", 4)]
+    assert res["notes"][-1].startswith("interrupted after 2 rows")

@@ -259,22 +259,30 @@ def measure_row(nets, spec: dict, impl: str, backend: str, K: int, flops: int, d
 def measure(args) -> dict:
     device = torch.device("cuda" if ON_GPU else "cpu")
     compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
-    rows, notes, floor = [], [], {}
-    for pname in args.problems:
-        spec = problem_spec(pname, args.smoke)
-        nets = build_networks(spec, device)
-        flops = {K: count_flops(make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), device))
-                 for K in args.K}
-        floor[pname] = {K: roofline.networks_cost(nets, spec["batch"], K) for K in args.K}
-        for impl in args.impls:
-            impl_nets, lines, why = impl_networks(nets, spec, impl, device, compile_backend)
-            notes += [n for n in (f"{pname}: {line}" for line in lines) if n not in notes]
-            if why:
-                notes.append(f"{pname}: {impl} skipped: {why}")
-                continue
-            notes += [f"{pname}: {impl}/{b} left out (--skip)" for b in args.backends if f"{impl}/{b}" in args.skip]
-            rows += [measure_row(impl_nets, spec, impl, backend, K, flops[K], device, args)
-                     for backend in args.backends if f"{impl}/{backend}" not in args.skip for K in args.K]
+    rows, notes, floor, interrupted = [], [], {}, False
+    try:
+        for pname in args.problems:
+            spec = problem_spec(pname, args.smoke)
+            nets = build_networks(spec, device)
+            flops = {K: count_flops(make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), device))
+                     for K in args.K}
+            floor[pname] = {K: roofline.networks_cost(nets, spec["batch"], K) for K in args.K}
+            for impl in args.impls:
+                impl_nets, lines, why = impl_networks(nets, spec, impl, device, compile_backend)
+                notes += [n for n in (f"{pname}: {line}" for line in lines) if n not in notes]
+                if why:
+                    notes.append(f"{pname}: {impl} skipped: {why}")
+                    continue
+                notes += [f"{pname}: {impl}/{b} left out (--skip)" for b in args.backends
+                          if f"{impl}/{b}" in args.skip]
+                for backend in args.backends:
+                    if f"{impl}/{backend}" not in args.skip:
+                        rows += [measure_row(impl_nets, spec, impl, backend, K, flops[K], device, args)
+                                 for K in args.K]
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and report the rows measured so far
+        notes.append(f"interrupted after {len(rows)} rows: the variants after the last row were not measured")
+        print(f"interrupted: reporting the {len(rows)} rows measured", file=sys.stderr)
+        interrupted = True
     for r in rows:
         k1 = find(rows, problem=r["problem"], backend=r["backend"], impl=r["impl"], K=1)
         ref = find(rows, problem=r["problem"], backend="reference", impl="eager", K=r["K"])
@@ -287,7 +295,7 @@ def measure(args) -> dict:
         r["floor_ms"] = None if rates is None else 1e3 * roofline.floor_s(
             cost["bytes"], cost["flops"], rates["copy_gbps"], rates["matmul_tflops"])
         r["x_floor"] = None if rates is None else r["ms_per_iter"] / r["floor_ms"]
-    return {**machine_facts(), "device_rates": rates, "smoke": args.smoke, "peak_tflops": args.peak_tflops,
+    return {**machine_facts(), "interrupted": interrupted, "device_rates": rates, "smoke": args.smoke, "peak_tflops": args.peak_tflops,
             "peak_note": "measured dense bf16 matmul rate (H100, DESIGN.md): MFU of the bf16 rows; the fp32 rows "
                          "(fp32 matmuls, TF32 convolutions) get a lower bound",
             "compile_backend": compile_backend, "iters": args.iters, "warmup": args.warmup, "notes": notes,
@@ -364,6 +372,8 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(res, indent=1))
     print(table(res))
     print(f"written: {args.out}")
+    if res["interrupted"]:
+        return 1
     if args.baseline:
         print(f"against {args.baseline}:")
         return compare.verdict(*compare_rows(json.loads(args.baseline.read_text()), res, args.threshold),

@@ -1,7 +1,11 @@
 """Boundary checks: one-line errors that name the offending argument, raised before any work is done."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+_values_trusted = False
 
 
 def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
@@ -15,6 +19,25 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) 
             raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
         if x.device != ref.device:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Inside, checks that read tensor values on the host (label ranges) are skipped: for the training loop's own
+    tensors on its sync-free (deferred / CUDA-graph) path, where such a read would stall the device."""
+    global _values_trusted
+    before, _values_trusted = _values_trusted, True
+    try:
+        yield
+    finally:
+        _values_trusted = before
+
+
+def value_checks_wanted(x: torch.Tensor) -> bool:
+    """Whether a check may read x's values on the host: not inside ``trusted_values()``, torch.compile or a CUDA-graph
+    capture."""
+    return not (_values_trusted or torch.compiler.is_compiling()
+                or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def check_per_example(ref_name: str, ref: torch.Tensor, **vectors: torch.Tensor | None) -> None:

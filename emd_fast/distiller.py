@@ -1,6 +1,7 @@
 """A distillation run's state: the networks, their optimizers and the one random stream; ``step()`` = one iteration."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import statistics
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict_strict
+from .checks import trusted_values
 from .distributed import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .emd import EMD, EMDConfig, EStep, ReferenceOps
 from .profiling import phase
@@ -153,11 +155,12 @@ class Distiller:
         ``e_step_moves``). With sync finite checks the run's health is checked here (DivergenceError)."""
         n = self.batch
         z, eps, t, y = self._randn(n), self._randn(n), self._sample_t(n), self._labels(n, self.rng)
-        es = self.emd.e_step(z, eps, t, y)
-        loss_g = self.emd.generator_loss(es, y)
-        grad_g = self._update(self.opt_g, loss_g, "generator")
-        loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
-        grad_s = self._update(self.opt_s, loss_s, "student")
+        with trusted_values() if self.deferred else contextlib.nullcontext():  # y is ours: no host read to check it
+            es = self.emd.e_step(z, eps, t, y)
+            loss_g = self.emd.generator_loss(es, y)
+            grad_g = self._update(self.opt_g, loss_g, "generator")
+            loss_s = self.emd.student_loss(es.x0, self._sample_t(n), self._randn(n), y)
+            grad_s = self._update(self.opt_s, loss_s, "student")
         if self.deferred:
             self.finite_steps.add_(1 - self.found_inf.long())
         self.step_count += 1
@@ -339,9 +342,9 @@ def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: fl
 
     a, s = (expand_like(v, es.x_t) for v in (es.alpha, es.sigma))
     dx = rms(es.x_t - (a * es.x0 + s * eps0)) / (es.alpha * sigma_data + es.sigma)
-    i = dx.argmax()
+    x_max, i = dx.max(0)  # index_select, not t[i]: indexing by a tensor reads it on the host (capture forbids it)
     return {"z_move": rms(es.z - z0).mean(), "eps_move": rms(es.eps - eps0).mean(), "x_move": dx.mean(),
-            "x_move_max": dx[i], "t_move_max": es.t[i].float()}
+            "x_move_max": x_max, "t_move_max": es.t.index_select(0, i.view(1)).squeeze(0).float()}
 
 
 class DivergenceError(FloatingPointError):

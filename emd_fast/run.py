@@ -782,6 +782,8 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
         "steady_iters_per_s": (round((steps_run - WARM_ITERS) / steady_s, 2)
                                if steps_run > WARM_ITERS and steady_s > 0 else None),
+        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                if device.type == "cuda" else None),
         "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
         "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
                        if graphed else f"every {cfg['phase_every']}-th iteration, device synchronised per phase"

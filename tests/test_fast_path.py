@@ -1,4 +1,9 @@
 """The EMD iteration on the fused Triton backend against the reference path (CPU: Triton interpreter)."""
+import site
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +54,14 @@ def test_in_kernel_noise_is_reproducible_and_resumable():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         make("cuda-magic")
+
+
+def test_kernels_import_from_a_source_tree_without_install(tmp_path):
+    """PYTHONPATH=<repo> (no pip install, as on a GPU machine without internet) finds kernels/ as emd_fast.kernels:
+    run without site's .pth files, so an editable install cannot be what finds it."""
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys; sys.path[:0] = [{str(root)!r}, *{site.getsitepackages()!r}]; "
+            "import emd_fast.kernels.langevin as k; print(k.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == root / "kernels" / "langevin.py"

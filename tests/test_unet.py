@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from emd_fast.checks import trusted_values
 from emd_fast.networks import Generator
 from emd_fast.schedules import EDMSchedule, VPCosine
 from emd_fast.unet import (UNET_CONFIGS, PositionalEmbedding, Resample, ResampleConv2d, SongUNetDenoiser, UNetBlock,
@@ -154,6 +155,19 @@ def test_bad_inputs(label_dim, args, match):
     net = UNetDenoiser(schedule=EDMSchedule(), **(UNET_CONFIGS["tiny"] | {"label_dim": label_dim}))
     with pytest.raises(ValueError, match=match):
         net(*args)
+
+
+def test_label_range_check_is_skipped_only_for_trusted_values():
+    """Inside ``trusted_values()`` (the training loop's deferred step, whose labels it drew itself) the label-range
+    check, a host read, is skipped; outside, and after leaving a nested use, it is back."""
+    net = UNetDenoiser(schedule=EDMSchedule(), **UNET_CONFIGS["tiny"])
+    bad = torch.tensor([0, 10, 2])
+    with trusted_values():
+        with trusted_values():
+            net.check_inputs(X, T, bad)
+        net.check_inputs(X, T, bad)
+    with pytest.raises(ValueError, match="must lie in"):
+        net.check_inputs(X, T, bad)
 
 
 @pytest.mark.parametrize("overrides,match", [
