@@ -2,6 +2,7 @@
 
     python benchmarks/robustness.py --out runs/robustness --workers 2                   # about an hour on 2 cores
     python benchmarks/robustness.py --out runs/robustness_old -- --z-step fixed --ema 0  # the defaults before
+    python benchmarks/robustness.py --out runs/hardest --only 1 9 12 15 17 18 --K 1 8 --seeds 0 1 -- --steps 1500
 
 The family (``family``): dimension 2-32, 4-40 modes, covariance condition numbers 1-50, separations from touching
 (2 stds) to far apart (12 stds), Dirichlet weights; every mixture is normalised to unit data std. Each mixture x K x
@@ -11,7 +12,9 @@ whatever follows ``--``). A run that stops with a non-finite or diverging value 
 Results: ``robustness.json`` (every run's final metrics, the exact-sample floor of every mixture) and
 ``robustness.md`` (per-mixture and aggregate tables). Targets: zero divergences; EMD-8's mean mode TV and energy
 distance no worse than EMD-1's, and better on the hardest third (most modes, worst conditioning); every mode with
-weight >= 1% covered in >= 95% of the runs. Runs whose summary.json exists are not repeated.
+weight >= 1% covered in >= 95% of the runs. Beside the exact-sample floor (sampling noise alone), each mixture's
+network floor: the same generator fitted to exact samples for the same number of steps (``network_floor``), what the
+budget lets any objective reach. Runs whose summary.json exists are not repeated.
 """
 from __future__ import annotations
 
@@ -85,6 +88,25 @@ def run_one(job: tuple) -> dict:
             "floor": summary["exact_sample_floor"], "iters_per_s": summary["iters_per_s"]}
 
 
+def network_floor(job: tuple) -> dict:
+    """The same generator network fitted directly to exact teacher samples for the sweep's budget of steps
+    (``capacity_floor.train_floor``: unbiased MMD, Adam at 1e-3, seed 0): what the network reaches in these steps when
+    its objective is exact, i.e. how much of a mixture's error any distillation objective could remove."""
+    import torch
+    from capacity_floor import train_floor
+
+    from emd_fast.train import build_parser
+
+    index, mixture, out, extra = job
+    path = out / f"mix{index:02d}_network_floor.json"
+    if not path.is_file():
+        torch.set_num_threads(1)
+        cfg = vars(build_parser().parse_args(["--mixture", str(mixture), "--seed", "0", *BUDGET, *extra,
+                                              "--lr-g", "1e-3"]))
+        path.write_text(json.dumps(train_floor(cfg, "mmd", [cfg["steps"]])[cfg["steps"]]))
+    return json.loads(path.read_text())
+
+
 def covered_big_modes(result: dict, weights: list[float]) -> tuple[int, int]:
     """(modes with weight >= 1% that got >= 20% of their weight, modes with weight >= 1%)."""
     big = [i for i, w in enumerate(weights) if w >= 0.01]
@@ -98,8 +120,11 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3g} ± {sd:.2g}"
 
 
-def report(specs: list[dict], weights: list[list[float]], results: list[dict], ks: list[int]) -> str:
-    hard = set(sorted(range(len(specs)), key=lambda i: -hardness(specs[i]))[:len(specs) // 3])
+def report(specs: list[dict], weights: list[list[float]], results: list[dict], ks: list[int],
+           net_floors: dict[int, dict]) -> str:
+    """Markdown tables of the mixtures in ``net_floors`` (index -> its network floor's metrics): aggregate per K
+    beside both floors, then one row per mixture. "Hardest third" is that of the whole family."""
+    hard = set(sorted(range(len(specs)), key=lambda i: -hardness(specs[i]))[:len(specs) // 3]) & set(net_floors)
     lines = ["## Aggregate (mean ± std over mixtures x seeds; diverged runs excluded from the means)", "",
              "| K | runs | diverged | mode TV | energy dist. | spread | off-mode | big modes covered | "
              "hardest third: mode TV | hardest third: energy dist. | it/s |",
@@ -114,16 +139,23 @@ def report(specs: list[dict], weights: list[list[float]], results: list[dict], k
             mean_sd([r[m] for r in ok]) for m in METRICS) + f" | {hits}/{total} ({100 * hits / max(total, 1):.1f}%) | "
             + f"{mean_sd([r['mode_tv'] for r in hard_ok])} | {mean_sd([r['energy_distance'] for r in hard_ok])} | "
             + f"{mean_sd([r['iters_per_s'] for r in ok])} |")
-    floors = [next((r["floor"] for r in results if r["mixture"] == i and not r["diverged"]), None)
-              for i in range(len(specs))]
-    known = [f for f in floors if f]
+    floors = {i: next((r["floor"] for r in results if r["mixture"] == i and not r["diverged"]), None)
+              for i in net_floors}
+    known = [f for f in floors.values() if f]
+    cov = [covered_big_modes(f, weights[i]) for i, f in net_floors.items()]
+    hits, total = sum(c for c, _ in cov), sum(t for _, t in cov)
+    lines.append(f"| network floor (exact-sample fit, same steps) | {len(net_floors)} | – | " + " | ".join(
+        mean_sd([f[m] for f in net_floors.values()]) for m in METRICS)
+        + f" | {hits}/{total} ({100 * hits / max(total, 1):.1f}%) | "
+        + f"{mean_sd([net_floors[i]['mode_tv'] for i in hard])} | "
+        + f"{mean_sd([net_floors[i]['energy_distance'] for i in hard])} | – |")
     lines.append(f"| exact samples (floor) | {len(known)} | – | " + " | ".join(
         mean_sd([f[m] for f in known]) for m in METRICS) + " | – | – | – | – |")
     lines += ["", "## Per mixture (mode TV / energy distance, mean over seeds; D diverged runs)", "",
               "| # | dim | modes | condition | separation | hard | " + " | ".join(f"EMD-{K}" for K in ks)
-              + " | floor |", "|---" * (7 + len(ks)) + "|"]
-    for i, spec in enumerate(specs):
-        cells = []
+              + " | network floor | exact floor |", "|---" * (8 + len(ks)) + "|"]
+    for i in net_floors:
+        spec, cells = specs[i], []
         for K in ks:
             rs = [r for r in results if r["mixture"] == i and r["K"] == K]
             ok = [r for r in rs if not r["diverged"]]
@@ -134,6 +166,7 @@ def report(specs: list[dict], weights: list[list[float]], results: list[dict], k
         f = floors[i]
         lines.append(f"| {i} | {spec['dim']} | {spec['modes']} | {spec['condition']:.1f} | {spec['separation']:.1f} | "
                      f"{'yes' if i in hard else ''} | " + " | ".join(cells)
+                     + f" | {net_floors[i]['mode_tv']:.3f} / {net_floors[i]['energy_distance']:.4f}"
                      + (f" | {f['mode_tv']:.3f} / {f['energy_distance']:.4f} |" if f else " | – |"))
     return "\n".join(lines)
 
@@ -144,28 +177,35 @@ def main(argv=None) -> None:
     p.add_argument("--mixtures", type=int, default=20, help="size of the family")
     p.add_argument("--K", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", type=int, nargs="+", default=None, metavar="INDEX",
+                   help="run these mixtures of the family only (e.g. the hardest third at a longer budget)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="options passed to every run (after --)")
     a = p.parse_args(argv)
     extra = [x for x in a.extra if x != "--"]
     a.out.mkdir(parents=True, exist_ok=True)
     specs = family(a.mixtures)
+    chosen = sorted(set(a.only)) if a.only else list(range(len(specs)))
+    if not set(chosen) <= set(range(len(specs))):
+        p.error(f"--only takes indices of the family, 0 to {len(specs) - 1}")
     files = []
     for i, spec in enumerate(specs):
         files.append(a.out / f"mixture{i:02d}.json")
         if not files[-1].is_file():
             write_mixture(spec, files[-1])
     weights = [json.loads(f.read_text())["weights"] for f in files]
-    jobs = [(i, files[i], K, seed, a.out, extra) for i in range(len(specs)) for K in a.K for seed in a.seeds]
+    jobs = [(i, files[i], K, seed, a.out, extra) for i in chosen for K in a.K for seed in a.seeds]
     jobs.sort(key=lambda j: -j[2])  # longest first: better packing on the workers
     with ProcessPoolExecutor(a.workers) as pool:
         results = list(pool.map(run_one, jobs))
+        net_floors = dict(zip(chosen, pool.map(network_floor, [(i, files[i], a.out, extra) for i in chosen])))
     results.sort(key=lambda r: (r["mixture"], r["K"], r["seed"]))
-    table = report(specs, weights, results, a.K)
+    table = report(specs, weights, results, a.K, net_floors)
     print(table)
     (a.out / "robustness.md").write_text(f"extra options: {extra or 'none'}; budget: {' '.join(BUDGET)}\n\n{table}\n")
     (a.out / "robustness.json").write_text(json.dumps({"budget": BUDGET, "extra": extra, "family": specs,
-                                                       "results": results}, indent=1))
+                                                       "results": results, "network_floors": net_floors},
+                                                      indent=1))
 
 
 if __name__ == "__main__":
