@@ -1,6 +1,7 @@
 """Small building blocks shared by the tests."""
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from emd_fast.networks import Generator, MLPDenoiser
 from emd_fast.mixtures import ring2d
@@ -57,3 +58,15 @@ def fake_inception_file(directory):
     path = directory / "inception.pt"
     torch.jit.script(FakeInception()).save(str(path))
     return path
+
+
+class NoHostRead(TorchDispatchMode):
+    """Raises on every operator that reads a tensor's value on the host or sizes its output from the data: what a
+    CUDA-graph capture forbids. At the dispatcher, so reads inside C++ (t[i] with a tensor i, if t:) are caught too."""
+    SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.masked_select.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNC:
+            raise AssertionError(f"host sync inside step(): {func}")
+        return func(*args, **(kwargs or {}))

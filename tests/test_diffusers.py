@@ -18,6 +18,8 @@ from emd_fast.diffusers_teacher import (DiscreteSchedule, DiffusersDenoiser, Gui
                                         inspect_folder, load_schedule)
 from emd_fast.emd import EMD, EMDConfig, ReferenceOps  # noqa: E402
 
+from helpers import NoHostRead  # noqa: E402
+
 SMALL = ["--steps", "4", "--batch", "3", "--K", "1", "--eval-every", "2", "--eval-samples", "6", "--ckpt-every", "2",
          "--quiet", "--device", "cpu", "--phase-every", "0"]
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -717,3 +719,19 @@ def test_memory_estimate_counts_what_a_real_forward_saves():
             real_count = memory.saved_bytes(real, contextlib.nullcontext(), 1, c, bf16, tokens=8)
             assert real_count == (pytest.approx(counts[1, c], rel=0.02) if bf16 else counts[1, c])
         assert counts[1, True] < counts[1, False] < counts[4, False] and counts[1, True] < counts[4, True]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deferred_step_of_a_text_to_image_teacher_makes_no_host_sync(sd_folder, tmp_path, precision):
+    """The latent, prompt-conditioned, guided path of a --fast run (deferred checks, channels_last) reads no tensor
+    value on the host in an iteration: it can be captured in a CUDA graph."""
+    from emd_fast.run import Run
+
+    args = ["--teacher", str(sd_folder), "--prompts", str(prompts_file(tmp_path)), "--finite-check", "deferred",
+            "--channels-last", "--precision", precision, "--batch", "3", "--out", str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()  # the run directory the command would make: the prompt embeddings are cached there
+    run = Run(vars(train.build_parser().parse_args(args)), torch.device("cpu"), fit_teacher=False)
+    assert run.distiller.deferred
+    run.distiller.step()  # lazy state (optimizer moments) first
+    with NoHostRead():
+        run.distiller.step()

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from emd_fast import train
 from emd_fast.distiller import Distiller, Execution
@@ -15,7 +14,7 @@ from emd_fast.schedules import make_schedule
 from emd_fast.teachers import NetworkTeacher
 from emd_fast.unet import UNET_CONFIGS, UNetDenoiser
 
-from helpers import network_params, small_problem
+from helpers import NoHostRead, network_params, small_problem
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
@@ -51,18 +50,6 @@ def test_deferred_fast_iteration_equals_reference_over_20_steps(backend):
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6, msg=k)
     fast.raise_if_nonfinite()  # all finite: no error
     assert int(fast.finite_steps) == 20
-
-
-class NoHostRead(TorchDispatchMode):
-    """Raises on every operator that reads a tensor's value on the host or sizes its output from the data: what a
-    CUDA-graph capture forbids. At the dispatcher, so reads inside C++ (t[i] with a tensor i, if t:) are caught too."""
-    SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-            torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default, torch.ops.aten.masked_select.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNC:
-            raise AssertionError(f"host sync inside step(): {func}")
-        return func(*args, **(kwargs or {}))
 
 
 def test_deferred_step_makes_no_host_sync():
