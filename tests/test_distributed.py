@@ -104,23 +104,25 @@ def test_rank_seeds_rows_and_environment(monkeypatch):
     assert Ranks.from_env() == Ranks(2, 3, 0, distributed=True)
 
 
-def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path):
+def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path, kernel_device):
     """Rank r's torch.Generator and in-kernel NoiseStream start from rank_seed(seed, r); reseed restarts both."""
     parser = train.build_parser()
-    argv = [*SMALL, "--backend", "triton", "--seed", "5", "--out", str(tmp_path / "r")]
+    argv = [*SMALL, "--backend", "triton", "--seed", "5", "--out", str(tmp_path / "r"), "--device", str(kernel_device)]
     cfg, device, _ = run.resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
     states = []
     for rank in range(3):
         dist = run.Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
         assert dist.batch == 8 and dist.global_batch == 24
-        assert torch.equal(dist.rng.get_state(), torch.Generator().manual_seed(rank_seed(5, rank)).get_state())
+        want = torch.Generator(kernel_device).manual_seed(rank_seed(5, rank)).get_state()
+        assert torch.equal(dist.rng.get_state(), want)
         assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank), 0]
         states.append(dist.random_state())
         dist.step()
         dist.reseed(rank_seed(5, rank, 1))
         assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank, 1), 0]
     assert len({s["noise_stream.state"][0].item() for s in states}) == 3 and states[0]["noise_stream.state"][0] == 5
-    assert dist.generate(torch.randn(0, 2), None).shape == (0, 2)  # a rank's share of fewer samples than ranks
+    # a rank's share of fewer samples than ranks
+    assert dist.generate(torch.randn(0, 2, device=kernel_device), None).shape == (0, 2)
 
 
 def test_global_batch_must_divide(tmp_path, capsys, monkeypatch):

@@ -20,11 +20,11 @@ SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--dept
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
 
 
-def make(seed=0, **execution):
+def make(seed=0, device="cpu", **execution):
     teacher, gen, student = small_problem(seed=3, hidden=32)
     cfg = EMDConfig(K=3, gamma_eps=0.3, gamma_z=0.05)
     return Distiller(teacher, gen, student, cfg, batch=48, lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=2.0,
-                     execution=Execution(**execution))
+                     execution=Execution(**execution), device=device)
 
 
 def run_both(a, b, iters):
@@ -38,11 +38,12 @@ def run_both(a, b, iters):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_deferred_fast_iteration_equals_reference_over_20_steps(backend):
+def test_deferred_fast_iteration_equals_reference_over_20_steps(backend, kernel_device):
     """The capturable step (deferred checks, fused Adam; triton: the fused kernels with the run's noise) gives the
-    reference path's losses and parameters within fp32 rounding over 20 iterations from the same seed."""
-    ref = make()
-    fast = make(backend=backend, kernel_noise=False, finite_check="deferred")
+    reference path's losses and parameters within fp32 rounding over 20 iterations from the same seed (where the
+    kernels run: the GPU if there is one)."""
+    ref = make(device=kernel_device)
+    fast = make(device=kernel_device, backend=backend, kernel_noise=False, finite_check="deferred")
     la, lb = run_both(ref, fast, 20)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-7)
     pa, pb = network_params(ref), network_params(fast)

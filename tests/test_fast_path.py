@@ -25,9 +25,10 @@ def params(dist):
 
 
 @pytest.mark.parametrize("variant, cancel", [("eps,z", True), ("x,z", True), ("eps", False)])
-def test_fast_iterations_equal_reference(variant, cancel):
+def test_fast_iterations_equal_reference(variant, cancel, kernel_device):
     """Same seed, same noise (kernel_noise=False): losses and parameters agree over several iterations (fp32)."""
-    ref, fast = make("reference", variant, cancel), make("triton", variant, cancel)
+    ref = make("reference", variant, cancel, device=kernel_device)
+    fast = make("triton", variant, cancel, device=kernel_device)
     for _ in range(4):
         a, b = ref.step(), fast.step()
         torch.testing.assert_close(b["loss_g"], a["loss_g"], rtol=1e-4, atol=1e-7)
@@ -37,16 +38,18 @@ def test_fast_iterations_equal_reference(variant, cancel):
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_in_kernel_noise_is_reproducible_and_resumable():
-    a, b = make("triton", kernel_noise=True), make("triton", kernel_noise=True)
+def test_in_kernel_noise_is_reproducible_and_resumable(kernel_device):
+    def fast(seed=0):
+        return make("triton", kernel_noise=True, seed=seed, device=kernel_device)
+
+    a, b = fast(), fast()
     for _ in range(2):
         la, lb = a.step(), b.step()
         assert torch.equal(la["loss_g"], lb["loss_g"])
-    c = make("triton", kernel_noise=True, seed=1)
-    assert not torch.equal(c.step()["loss_g"], make("triton", kernel_noise=True).step()["loss_g"])
+    assert not torch.equal(fast(seed=1).step()["loss_g"], fast().step()["loss_g"])
     # a resumed run continues the noise stream exactly
     state, step = a.state_tensors(), a.step_count
-    resumed = make("triton", kernel_noise=True)
+    resumed = fast()
     resumed.load_state_tensors(state, step, "test")
     torch.testing.assert_close(resumed.step()["loss_g"], a.step()["loss_g"], rtol=0, atol=0)
 
