@@ -17,6 +17,8 @@ def test_sweep_writes_runs_network_floors_and_tables(tmp_path):
     assert res["extra"][:2] == ["--steps", "3"]
     table = (out / "robustness.md").read_text()
     assert "| network floor (exact-sample fit, same steps) | 2 |" in table
+    paired = table.split("## Paired with EMD-1")[1].split("## Per mixture")[0]
+    assert "\n| 2 | " in paired and paired.count("/2 |") == 2  # both metrics on both mixtures
     for i, spec in enumerate(robustness.family(2)):  # one row per mixture
         assert table.count(f"\n| {i} | {spec['dim']} | {spec['modes']} | ") == 1
 
