@@ -27,6 +27,7 @@ from emd_fast.distiller import ema_update
 from emd_fast.run import make_problem
 
 METRICS = ("modes_covered", "mode_tv", "off_mode", "mode_spread", "energy_distance")
+LR = 1e-3  # Adam learning rate of the direct fit (--lr)
 
 
 def pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--loss", choices=("mmd", "energy"), default="mmd")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--report", type=int, nargs="+", default=[1500, 6000], help="steps at which to report")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the direct fit")
+    p.add_argument("--lr", type=float, default=LR, help="Adam learning rate of the direct fit")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     a, rest = p.parse_known_args(argv)
     torch.set_num_threads(1)

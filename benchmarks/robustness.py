@@ -90,10 +90,11 @@ def run_one(job: tuple) -> dict:
 
 def network_floor(job: tuple) -> dict:
     """The same generator network fitted directly to exact teacher samples for the sweep's budget of steps
-    (``capacity_floor.train_floor``: unbiased MMD, Adam at 1e-3, seed 0): what the network reaches in these steps when
-    its objective is exact, i.e. how much of a mixture's error any distillation objective could remove."""
+    (``capacity_floor.train_floor``: unbiased MMD, Adam at capacity_floor's LR, seed 0): what the network reaches in
+    these steps when its objective is exact, i.e. how much of a mixture's error any distillation objective could
+    remove."""
     import torch
-    from capacity_floor import train_floor
+    from capacity_floor import LR, train_floor
 
     from emd_fast.train import build_parser
 
@@ -102,7 +103,7 @@ def network_floor(job: tuple) -> dict:
     if not path.is_file():
         torch.set_num_threads(1)
         cfg = vars(build_parser().parse_args(["--mixture", str(mixture), "--seed", "0", *BUDGET, *extra,
-                                              "--lr-g", "1e-3"]))
+                                              "--lr-g", str(LR)]))
         path.write_text(json.dumps(train_floor(cfg, "mmd", [cfg["steps"]])[cfg["steps"]]))
     return json.loads(path.read_text())
 
