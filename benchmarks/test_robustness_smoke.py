@@ -18,7 +18,9 @@ def test_sweep_writes_runs_network_floors_and_tables(tmp_path):
     table = (out / "robustness.md").read_text()
     assert "| network floor (exact-sample fit, same steps) | 2 |" in table
     paired = table.split("## Paired with EMD-1")[1].split("## Per mixture")[0]
-    assert "\n| 2 | " in paired and paired.count("/2 |") == 2  # both metrics on both mixtures
+    for name in robustness.PAIRED.values():  # every measure, compared on both mixtures
+        row = next(line for line in paired.splitlines() if line.startswith(f"| 2 | {name} | "))
+        assert row.split(" | ")[2].endswith("/2")
     for i, spec in enumerate(robustness.family(2)):  # one row per mixture
         assert table.count(f"\n| {i} | {spec['dim']} | {spec['modes']} | ") == 1
 
@@ -31,3 +33,9 @@ def test_only_runs_the_chosen_mixtures(tmp_path):
     res = json.loads((out / "robustness.json").read_text())
     assert [r["mixture"] for r in res["results"]] == [2] and list(res["network_floors"]) == ["2"]
     assert "\n| 0 | " not in (out / "robustness.md").read_text()
+
+
+def test_weight_tv_ignores_the_off_mode_mass():
+    assert robustness.weight_tv({"mode_weights": [0.3, 0.3]}, [0.5, 0.5]) == 0  # 40% off-mode, split right
+    assert abs(robustness.weight_tv({"mode_weights": [0.6, 0.0]}, [0.5, 0.5]) - 0.5) < 1e-12
+    assert robustness.weight_tv({"mode_weights": [0.0, 0.0]}, [0.5, 0.5]) == 1
