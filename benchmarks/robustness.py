@@ -10,9 +10,10 @@ seed is one `python -m emd_fast.train --mixture FILE` run with the defaults, exc
 whatever follows ``--``). A run that stops with a non-finite or diverging value counts as a divergence.
 
 Results: ``robustness.json`` (every run's final metrics, the exact-sample floor of every mixture) and
-``robustness.md`` (per-mixture and aggregate tables). Targets: zero divergences; EMD-8's mean mode TV and energy
-distance no worse than EMD-1's, and better on the hardest third (most modes, worst conditioning); every mode with
-weight >= 1% covered in >= 95% of the runs. Beside the exact-sample floor (sampling noise alone), each mixture's
+``robustness.md`` (per-mixture and aggregate tables, and EMD-K paired with EMD-1 mixture by mixture on mode TV, its
+two parts, off-mode mass and on-mode weight TV (``weight_tv``), and energy distance). Targets: zero divergences;
+EMD-8's mean mode TV and energy distance no worse than EMD-1's, and better on the hardest third (most modes, worst
+conditioning); every mode with weight >= 1% covered in >= 95% of the runs. Beside the exact-sample floor (sampling noise alone), each mixture's
 network floor: the same generator fitted to exact samples for the same number of steps (``network_floor``), what the
 budget lets any objective reach. Runs whose summary.json exists are not repeated.
 """
