@@ -7,8 +7,9 @@ The run's generator and student as checkpointed, its configuration except K. On 
 the same z, eps, t and Langevin noise for every K, in ``--bins`` noise-level bins of equal size: the cosine between
 EMD-K's and EMD-1's generator gradients, their norm ratio, and the ratio of the M-step residuals |eps_K - eta_K| /
 |eps_1 - eta_1|. Over ``--batches`` independent batches of the run's batch size: the gradient's signal-to-noise
-ratio |E g|^2 / E|g|^2 for each K (unbiased estimates of both; Adam divides the gradient's scale out; its step along the mean direction grows
-with this ratio). A cosine near 1 and equal ratios in every bin mean that EMD-K takes EMD-1's step with less noise.
+ratio |E g|^2 / E|g|^2 for each K (unbiased estimates of both; Adam divides the gradient's scale out, its step along
+the mean direction grows with this ratio). A cosine near 1 and equal ratios in every bin mean that EMD-K takes
+EMD-1's step with less noise.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def main(argv=None) -> dict:
         print(f"\nEMD-{K} against EMD-1 ({a.samples} examples)\n| t | gradient cosine | gradient norm ratio | "
               "residual norm ratio |\n|---|---|---|---|")
         for b in bins:
-            print(f"| {b['t_from']:.3g}-{b['t_to']:.3g}{' (all)' if b is bins[-1] else ''} | {b['cosine']:.3f} | {b['gradient_ratio']:.2f} | "
+            where = f"{b['t_from']:.3g}-{b['t_to']:.3g}" + (" (all)" if b is bins[-1] else "")
+            print(f"| {where} | {b['cosine']:.3f} | {b['gradient_ratio']:.2f} | "
                   f"{b['residual_ratio']:.2f} |")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))

@@ -13,9 +13,9 @@ Results: ``robustness.json`` (every run's final metrics, the exact-sample floor 
 ``robustness.md`` (per-mixture and aggregate tables, and EMD-K paired with EMD-1 mixture by mixture on mode TV, its
 two parts, off-mode mass and on-mode weight TV (``weight_tv``), and energy distance). Targets: zero divergences;
 EMD-8's mean mode TV and energy distance no worse than EMD-1's, and better on the hardest third (most modes, worst
-conditioning); every mode with weight >= 1% covered in >= 95% of the runs. Beside the exact-sample floor (sampling noise alone), each mixture's
-network floor: the same generator fitted to exact samples for the same number of steps (``network_floor``), what the
-budget lets any objective reach. Runs whose summary.json exists are not repeated.
+conditioning); every mode with weight >= 1% covered in >= 95% of the runs. Beside the exact-sample floor (sampling
+noise alone), each mixture's network floor: the same generator fitted to exact samples for the same number of steps
+(``network_floor``), what the budget lets any objective reach. Runs whose summary.json exists are not repeated.
 """
 from __future__ import annotations
 
@@ -164,10 +164,12 @@ def report(specs: list[dict], weights: list[list[float]], results: list[dict], k
            net_floors: dict[int, dict]) -> str:
     """Markdown tables of the mixtures in ``net_floors`` (index -> its network floor's metrics): aggregate per K
     beside both floors, then one row per mixture. "Hardest third" is that of the whole family."""
-    results = [r if r["diverged"] else {**r, "weight_tv": weight_tv(r, weights[r["mixture"]]),
-                                        "floor": {**r["floor"], "weight_tv": weight_tv(r["floor"], weights[r["mixture"]])}}
-               for r in results]
-    net_floors = {i: {**f, "weight_tv": weight_tv(f, weights[i])} for i, f in net_floors.items()}
+    def with_weight_tv(metrics: dict, i: int) -> dict:
+        return {**metrics, "weight_tv": weight_tv(metrics, weights[i])}
+
+    results = [r if r["diverged"] else
+               {**with_weight_tv(r, r["mixture"]), "floor": with_weight_tv(r["floor"], r["mixture"])} for r in results]
+    net_floors = {i: with_weight_tv(f, i) for i, f in net_floors.items()}
     hard = set(sorted(range(len(specs)), key=lambda i: -hardness(specs[i]))[:len(specs) // 3]) & set(net_floors)
     lines = ["## Aggregate (mean ± std over mixtures x seeds; diverged runs excluded from the means)", "",
              "| K | runs | diverged | mode TV | energy dist. | spread | off-mode | on-mode weight TV | "

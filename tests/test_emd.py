@@ -197,7 +197,8 @@ def test_more_langevin_steps_move_the_fit_towards_maximum_likelihood():
     z, eps, t = torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g), sch.sample_t(n, g, "cpu")
 
     def grad_s(K, variant):  # dL/ds of the M-step loss after the E-step
-        emd = EMD(teacher, gen, student, EMDConfig(K=K, variant=variant), ReferenceOps(torch.Generator().manual_seed(1)))
+        emd = EMD(teacher, gen, student, EMDConfig(K=K, variant=variant),
+                  ReferenceOps(torch.Generator().manual_seed(1)))
         return float(torch.autograd.grad(emd.generator_loss(emd.e_step(z, eps, t)), gen.a)[0])
 
     # seed to seed (4 seeds tried) the gradients vary by ~1e-3; the gaps asserted are >= 3e-3
