@@ -20,18 +20,9 @@ from pathlib import Path
 
 import torch
 
-from emd_fast.checkpoint import load_checkpoint
+from emd_fast.checkpoint import CheckpointError
 from emd_fast.emd import EMD, EStep, ReferenceOps
-from emd_fast.run import Run, find_checkpoint
-
-
-def load_training_state(path: Path, device: str = "cpu") -> Run:
-    """The run at its newest checkpoint (or the checkpoint ``path``), generator and student as they trained."""
-    ckpt = find_checkpoint(Path(path))
-    tensors, state = load_checkpoint(ckpt)
-    run = Run(json.loads((ckpt.parent.parent / "config.json").read_text()), torch.device(device), fit_teacher=False)
-    run.distiller.load_state_tensors(tensors, state["step"], str(ckpt))
-    return run
+from emd_fast.run import Run, RunError, load_run
 
 
 def rows(es: EStep, index: torch.Tensor) -> EStep:
@@ -108,9 +99,13 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.batches < 2 or a.bins < 1 or a.samples < a.bins:
         p.error("--batches must be >= 2, --bins >= 1 and --samples >= --bins")
-    run = load_training_state(a.run, a.device)
+    try:
+        run = load_run(a.run, a.device, training_state=True)[0]  # generator and student as they trained
+    except (CheckpointError, RunError) as e:
+        p.error(str(e))
     effect, batch = Effect(run, a.seed), run.cfg["batch"]
-    result = {"run": str(a.run), "snr": {K: effect.signal_to_noise(K, batch, a.batches) for K in (1, *a.K)},
+    result = {"run": str(a.run),
+              "snr": {K: effect.signal_to_noise(K, batch, a.batches) for K in dict.fromkeys((1, *a.K))},
               "per_noise_level": {K: effect.per_noise_level(K, a.samples, a.bins) for K in a.K}}
     print(f"gradient signal-to-noise |E g|^2 / E|g|^2 over {a.batches} batches of {batch}: "
           + ", ".join(f"EMD-{K} {v:.3f}" for K, v in result["snr"].items()))

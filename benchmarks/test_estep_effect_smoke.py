@@ -2,6 +2,7 @@
 import math
 
 import estep_effect
+import pytest
 
 from emd_fast import train
 
@@ -19,3 +20,9 @@ def test_compares_the_m_step_gradients_per_noise_level(tmp_path):
     assert len(bins) == 4 and bins[0]["t_to"] <= bins[1]["t_from"]  # 3 bins in order of t, then all
     assert all(-1 <= b["cosine"] < 1 - 1e-6 and b["gradient_ratio"] > 0 for b in bins)
     assert (tmp_path / "effect.json").is_file()
+
+
+def test_a_missing_run_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        estep_effect.main([str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -373,9 +373,11 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_run(path: str | Path, device) -> tuple[Run, int, Path]:
+def load_run(path: str | Path, device, training_state: bool = False) -> tuple[Run, int, Path]:
     """A finished or running run, for sampling: (Run rebuilt from its config.json with the checkpoint's sampling
-    generator loaded — the EMA if the run keeps one, else the generator —, the checkpoint's step, the checkpoint)."""
+    generator loaded — the EMA if the run keeps one, else the generator —, the checkpoint's step, the checkpoint).
+    ``training_state``: load everything the checkpoint holds instead (generator, student, EMA, optimizers, random
+    state), for tools that look at the training itself."""
     ckpt = find_checkpoint(Path(path))
     tensors, state = load_checkpoint(ckpt)
     config_path = ckpt.parent.parent / "config.json"
@@ -389,8 +391,11 @@ def load_run(path: str | Path, device) -> tuple[Run, int, Path]:
     cfg["out"] = str(ckpt.parent.parent)  # the run's directory (a diffusers run's prompt embeddings are there)
     run = Run(cfg, parse_device(device), fit_teacher=False)
     dist = run.distiller
-    load_state_dict_strict(dist.sampler, tensors, "ema." if dist.ema is not None else "generator.", ckpt)
-    dist.sampler.eval()
+    if training_state:
+        dist.load_state_tensors(tensors, state["step"], str(ckpt))
+    else:
+        load_state_dict_strict(dist.sampler, tensors, "ema." if dist.ema is not None else "generator.", ckpt)
+        dist.sampler.eval()
     return run, state["step"], ckpt
 
 
