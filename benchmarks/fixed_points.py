@@ -76,6 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("fixed_points"), help="writes OUT.md and OUT.json")
     a = p.parse_args(argv)
+    if not (a.width > 0 and a.sep >= 0 and a.samples >= 2 and min(a.K) >= 1):
+        p.error("--width must be > 0, --sep >= 0, --samples >= 2 and every --K >= 1")
     torch.set_num_threads(1)
     teacher = GaussianMixtureTeacher(torch.tensor([[-a.sep], [a.sep]]), torch.full((2,), a.width**2), torch.ones(2),
                                      VPCosine())

@@ -2,6 +2,7 @@
 import json
 
 import fixed_points
+import pytest
 
 
 def test_every_K_settles_on_a_teacher_the_generator_can_represent(tmp_path):
@@ -13,3 +14,10 @@ def test_every_K_settles_on_a_teacher_the_generator_can_represent(tmp_path):
     for r in res["rows"]:
         assert abs(r["s"] - 0.5) < 2e-3, r
     assert "| eps,z | 0.500 | 0.500 |" in (tmp_path / "fp.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--width", "0"], ["--sep", "-1"], ["--samples", "1"], ["--K", "0"]])
+def test_bad_options_are_one_line_and_exit_2(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fixed_points.main([*bad, "--out", str(tmp_path / "fp")])
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err
