@@ -50,7 +50,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
-from emd_fast import kernels  # noqa: E402
+from emd_fast.kernels import langevin, losses  # noqa: E402
 from emd_fast.kernels._common import Launch, recording_launches  # noqa: E402
 
 ARCHS = (80, 90)
@@ -76,14 +76,14 @@ def wrapper_calls(shape, dtype, full: bool):
         return torch.empty(shape[0], device="meta")
 
     def eps_step(eta, g, stream):
-        return lambda: kernels.langevin_eps_step(
+        return lambda: langevin.langevin_eps_step(
             t(), t() if eta else None, t(), t(), ex(), ex(), 0.1, g=t() if g else None,
-            **({"stream": kernels.NoiseStream(0, "meta")} if stream else {"noise": t()}))
+            **({"stream": langevin.NoiseStream(0, "meta")} if stream else {"noise": t()}))
 
     def z_step(per_example, stream):
-        return lambda: kernels.langevin_z_step(
+        return lambda: langevin.langevin_z_step(
             t(), t(), ex() if per_example else 0.1,
-            **({"stream": kernels.NoiseStream(0, "meta")} if stream else {"noise": t()}))
+            **({"stream": langevin.NoiseStream(0, "meta")} if stream else {"noise": t()}))
 
     def loss(fn, *args):
         def call():
@@ -98,10 +98,10 @@ def wrapper_calls(shape, dtype, full: bool):
     for per_example, stream in itertools.product((True, False), repeat=2):
         if full or (per_example and stream):
             calls[f"z_step(per_example_gamma={per_example:d},stream={stream:d})"] = z_step(per_example, stream)
-    calls["generator_loss(eta=1)"] = loss(kernels.generator_loss, t(), t(), ex(), ex(), ex())
+    calls["generator_loss(eta=1)"] = loss(losses.generator_loss, t(), t(), ex(), ex(), ex())
     if full:
-        calls["generator_loss(eta=0)"] = loss(kernels.generator_loss, t(), None, ex(), ex(), ex())
-    calls["dsm_loss"] = loss(kernels.dsm_loss, t(), ex())
+        calls["generator_loss(eta=0)"] = loss(losses.generator_loss, t(), None, ex(), ex(), ex())
+    calls["dsm_loss"] = loss(losses.dsm_loss, t(), ex())
     return calls
 
 

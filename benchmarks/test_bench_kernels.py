@@ -14,7 +14,8 @@ import roofline
 import torch
 from benchtools import ON_GPU, SMOKE, run_facts, synced, time_ms
 
-from emd_fast import kernels, ops
+from emd_fast import ops
+from emd_fast.kernels import langevin, losses
 
 GAMMA = 0.05
 SIZES = {"smoke8x16": (8, 16)} if SMOKE else {
@@ -27,10 +28,10 @@ def _eps_step(shape, dtype, device):
     """(triton fn, reference fn, args); a fused pass reads eps, eta, D_T, D_psi, g and writes 4 (roofline.KERNELS)."""
     eps, eta, d_t, d_s, g = (torch.randn(shape, device=device, dtype=dtype) for _ in range(5))
     alpha, sigma = torch.rand(shape[0], device=device) * 0.5 + 0.5, torch.rand(shape[0], device=device) * 0.8 + 0.2
-    stream = kernels.NoiseStream(0, device)
+    stream = langevin.NoiseStream(0, device)
 
     def fused(*a):
-        return kernels.langevin_eps_step(*a[:6], GAMMA, g=a[6], stream=stream)
+        return langevin.langevin_eps_step(*a[:6], GAMMA, g=a[6], stream=stream)
 
     def reference(*a):
         return ops.langevin_eps_step(*a[:6], GAMMA, torch.randn_like(a[0]), g=a[6])
@@ -41,10 +42,10 @@ def _eps_step(shape, dtype, device):
 def _z_step(shape, dtype, device):
     """Read z, J^T v; write z'."""
     z, jtv = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
-    stream = kernels.NoiseStream(0, device)
+    stream = langevin.NoiseStream(0, device)
 
     def fused(z, jtv):
-        return kernels.langevin_z_step(z, jtv, GAMMA, stream=stream)
+        return langevin.langevin_z_step(z, jtv, GAMMA, stream=stream)
 
     def reference(z, jtv):
         return ops.langevin_z_step(z, jtv, GAMMA, torch.randn_like(z))
@@ -56,14 +57,14 @@ def _generator_loss(shape, dtype, device):
     """Forward reads eps, eta; backward reads them again and writes dL/dg."""
     g, eps, eta = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     per_example = [torch.rand(shape[0], device=device) * 0.5 + 0.5 for _ in range(3)]
-    return kernels.generator_loss, ops.generator_loss, (g.requires_grad_(True), eps, eta, *per_example)
+    return losses.generator_loss, ops.generator_loss, (g.requires_grad_(True), eps, eta, *per_example)
 
 
 def _dsm_loss(shape, dtype, device):
     """Forward reads d, x; backward reads them again and writes dL/dd."""
     d, x = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
     weight = torch.rand(shape[0], device=device) + 0.1
-    return kernels.dsm_loss, ops.dsm_loss, (d.requires_grad_(True), x, weight)
+    return losses.dsm_loss, ops.dsm_loss, (d.requires_grad_(True), x, weight)
 
 
 CASES = {"langevin_eps_step": _eps_step, "langevin_z_step": _z_step, "generator_loss": _generator_loss,

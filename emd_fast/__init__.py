@@ -1,11 +1,24 @@
 """emd_fast: EM Distillation of diffusion models into one-step generators."""
+import importlib.machinery as _machinery
+import importlib.util as _util
+import sys as _sys
 from pathlib import Path as _Path
 
-# The Triton kernels live in the top-level kernels/ folder, installed as emd_fast.kernels (setup.py). Run from a
-# source tree without installing (PYTHONPATH=.), the same folder is found through this package's search path.
-_source_tree = _Path(__path__[0]).parent
-if (_source_tree / "setup.py").is_file() and (_source_tree / "kernels" / "__init__.py").is_file():
-    __path__.append(str(_source_tree))
+
+def _find_kernels_in_a_source_tree() -> None:
+    """The Triton kernels live in the repo's top-level kernels/ folder: modules without an __init__.py, so that from
+    the repo root (first on sys.path under ``python -m``) it can never shadow another distribution's top-level
+    ``kernels`` package. setup.py installs the folder as emd_fast.kernels (a wheel, or an editable install's finder);
+    run from a source tree without installing (PYTHONPATH=.), the folder is registered here as that namespace."""
+    folder = _Path(__path__[0]).parent / "kernels"
+    if (folder.parent / "setup.py").is_file() and (folder / "langevin.py").is_file() and \
+            _util.find_spec(f"{__name__}.kernels") is None:
+        spec = _machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        _sys.modules[spec.name] = globals()["kernels"] = _util.module_from_spec(spec)
+
+
+_find_kernels_in_a_source_tree()
 from .distiller import Distiller
 from .emd import EMD, VARIANTS, EMDConfig, EStep, ReferenceOps
 from .mixtures import load_mixture, random_mixture

@@ -10,6 +10,7 @@ import threading
 from typing import Callable, NoReturn
 
 from .checkpoint import CheckpointError
+from .optional import third_party_import_error
 from .run import STOP_SIGNALS, Stopped, out_of_memory
 
 _whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
@@ -70,6 +71,9 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
             raise
         if isinstance(e, MemoryError) or out_of_memory(e):
             print(f"error: out of memory ({first_line(e)}); {oom_hint}", file=sys.stderr)
+            return 2
+        if dependency := third_party_import_error(e):
+            print(f"error: {dependency}", file=sys.stderr)
             return 2
         if isinstance(e, (ValueError, FloatingPointError, OSError, CheckpointError)):
             print(f"error: {first_line(e)}", file=sys.stderr)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .checks import check_per_example
+from .optional import require
 from .schedules import Schedule, expand_like
 from .teachers import NetworkTeacher
 
@@ -52,7 +53,6 @@ SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
               "DEISMultistepScheduler", "SASolverScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
 WEIGHT_STEM = "diffusion_pytorch_model"  # diffusers' weight file names; transformers' text encoders: model, pytorch_model
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
-INSTALL_HINT = 'diffusers teachers need the diffusers extra: pip install -e ".[diffusers]"'
 
 
 # --- the schedule ------------------------------------------------------------------------------------------------
@@ -456,10 +456,8 @@ def check_options(cfg: dict) -> TeacherFolder:
 # --- loading (diffusers / transformers) --------------------------------------------------------------------------
 
 def _diffusers():
-    try:
-        import diffusers
-    except ImportError:
-        raise ValueError(INSTALL_HINT) from None
+    diffusers = require("diffusers", "diffusers teachers",
+                        names=(*PIXEL_UNETS, *LATENT_UNETS, "AutoencoderKL", "DDPMScheduler"))
     diffusers.utils.logging.disable_progress_bar()  # a bar per sharded weight file read; the run has its own
     return diffusers
 
@@ -512,12 +510,9 @@ def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> t
     if not all(part is not None and part.is_dir() for part in (folder.text_encoder, folder.tokenizer)):
         raise ValueError(f"{folder.path}: no text_encoder/ or tokenizer/ in the pipeline folder: prompts cannot be "
                          f"encoded")
-    try:
-        from transformers import AutoTokenizer, CLIPTextModel
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        raise ValueError(INSTALL_HINT) from None
-    transformers_logging.disable_progress_bar()  # a bar per weight file read; the run has its own
+    transformers = require("transformers", "text-to-image diffusers teachers", names=("AutoTokenizer", "CLIPTextModel"))
+    AutoTokenizer, CLIPTextModel = transformers.AutoTokenizer, transformers.CLIPTextModel
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight file read; the run has its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer, local_files_only=True)
     except LOAD_ERRORS as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import copy
 import functools
 import statistics
@@ -15,6 +16,7 @@ from .checkpoint import CheckpointError, load_state_dict_strict
 from .checks import trusted_values
 from .distributed import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from .emd import EMD, EMDConfig, EStep, ReferenceOps
+from .optional import installed_version, require
 from .profiling import phase
 from .schedules import expand_like
 
@@ -389,15 +391,21 @@ class DivergenceGuard:
             hist.append(norm)
 
 
+def triton_available() -> bool:
+    """True if Triton is installed and its kernels can run: on a CUDA GPU, or on the CPU with TRITON_INTERPRET=1."""
+    return installed_version("triton") is not None and (torch.cuda.is_available() or
+                                                        os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):
     """The elementwise backend of the EMD iteration: plain PyTorch or the fused Triton kernels."""
     if backend == "reference":
         return ReferenceOps(rng)
     if backend == "triton":
-        from .fast import TritonOps
-        from .kernels import triton_available
-
+        require("triton", "the fused Triton kernels (backend 'triton')")
         if not triton_available():
-            raise ValueError("backend 'triton' needs triton and a CUDA GPU (or TRITON_INTERPRET=1 on CPU)")
+            raise ValueError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, for tests)")
+        from .fast import TritonOps
+
         return TritonOps(rng, seed, device, kernel_noise)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

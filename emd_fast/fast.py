@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
 from .emd import ReferenceOps
+from .kernels import langevin, losses
 
 
 class TritonOps(ReferenceOps):
-    generator_loss = staticmethod(kernels.generator_loss)
-    dsm_loss = staticmethod(kernels.dsm_loss)
+    generator_loss = staticmethod(losses.generator_loss)
+    dsm_loss = staticmethod(losses.dsm_loss)
 
     def __init__(self, rng: torch.Generator, seed: int, device, kernel_noise: bool = True):
         super().__init__(rng)
-        self.stream = kernels.NoiseStream(seed, device) if kernel_noise else None
+        self.stream = langevin.NoiseStream(seed, device) if kernel_noise else None
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor | None:
         """None (the kernel draws the noise) or explicit noise from the run's generator (equivalence mode)."""
         return None if self.stream is not None else super().randn_like(x)
 
     def langevin_eps_step(self, eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise, g=None):
-        return kernels.langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise=noise, g=g,
-                                         stream=self.stream)
+        return langevin.langevin_eps_step(eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise=noise, g=g,
+                                          stream=self.stream)
 
     def langevin_z_step(self, z, jtv, gamma, noise):
-        return kernels.langevin_z_step(z, jtv, gamma, noise=noise, stream=self.stream)
+        return langevin.langevin_z_step(z, jtv, gamma, noise=noise, stream=self.stream)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.stream is None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import digits, mixtures, problems
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, remove_orphans,
                          save_checkpoint, sha256_file, write_json_atomic, write_text_atomic)
-from .distiller import Distiller, Execution
+from .distiller import Distiller, Execution, triton_available
 from .distributed import Ranks, communication_failed, data_parallel, fully_sharded, rank_seed
 from .emd import EMDConfig
 from .profiling import PhaseTimer
@@ -205,8 +205,6 @@ def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
     per setting left out, with the reason."""
     if not cfg["fast"]:
         return cfg, []
-    from .kernels import triton_available
-
     gpu = device.type == "cuda"
     fast, skipped = {"compile": "default", "finite_check": "deferred"}, []
     if gpu and triton_available():

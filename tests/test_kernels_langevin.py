@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from emd_fast import ops
-from emd_fast.kernels import NoiseStream, langevin_eps_step, langevin_z_step, triton_available
+from emd_fast.distiller import triton_available
 import triton
 import triton.language as tl
 
 from emd_fast.kernels import _common
 from emd_fast.kernels._common import tile
-from emd_fast.kernels.langevin import _cos_sin_turn, _normals
+from emd_fast.kernels.langevin import NoiseStream, _cos_sin_turn, _normals, langevin_eps_step, langevin_z_step
 
 SHAPES = [(7, 33), (3, 5, 7, 9), (1, 1), (3, 1500), (5, 24), (3, 512), (3, 2, 32, 32)]
 # alpha, sigma per element: (7, 33), (3, 5, 7, 9), (1, 1), bf16 (3, 1500); per 16-byte vector: (5, 24), fp32
@@ -49,14 +49,8 @@ def _assert_outputs_match(got, want, rtol):
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
 
 
-def test_package_exports():
-    import emd_fast.kernels as kernels
-
+def test_kernels_can_run_here():
     assert triton_available()  # conftest: a GPU, or the interpreter
-    assert set(kernels.__all__) >= {"langevin_eps_step", "langevin_z_step", "NoiseStream", "generator_loss",
-                                    "dsm_loss", "triton_available"}
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        kernels.nope
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from emd_fast import ops
-from emd_fast.kernels import dsm_loss, generator_loss
+from emd_fast.kernels.losses import dsm_loss, generator_loss
 
 SHAPES = [(7, 33), (3, 5, 7, 9), (1, 1), (3, 1500), (3, 2, 32, 32)]  # the last: rows of whole blocks
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
