@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import digits, mixtures, problems
+from .digits import DigitsProblem
+from .mixtures import PRESETS as MIXTURES, load_mixture
+from .problems import MixtureProblem, init_networks
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_state_dict_strict, remove_orphans,
                          save_checkpoint, sha256_file, write_json_atomic, write_text_atomic)
 from .distiller import Distiller, Execution, triton_available
@@ -34,7 +36,7 @@ from .emd import EMDConfig
 from .profiling import PhaseTimer
 from .schedules import make_schedule
 
-MIXTURE_PRESETS = tuple(mixtures.PRESETS)
+MIXTURE_PRESETS = tuple(MIXTURES)
 # Hyperparameter presets for a teacher file (--teacher): see docs/presets.md for every value's source.
 TEACHER_PRESETS = ("edm-imagenet64", "edm-cifar10")
 PRESETS = (*MIXTURE_PRESETS, "digits", *TEACHER_PRESETS)
@@ -290,10 +292,10 @@ def make_problem(cfg: dict):
         return ImageProblem(cfg)
     schedule = make_schedule(cfg["schedule"] or "vp_cosine")
     if cfg.get("mixture"):
-        return problems.MixtureProblem(mixtures.load_mixture(cfg["mixture"], schedule), cfg)
+        return MixtureProblem(load_mixture(cfg["mixture"], schedule), cfg)
     if cfg["preset"] == "digits":
-        return digits.DigitsProblem(schedule, cfg)
-    return problems.MixtureProblem(mixtures.PRESETS[cfg["preset"]](schedule), cfg)
+        return DigitsProblem(schedule, cfg)
+    return MixtureProblem(MIXTURES[cfg["preset"]](schedule), cfg)
 
 
 class Run:
@@ -311,7 +313,7 @@ class Run:
         self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
         torch.manual_seed(cfg["seed"])  # network initialisation
         net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
-        generator, student = problems.init_networks(net, self.t_star)
+        generator, student = init_networks(net, self.t_star)
         # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
         shard = cfg.get("shard") and ranks.distributed
         execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
