@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from emd_fast import problems
-from emd_fast.distiller import ema_update
-from emd_fast.run import make_problem
+from emd_fast.problems import init_networks
+from emd_fast.training.distiller import ema_update
+from emd_fast.training.build import make_problem
 
 METRICS = ("modes_covered", "mode_tv", "off_mode", "mode_spread", "energy_distance")
 LR = 1e-3  # Adam learning rate of the direct fit (--lr)
@@ -59,7 +59,7 @@ def train_floor(cfg: dict, loss: str, report: list[int]) -> dict[int, dict]:
     teacher = problem.teacher
     torch.manual_seed(cfg["seed"])
     net, _ = problem.teacher_network(torch.device("cpu"), fit=True)
-    gen = problems.init_networks(net, teacher.schedule.t_at_lambda(cfg["lambda_star"]))[0]
+    gen = init_networks(net, teacher.schedule.t_at_lambda(cfg["lambda_star"]))[0]
     ema = copy.deepcopy(gen).requires_grad_(False).eval()
     opt = torch.optim.Adam(gen.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas_g"]))
     rng = torch.Generator().manual_seed(cfg["seed"])

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from emd_fast.checkpoint import CheckpointError
+from emd_fast.errors import CheckpointError
 from emd_fast.emd import EMD, EStep, ReferenceOps
-from emd_fast.run import Run, RunError, load_run
+from emd_fast.training.build import Run, load_run
+from emd_fast.errors import RunError
 
 
 def rows(es: EStep, index: torch.Tensor) -> EStep:

@@ -21,7 +21,7 @@ from torch import nn
 
 from emd_fast.emd import EMD, EMDConfig, ReferenceOps
 from emd_fast.schedules import VPCosine
-from emd_fast.teachers import GaussianMixtureTeacher
+from emd_fast.teachers.mixture import GaussianMixtureTeacher
 
 
 class Scale(nn.Module):

@@ -40,7 +40,7 @@ def run_one(job: tuple[str, list[str], int, Path, list[str]]) -> tuple[str, int,
     import torch
 
     from emd_fast import train
-    from emd_fast.checkpoint import list_checkpoints
+    from emd_fast.training.checkpoint import list_checkpoints
 
     name, args, seed, out, extra = job
     torch.set_num_threads(1)

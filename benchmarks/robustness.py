@@ -53,7 +53,7 @@ def hardness(spec: dict) -> float:
 
 
 def write_mixture(spec: dict, path: Path) -> None:
-    from emd_fast.mixtures import random_mixture
+    from emd_fast.teachers.mixture import random_mixture
     from emd_fast.schedules import VPCosine
 
     t = random_mixture(VPCosine(), **spec)
@@ -64,7 +64,7 @@ def run_one(job: tuple) -> dict:
     import torch
 
     from emd_fast import train
-    from emd_fast.checkpoint import list_checkpoints
+    from emd_fast.training.checkpoint import list_checkpoints
 
     index, mixture, K, seed, out, extra = job
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from benchtools import ON_GPU, SMOKE, run_facts, synced
 from throughput import (IMPLS, build_networks, count_flops, impl_networks, make_distiller, problem_spec,
                         time_steps, variant_execution, variant_step)
 
-from emd_fast.distiller import Execution
+from emd_fast.training.distiller import Execution
 
 PEAK_TFLOPS = float(os.environ.get("EMD_PEAK_TFLOPS", "800"))
 ITERS, WARMUP = (2, 1) if SMOKE else (20, 5)

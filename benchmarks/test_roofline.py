@@ -7,7 +7,7 @@ import roofline
 import throughput
 import torch
 
-from emd_fast.distiller import Execution
+from emd_fast.training.distiller import Execution
 
 
 @pytest.mark.parametrize("problem,K", [("vector", 1), ("vector", 4), ("unet", 1), ("unet", 4)])

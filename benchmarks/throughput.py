@@ -9,9 +9,9 @@
 Variants: backend reference | triton (fused elementwise kernels) x impl x K (Langevin steps per E-step), impl one of
   eager       eager networks, finite checks "sync" (a host sync per update): the training default;
   compile     torch.compile of the generator, the student and the teacher's network where it is one
-              (``emd_fast.compiled``), finite checks "sync";
+              (``emd_fast.execution.compiled``), finite checks "sync";
   graph       compile + finite checks "deferred" (no host sync) + the whole iteration replayed as one CUDA graph
-              (``emd_fast.graphs.GraphedStep``); the U-Net problem runs channels_last;
+              (``emd_fast.execution.graphs.GraphedStep``); the U-Net problem runs channels_last;
   graph-bf16  graph with every network call under bf16 autocast (fp32 master weights).
 The graph variants need CUDA: where they cannot run they are reported as skipped, with the reason, in a note.
 Each compiled impl gets its own compiled copy of the networks, shared by its backends and K: compilation is paid
@@ -67,15 +67,16 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import compare  # noqa: E402
 import roofline  # noqa: E402
-from emd_fast import mixtures, problems  # noqa: E402
-from emd_fast.compiled import compile_networks  # noqa: E402
-from emd_fast.distiller import Distiller, Execution  # noqa: E402
+from emd_fast.problems import init_networks  # noqa: E402
+from emd_fast.teachers.mixture import data_std, ring2d  # noqa: E402
+from emd_fast.execution.compiled import compile_networks  # noqa: E402
+from emd_fast.training.distiller import Distiller, Execution  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
-from emd_fast.graphs import GraphedStep, graphs_unavailable  # noqa: E402
-from emd_fast.networks import MLPDenoiser  # noqa: E402
+from emd_fast.execution.graphs import GraphedStep, graphs_unavailable  # noqa: E402
+from emd_fast.nets.mlp import MLPDenoiser  # noqa: E402
 from emd_fast.schedules import make_schedule  # noqa: E402
 from emd_fast.teachers import NetworkTeacher  # noqa: E402
-from emd_fast.unet import UNET_CONFIGS, UNetDenoiser  # noqa: E402
+from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser  # noqa: E402
 
 PROBLEMS = ("vector", "unet")
 BACKENDS = ("reference", "triton")
@@ -109,8 +110,8 @@ def build_networks(spec: dict, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     if spec["name"] == "vector":
         schedule = make_schedule("vp_cosine")
-        teacher = mixtures.ring2d(schedule)
-        sigma_data = mixtures.data_std(teacher)
+        teacher = ring2d(schedule)
+        sigma_data = data_std(teacher)
         net = MLPDenoiser(teacher.dim, schedule, hidden=128, depth=3, sigma_data=sigma_data).to(device)
         num_classes = 0
     else:
@@ -119,7 +120,7 @@ def build_networks(spec: dict, device: torch.device, seed: int = 0):
         net = UNetDenoiser(schedule=schedule, **cfg).to(device)
         sigma_data, num_classes = cfg["sigma_data"], cfg["label_dim"]
         teacher = None
-    generator, student = problems.init_networks(net, schedule.t_at_lambda(LAMBDA_STAR))
+    generator, student = init_networks(net, schedule.t_at_lambda(LAMBDA_STAR))
     if teacher is None:
         c, r = spec["config"]["img_channels"], spec["config"]["img_resolution"]
         teacher = NetworkTeacher(net, schedule, (c, r, r))

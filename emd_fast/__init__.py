@@ -19,15 +19,16 @@ def _find_kernels_in_a_source_tree() -> None:
 
 
 _find_kernels_in_a_source_tree()
-from .distiller import Distiller
 from .emd import EMD, VARIANTS, EMDConfig, EStep, ReferenceOps
-from .mixtures import load_mixture, random_mixture
-from .network_files import load_network, load_teacher_network, save_network
-from .networks import Generator, MLPDenoiser
-from .problems import MixtureProblem
+from .nets.generator import Generator
+from .nets.mlp import MLPDenoiser
+from .nets.unet import UNET_CONFIGS, SongUNetDenoiser, UNetDenoiser, build_network
+from .problems.mixture import MixtureProblem
 from .schedules import EDMSchedule, Schedule, VPCosine, make_schedule
-from .teachers import GaussianMixtureTeacher, NetworkTeacher, Teacher
-from .unet import UNET_CONFIGS, SongUNetDenoiser, UNetDenoiser, build_network
+from .teachers import NetworkTeacher, Teacher
+from .teachers.mixture import GaussianMixtureTeacher, load_mixture, random_mixture
+from .teachers.network_file import load_network, load_teacher_network, save_network
+from .training.distiller import Distiller
 
 __all__ = ["EMD", "EMDConfig", "EStep", "ReferenceOps", "VARIANTS", "Distiller", "Generator", "MLPDenoiser",
            "UNetDenoiser", "SongUNetDenoiser", "UNET_CONFIGS", "build_network", "load_network", "save_network",

@@ -9,9 +9,8 @@ import sys
 import threading
 from typing import Callable, NoReturn
 
-from .checkpoint import CheckpointError
+from .errors import STOP_SIGNALS, CheckpointError, Stopped, out_of_memory
 from .optional import third_party_import_error
-from .run import STOP_SIGNALS, Stopped, out_of_memory
 
 _whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
 

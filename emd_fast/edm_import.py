@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 
 from .cli import add_debug_flag, run_as_process, run_command
-from .edm_checkpoint import load_edm_pickle
-from .network_files import save_network
+from .teachers.edm_pickle import load_edm_pickle
+from .teachers.network_file import save_network
 
 
 def convert(args: argparse.Namespace) -> None:

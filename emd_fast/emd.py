@@ -2,7 +2,7 @@
 
 Notation follows DESIGN.md: x_t = alpha_t g(z) + sigma_t eps, delta = s_T - s_psi. The elementwise parts go
 through an ``ops`` backend: :class:`ReferenceOps` (plain PyTorch, :mod:`emd_fast.ops`) or the fused Triton
-kernels (:mod:`emd_fast.fast`); the networks and the control flow are shared, so both paths run the same algorithm.
+kernels (:mod:`emd_fast.execution.backends`); the networks and the control flow are shared, so both paths run the same algorithm.
 
 Sampling variants (the paper's ablation):
     "eps,z"  reparametrized: Langevin on (eps, z); moving z moves x_t with eps held fixed.
@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops as reference
 from .checks import check_finite
-from .profiling import phase
+from .execution.profiling import phase
 from .schedules import WEIGHTINGS, Schedule, expand_like
 
 VARIANTS = ("eps,z", "x,z", "eps", "x")

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import write_json_atomic
 from .cli import add_debug_flag, run_as_process, run_command
-from .image_metrics import FID, FeatureStats, InceptionFeatures
-from .images import read_images
-from .run import load_run
+from .evaluation.image_metrics import FID, FeatureStats, InceptionFeatures
+from .evaluation.images import read_images
+from .files import write_json_atomic
+from .training.build import load_run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import digits
 from .cli import add_debug_flag, run_as_process, run_command
-from .image_metrics import DigitsClassifier
-from .images import class_rows, save_grid
-from .network_files import save_network
-from .run import parse_device
+from .evaluation.image_metrics import DigitsClassifier
+from .evaluation.images import class_rows, save_grid
+from .nets.unet import UNET_CONFIGS, build_network
+from .problems import digits
 from .schedules import EDMSchedule, expand_like
-from .unet import UNET_CONFIGS, build_network
+from .teachers.network_file import save_network
+from .training.config import parse_device
+from .seeds import Stream, seed_for
 
 # UNET_CONFIGS["tiny"] at half the width (209k parameters): 2.5x faster on a CPU, where teacher, student and
 # generator all run it; its 18-step Heun samples are recognisable digits of every class (digits_info.json).
@@ -98,7 +99,7 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: 
 
     train_loss = optimize(net, loss_fn, steps, lr, "teacher", quiet, update_average)
     with torch.no_grad():  # the EMA net's loss on every image, 4 noise draws each
-        rng.manual_seed(seed + 1)
+        rng.manual_seed(seed_for(seed, Stream.TEACHER_FIT))
         ema_loss = sum(float(edm_loss(avg, x, y, rng)) for _ in range(4)) / 4
     return avg, {"train_loss_last10pct": train_loss, "ema_loss_all_digits": ema_loss}
 
@@ -171,7 +172,7 @@ def pretrain(args: argparse.Namespace) -> None:
     problem = digits.DigitsProblem(EDMSchedule(), {"seed": args.seed, "eval_samples": args.eval_samples},
                                    teacher_file, classifier_file)
     problem.teacher_network(device, fit=False)
-    samples, labels = problem.teacher_samples(args.eval_samples, args.seed + 6)
+    samples, labels = problem.teacher_samples(args.eval_samples, seed_for(args.seed, Stream.TEACHER_METRICS))
     heun = problem.metrics(samples, labels)
     save_grid(args.out / "digits_teacher_samples.png", class_rows(samples, labels, 10, digits.NUM_CLASSES), 10,
               f"teacher, Heun {digits.HEUN_STEPS} steps")

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from .cli import add_debug_flag, run_as_process, run_command
-from .images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
-from .run import load_run
+from .evaluation.images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
+from .training.build import load_run
 
 
 def choose_labels(args, num_classes: int) -> tuple[torch.Tensor | None, int, int | None]:

@@ -12,11 +12,13 @@ import copy
 from pathlib import Path
 
 from .cli import add_debug_flag, run_as_process, run_command
-from .diffusers_teacher import DEFAULT_GUIDANCE
-from .distiller import BACKENDS, FINITE_CHECKS, PRECISIONS
 from .emd import VARIANTS, Z_STEPS
-from .run import DIST_TIMEOUT_S, LOG_EVERY, PRESET_DEFAULTS, PRESETS, WARM_ITERS, train
+from .execution.backends import BACKENDS
 from .schedules import SCHEDULES, WEIGHTINGS
+from .teachers.diffusers_folder import DEFAULT_GUIDANCE
+from .training.config import DIST_TIMEOUT_S, PRESET_DEFAULTS, PRESETS
+from .training.distiller import FINITE_CHECKS, PRECISIONS
+from .training.loop import LOG_EVERY, WARM_ITERS, train
 
 
 def build_parser() -> argparse.ArgumentParser:

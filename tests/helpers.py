@@ -3,8 +3,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from emd_fast.networks import Generator, MLPDenoiser
-from emd_fast.mixtures import ring2d
+from emd_fast.nets.generator import Generator
+from emd_fast.nets.mlp import MLPDenoiser
+from emd_fast.teachers.mixture import ring2d
 from emd_fast.schedules import VPCosine
 
 

@@ -1,4 +1,4 @@
-"""torch.compile of the networks (emd_fast.compiled, ``--compile``): same results as eager, same checkpoints.
+"""torch.compile of the networks (emd_fast.execution.compiled, ``--compile``): same results as eager, same checkpoints.
 
 The equality test compiles with inductor (C++ code on the CPU, ~20 s on one thread for the MLP pair); the CLI
 checkpoint test uses the aot_eager backend (EMD_COMPILE_BACKEND): it exercises the same in-place compile and the
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from emd_fast import train
-from emd_fast.checkpoint import list_checkpoints
-from emd_fast.compiled import compile_networks, networks
-from emd_fast.distiller import Distiller
+from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.execution.compiled import compile_networks, networks
+from emd_fast.training.distiller import Distiller
 from emd_fast.emd import EMDConfig
-from emd_fast.networks import MLPDenoiser
+from emd_fast.nets.mlp import MLPDenoiser
 from emd_fast.schedules import VPCosine
 from emd_fast.teachers import NetworkTeacher
 
@@ -61,7 +61,7 @@ def test_compile_report_and_refusals(monkeypatch):
     assert set(found) == {"generator", "student", "teacher network"} and not skipped
     with pytest.raises(ValueError, match="CUDA graphs"):
         compile_networks(dist, mode="reduce-overhead")
-    monkeypatch.setattr("emd_fast.compiled.backend_unavailable", lambda backend, device: "no compiler here")
+    monkeypatch.setattr("emd_fast.execution.compiled.backend_unavailable", lambda backend, device: "no compiler here")
     report = compile_networks(dist)
     assert report.compiled == [] and set(report.skipped) == {"generator", "student", "teacher network"}
     assert "no compiler here" in "\n".join(report.lines())

@@ -13,9 +13,11 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from emd_fast import sample, train  # noqa: E402
-from emd_fast.checkpoint import list_checkpoints  # noqa: E402
-from emd_fast.diffusers_teacher import (DiscreteSchedule, DiffusersDenoiser, GuidedTeacher, PromptTable,  # noqa: E402
-                                        inspect_folder, load_schedule)
+from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
+from emd_fast.teachers.diffusers_folder import (DiscreteSchedule, DiffusersDenoiser, GuidedTeacher, PromptTable,
+                                                # noqa: E402
+                                        inspect_folder,
+                                                load_schedule)
 from emd_fast.emd import EMD, EMDConfig, ReferenceOps  # noqa: E402
 
 from helpers import NoHostRead  # noqa: E402
@@ -193,7 +195,7 @@ def test_pixel_folder_trains_resumes_exactly_and_samples(prediction_type, beta_s
 
 def test_generator_starts_as_the_teachers_denoiser_at_lambda_star(tmp_path):
     """Generator and student start from the teacher's UNet: at step 0 g(z) = D_T(sigma* z, t*)."""
-    from emd_fast.run import Run
+    from emd_fast.training.build import Run
 
     folder = pixel_folder(tmp_path / "ddpm", "v_prediction")
     cfg = vars(train.build_parser().parse_args(["--teacher", str(folder), "--batch", "2", "--device", "cpu"]))
@@ -318,7 +320,7 @@ def test_learned_variance_unet_is_read_by_its_prediction_half():
 def test_weights_as_a_variant_bin_or_shards_load_and_define_the_teacher(save, tmp_path):
     """fp16-variant-only, .bin-only and sharded weights: the run trains; the teacher's SHA-256 covers the files that
     are loaded (a changed shard or variant file is another teacher)."""
-    from emd_fast.diffusers_teacher import folder_sha256, weight_files
+    from emd_fast.teachers.diffusers_folder import folder_sha256, weight_files
 
     folder = tmp_path / "m"
     tiny_unet().save_pretrained(folder, **save)
@@ -545,7 +547,7 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_denois
 def test_bf16_teacher_and_gradient_checkpointing(sd_folder, tmp_path):
     """--precision bf16 keeps the frozen teacher in bf16 (generator and student fp32); --grad-checkpoint changes
     nothing that is computed."""
-    from emd_fast.run import Run
+    from emd_fast.training.build import Run
 
     prompts = prompts_file(tmp_path)
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
@@ -632,7 +634,7 @@ def test_long_unicode_prompts_and_a_tokenizer_without_a_max_length(sd_folder, tm
     tokenizer_config.json gives no model_max_length (transformers then says 10**30); unicode and blank lines pass."""
     import shutil
 
-    from emd_fast.diffusers_teacher import encode_prompts
+    from emd_fast.teachers.diffusers_folder import encode_prompts
 
     folder = tmp_path / "pipe"
     shutil.copytree(sd_folder, folder)
@@ -662,7 +664,7 @@ def test_pipeline_of_fp16_variant_weights_only(sd_folder, tmp_path):
 
 
 def test_cached_embeddings_are_those_of_the_runs_prompts_and_text_encoder(sd_folder, tmp_path):
-    from emd_fast.diffusers_problem import DiffusersProblem
+    from emd_fast.problems.diffusers_folder import DiffusersProblem
 
     cfg = vars(train.build_parser().parse_args(["--teacher", str(sd_folder), "--prompts",
                                                 str(prompts_file(tmp_path, "a cat\na dog\nred\n"))]))
@@ -680,7 +682,7 @@ def test_cached_embeddings_are_those_of_the_runs_prompts_and_text_encoder(sd_fol
 def test_cached_embeddings_of_another_text_encoder_are_encoded_anew(sd_folder, tmp_path):
     import shutil
 
-    from emd_fast.diffusers_problem import DiffusersProblem
+    from emd_fast.problems.diffusers_folder import DiffusersProblem
 
     folder = tmp_path / "pipe"
     shutil.copytree(sd_folder, folder)
@@ -725,7 +727,7 @@ def test_memory_estimate_counts_what_a_real_forward_saves():
 def test_deferred_step_of_a_text_to_image_teacher_makes_no_host_sync(sd_folder, tmp_path, precision):
     """The latent, prompt-conditioned, guided path of a --fast run (deferred checks, channels_last) reads no tensor
     value on the host in an iteration: it can be captured in a CUDA graph."""
-    from emd_fast.run import Run
+    from emd_fast.training.build import Run
 
     args = ["--teacher", str(sd_folder), "--prompts", str(prompts_file(tmp_path)), "--finite-check", "deferred",
             "--channels-last", "--precision", precision, "--batch", "3", "--out", str(tmp_path / "run")]

@@ -4,8 +4,11 @@ import json
 import pytest
 import torch
 
-from emd_fast import digits, pretrain, run, train
-from emd_fast.checkpoint import CheckpointError
+from emd_fast.problems import digits
+from emd_fast import pretrain, train
+from emd_fast.training.build import Run
+from emd_fast.training.config import PRESET_DEFAULTS, with_preset_defaults
+from emd_fast.errors import CheckpointError
 from emd_fast.schedules import EDMSchedule, VPCosine
 
 from helpers import fake_inception_file
@@ -17,7 +20,7 @@ SMALL = ["--preset", "digits", "--steps", "2", "--batch", "8", "--K", "2", "--ev
 def digits_cfg(*argv):
     parser = train.build_parser()
     argv = ["--preset", "digits", *argv]
-    return run.with_preset_defaults(vars(parser.parse_args(argv)), train._explicit(parser, argv))
+    return with_preset_defaults(vars(parser.parse_args(argv)), train._explicit(parser, argv))
 
 
 def test_data():
@@ -49,7 +52,7 @@ def test_missing_assets(tmp_path):
 
 def test_generator_starts_as_teacher_denoiser_at_lambda_star():
     cfg = digits_cfg("--eval-samples", "20")
-    built = run.Run(cfg, torch.device("cpu"), fit_teacher=True)
+    built = Run(cfg, torch.device("cpu"), fit_teacher=True)
     g, z, y = torch.Generator().manual_seed(0), None, torch.arange(10)
     z = torch.randn(10, 1, 8, 8, generator=g)
     sigma_star = torch.tensor(-cfg["lambda_star"] / 2).exp()
@@ -80,7 +83,7 @@ def test_smoke_run(tmp_path, capsys):
     for name in ("config.json", "metrics.jsonl", "summary.json", "samples/final.png", "checkpoints/step_0000002.json"):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
-    defaults = run.PRESET_DEFAULTS["digits"]
+    defaults = PRESET_DEFAULTS["digits"]
     assert cfg["schedule"] == "edm" and cfg["K"] == 2 and cfg["lambda_star"] == defaults["lambda_star"]
     assert cfg["teacher_info"]["sha256"] and cfg["preset"] == "digits"
     summary = json.loads((out / "summary.json").read_text())

@@ -20,10 +20,12 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from emd_fast import run, sample, train
-from emd_fast.checkpoint import list_checkpoints, load_checkpoint
-from emd_fast.distiller import Distiller, Execution
-from emd_fast.distributed import Ranks, data_parallel, fully_sharded, rank_seed
+from emd_fast import sample, train
+from emd_fast.training.build import Run, load_run
+from emd_fast.training.config import resolve
+from emd_fast.training.checkpoint import list_checkpoints, load_checkpoint
+from emd_fast.training.distiller import Distiller, Execution
+from emd_fast.execution.distributed import Ranks, data_parallel, fully_sharded, rank_seed
 from emd_fast.emd import EMDConfig, ReferenceOps
 from helpers import small_problem
 
@@ -108,10 +110,10 @@ def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path, kernel_de
     """Rank r's torch.Generator and in-kernel NoiseStream start from rank_seed(seed, r); reseed restarts both."""
     parser = train.build_parser()
     argv = [*SMALL, "--backend", "triton", "--seed", "5", "--out", str(tmp_path / "r"), "--device", str(kernel_device)]
-    cfg, device, _ = run.resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
+    cfg, device, _ = resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
     states = []
     for rank in range(3):
-        dist = run.Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
+        dist = Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
         assert dist.batch == 8 and dist.global_batch == 24
         want = torch.Generator(kernel_device).manual_seed(rank_seed(5, rank)).get_state()
         assert torch.equal(dist.rng.get_state(), want)
@@ -339,7 +341,7 @@ def test_sharded_checkpoints_resume_on_any_number_of_processes_and_sample(tmp_pa
 
     npz = tmp_path / "s.npz"
     assert sample.main([str(shard), "--n", "9", "--out", str(npz)]) == 0 and npz.is_file()
-    loaded, step, _ = run.load_run(shard, "cpu")
+    loaded, step, _ = load_run(shard, "cpu")
     assert step == 6 and all(torch.equal(v, a6) for v, a6 in
                              zip(loaded.distiller.sampler.state_dict().values(),
                                  [tensors_at(shard, 6)[f"ema.{k}"] for k in loaded.distiller.sampler.state_dict()]))

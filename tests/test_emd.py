@@ -4,11 +4,12 @@ import copy
 import pytest
 import torch
 
-from emd_fast import mixtures
-from emd_fast.distiller import Distiller
+from emd_fast.teachers.mixture import data_std
+from emd_fast.training.distiller import Distiller
 from emd_fast.emd import EMD, EMDConfig, ReferenceOps
 from emd_fast.schedules import VPCosine, expand_like
-from emd_fast.teachers import GaussianMixtureTeacher, score_from_denoiser
+from emd_fast.teachers.mixture import GaussianMixtureTeacher
+from emd_fast.teachers import score_from_denoiser
 
 from helpers import ExactDenoiser, LinearGenerator, small_problem
 
@@ -154,7 +155,7 @@ def test_scaled_z_step_is_stable_at_low_noise_where_a_fixed_step_diverges(varian
     ||J_g|| = sigma_data: at t = 1e-3 the scaled z chain stays bounded; the fixed step (the same gamma_z) explodes."""
     sch = VPCosine()
     teacher = ill_conditioned_mixture(sch)
-    sd = mixtures.data_std(teacher)
+    sd = data_std(teacher)
     gen = LinearGenerator(sd * torch.eye(2), torch.zeros(2))
     student = ExactDenoiser(GaussianMixtureTeacher(torch.zeros(1, 2), torch.full((1,), sd**2), [1.0], sch))
     g = torch.Generator().manual_seed(0)

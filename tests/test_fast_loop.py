@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from emd_fast import train
-from emd_fast.distiller import Distiller, Execution
+from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMD, EMDConfig
-from emd_fast.graphs import GraphedStep, graphs_unavailable
+from emd_fast.execution.graphs import GraphedStep, graphs_unavailable
 from emd_fast.problems import init_networks
 from emd_fast.schedules import make_schedule
 from emd_fast.teachers import NetworkTeacher
-from emd_fast.unet import UNET_CONFIGS, UNetDenoiser
+from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser
 
 from helpers import NoHostRead, network_params, small_problem
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emd_fast.distiller import Distiller, Execution
+from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
 
 from helpers import small_problem

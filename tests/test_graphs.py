@@ -1,4 +1,4 @@
-"""The whole iteration in one CUDA graph (``emd_fast.graphs.GraphedStep``) against the eager iteration: GPU only.
+"""The whole iteration in one CUDA graph (``emd_fast.execution.graphs.GraphedStep``) against the eager iteration: GPU only.
 
 Replays must draw fresh noise (the run's registered torch.Generator; the NoiseStream's device counter), update the
 parameters and optimizer state in place, skip non-finite updates on the device, and hand over to eager runs through
@@ -7,10 +7,10 @@ checkpoints. Skipped without CUDA (tests/test_fast_loop.py checks the capturable
 import pytest
 import torch
 
-from emd_fast.compiled import compile_networks
-from emd_fast.distiller import Distiller, Execution
+from emd_fast.execution.compiled import compile_networks
+from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
-from emd_fast.graphs import GraphedStep
+from emd_fast.execution.graphs import GraphedStep
 
 from helpers import network_params, small_problem
 

@@ -14,8 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emd_fast import edm_import, fid, pretrain, run as run_module, sample, train
-from emd_fast.checkpoint import list_checkpoints
+from emd_fast import edm_import, fid, pretrain, sample, train
+from emd_fast.errors import out_of_memory
+from emd_fast.training.build import load_run
+from emd_fast.training.lifecycle import _meminfo_bytes, cpu_memory_limit
+from emd_fast.training.checkpoint import list_checkpoints
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "0",
          "--eval-samples", "100", "--quiet", "--device", "cpu", "--phase-every", "0"]
@@ -53,13 +56,13 @@ def finished_run(tmp_path_factory):
 def test_train_refuses_bad_arguments_in_one_line(tmp_path, capsys, monkeypatch, args, message):
     """Each refused without a run directory left behind, and all but the batch (which needs the networks) before
     the teacher fit, the only expensive set-up of a mixture run."""
-    from emd_fast import problems
+    from emd_fast.problems import mixture
 
     def no_fit(*a, **k):
         raise AssertionError("the teacher fit ran before the error")
 
     if "--batch" not in args:
-        monkeypatch.setattr(problems, "fit_denoiser", no_fit)
+        monkeypatch.setattr(mixture, "fit_denoiser", no_fit)
     out = tmp_path / "r"
     argv = ["--out", str(out), *SMALL, *args] if "--out" not in args else [*SMALL, *args]
     assert message in one_line_error(capsys, train.main(argv))
@@ -82,7 +85,7 @@ def test_checkpoint_record_that_is_not_a_record(finished_run, tmp_path, capsys):
 def test_a_run_from_before_an_option_existed_resumes(tmp_path, capsys):
     """A checkpoint written before an option was added (its config lacks the key) resumes at the option's default
     and ends where an undisturbed run does; a checkpoint whose config differs is refused, naming the key."""
-    from emd_fast.checkpoint import _state_hash
+    from emd_fast.training.checkpoint import _state_hash
 
     straight, old = tmp_path / "straight", tmp_path / "old"
     assert train.main(["--out", str(straight), *SMALL, "--steps", "6"]) == 0
@@ -110,8 +113,10 @@ def test_a_run_from_before_an_option_existed_resumes(tmp_path, capsys):
 
 
 def test_not_enough_disk_for_a_checkpoint(tmp_path, capsys, monkeypatch):
-    real = run_module.shutil.disk_usage
-    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    from emd_fast.training import rundir
+
+    real = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *SMALL, "--steps", "2"]))
     assert "MiB free on its file system, one checkpoint of this run needs" in err
 
@@ -142,7 +147,7 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path, capsys):
 
 
 def test_checkpoint_size_estimate_is_what_is_written(finished_run):
-    run, _, ckpt = run_module.load_run(finished_run, "cpu")
+    run, _, ckpt = load_run(finished_run, "cpu")
     written = (ckpt.with_suffix(".safetensors")).stat().st_size
     estimate = run.distiller.checkpoint_bytes()  # a fresh Distiller: no Adam moments yet, they are counted
     assert abs(estimate / written - 1) < 0.05, (estimate, written)
@@ -152,14 +157,14 @@ def test_checkpoint_size_estimate_is_what_is_written(finished_run):
 def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting():
     """Two untouched allocations of half the available RAM each: the kernel grants both (overcommit; touching them
     would summon the OOM killer); under cpu_memory_limit (80% of it) the second fails as an allocation error."""
-    n = int(0.5 * run_module._meminfo_bytes("/proc/meminfo", "MemAvailable:"))
+    n = int(0.5 * _meminfo_bytes("/proc/meminfo", "MemAvailable:"))
     a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
     del a, b
-    with run_module.cpu_memory_limit(torch.device("cpu")):
+    with cpu_memory_limit(torch.device("cpu")):
         a = torch.empty(n, dtype=torch.uint8)
         with pytest.raises(RuntimeError) as e:
             torch.empty(n, dtype=torch.uint8)
-        assert run_module.out_of_memory(e.value)
+        assert out_of_memory(e.value)
         del a
     b = torch.empty(n, dtype=torch.uint8)  # the limit is lifted again
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emd_fast import ops
-from emd_fast.distiller import triton_available
+from emd_fast.execution.backends import triton_available
 import triton
 import triton.language as tl
 

@@ -1,7 +1,7 @@
 import torch
 
-from emd_fast.metrics import chi2_quantile, energy_distance, mixture_metrics, reference_metrics
-from emd_fast.mixtures import gmm16d, ring2d
+from emd_fast.evaluation.mixture_metrics import chi2_quantile, energy_distance, mixture_metrics, reference_metrics
+from emd_fast.teachers.mixture import gmm16d, ring2d
 from emd_fast.schedules import VPCosine
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from emd_fast.networks import MLPDenoiser
-from emd_fast.precond import EDMPrecond, VEPrecond, VPPrecond, make_precond, precondition
+from emd_fast.nets.mlp import MLPDenoiser
+from emd_fast.nets.precond import EDMPrecond, VEPrecond, VPPrecond, make_precond, precondition
 from emd_fast.schedules import EDMSchedule, VPCosine
 
 S = torch.logspace(math.log10(0.002), math.log10(80.0), 9)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from emd_fast import profiling
+from emd_fast.execution import profiling
 
 
 def test_phase_is_a_shared_noop_when_not_profiling():

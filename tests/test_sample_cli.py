@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from emd_fast import run, sample, train
-from emd_fast.checkpoint import list_checkpoints
+from emd_fast import sample, train
+from emd_fast.training.build import load_run
+from emd_fast.training.checkpoint import list_checkpoints
 
 COMMON = ["--steps", "2", "--batch", "8", "--K", "1", "--eval-every", "0", "--eval-samples", "20", "--quiet",
           "--device", "cpu", "--phase-every", "0", "--ckpt-every", "1", "--keep", "0"]
@@ -51,7 +52,7 @@ def test_samples_are_the_checkpointed_generator(digits_run, tmp_path):
     assert x.shape == (20, 1, 8, 8) and y.tolist() == [c for c in range(10) for _ in range(2)]
     assert torch.equal(x, npz(paths["last"])[0])
     assert not torch.equal(x, npz(paths["first"])[0]) and not torch.equal(x, npz(paths["seed1"])[0])
-    loaded, step, _ = run.load_run(digits_run, "cpu")
+    loaded, step, _ = load_run(digits_run, "cpu")
     z = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the run keeps an EMA: that is what samples come from
         assert loaded.distiller.ema is not None and loaded.distiller.sampler is loaded.distiller.ema

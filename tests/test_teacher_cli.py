@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emd_fast import run, sample, train
-from emd_fast.checkpoint import list_checkpoints
-from emd_fast.image_metrics import InceptionFeatures
-from emd_fast.network_files import save_network
+from emd_fast import sample, train
+from emd_fast.training.build import load_run
+from emd_fast.training.config import PRESET_DEFAULTS
+from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.evaluation.image_metrics import InceptionFeatures
+from emd_fast.teachers.network_file import save_network
 
 from helpers import fake_inception_file
 from test_edm_import import edm_globals, write_edm_pickle  # noqa: F401 (a fixture)
@@ -75,7 +77,7 @@ def test_preset_sets_the_documented_hyperparameters(tmp_path):
     assert train_main(out, "--preset", "edm-cifar10", "--teacher", str(teacher_file(tmp_path)), "--steps", "1",
                       "--eval-every", "0", "--ckpt-every", "0") == 0
     cfg = json.loads((out / "config.json").read_text())
-    want = run.PRESET_DEFAULTS["edm-cifar10"]
+    want = PRESET_DEFAULTS["edm-cifar10"]
     for key in ("lambda_star", "lr_g", "lr_s", "ema", "gamma_eps", "gamma_z"):
         assert cfg[key] == want[key], key
     assert cfg["betas_g"] == [0.0, 0.999] and cfg["K"] == 1 and cfg["batch"] == 4  # the command line wins
@@ -85,7 +87,7 @@ def test_labels_restrict_the_classes(tmp_path, capsys):
     path = teacher_file(tmp_path)
     out = tmp_path / "r"
     assert train_main(out, "--teacher", str(path), "--labels", "3", "7", "--steps", "2") == 0
-    loaded, _, _ = run.load_run(out, "cpu")
+    loaded, _, _ = load_run(out, "cpu")
     _, y = loaded.distiller.sample(40, torch.Generator().manual_seed(0))
     assert set(y.tolist()) == {3, 7}
     assert train_main(tmp_path / "r2", "--teacher", str(path), "--labels", "12") == 2
@@ -116,7 +118,7 @@ def test_fid_during_training_and_from_the_command(tmp_path):
     record = json.loads((out / "fid_step4.json").read_text())
     assert record["samples"] == 16 and record["fid"] == pytest.approx(summary["final"]["fid"], rel=1e-6)
     folder = tmp_path / "real"
-    from emd_fast.images import save_png_folder
+    from emd_fast.evaluation.images import save_png_folder
 
     save_png_folder(folder, real)
     assert fid.main(["ref", str(folder), str(tmp_path / "mine.npz"), "--inception", str(inception),

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from emd_fast import train
-from emd_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from emd_fast.distiller import Distiller
+from emd_fast.errors import CheckpointError
+from emd_fast.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from emd_fast.training.distiller import Distiller
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
@@ -200,7 +201,7 @@ def test_diverging_e_step_is_a_one_line_error_naming_the_knob(tmp_path, capsys):
 
 
 def test_divergence_guard():
-    from emd_fast.distiller import DivergenceError, DivergenceGuard
+    from emd_fast.training.health import DivergenceError, DivergenceGuard
 
     guard = DivergenceGuard()
     healthy = {"z_move": 0.3, "eps_move": 40.0, "x_move": 0.5, "x_move_max": 2.0, "t_move_max": 0.5, "grad_g": 1.0,
@@ -309,11 +310,11 @@ def test_signals_stop_at_an_iteration_boundary_and_resume_exactly(tmp_path, caps
 
 
 def test_default_run_names(tmp_path):
-    from emd_fast import run as run_module
+    from emd_fast.training.config import resolve
 
     def resolved(*argv):
         parser = train.build_parser()
-        cfg, _, _ = run_module.resolve(vars(parser.parse_args(list(argv))), train._explicit(parser, list(argv)))
+        cfg, _, _ = resolve(vars(parser.parse_args(list(argv))), train._explicit(parser, list(argv)))
         return cfg
 
     cfg = resolved("--device", "cpu")

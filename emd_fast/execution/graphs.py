@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .distiller import Distiller
+from ..training.distiller import Distiller
 
 
 def graphs_unavailable(distiller: Distiller) -> str | None:

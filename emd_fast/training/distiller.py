@@ -2,26 +2,31 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import copy
 import functools
-import statistics
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state_dict_strict
-from .checks import trusted_values
-from .distributed import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
-from .emd import EMD, EMDConfig, EStep, ReferenceOps
-from .optional import installed_version, require
-from .profiling import phase
-from .schedules import expand_like
+from ..checks import trusted_values
+from ..emd import EMD, EMDConfig, EStep
+from ..errors import CheckpointError
+from ..execution.backends import BACKENDS, make_ops
+from ..execution.distributed import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
+from ..execution.profiling import phase
+from ..schedules import expand_like
+from .checkpoint import load_state_dict_strict
+from .health import DivergenceGuard
 
-BACKENDS = ("reference", "triton")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
 FINITE_CHECKS = ("sync", "deferred")
 
 
@@ -66,7 +71,7 @@ class Distiller:
     ema_halflife_kimg > 0: an exponential moving average of the generator (``ema``, updated by ``update_ema``)
     whose half-life is that many thousand generator samples, or ``ema_rampup`` times the samples seen so far if
     that is shorter (EDM's schedule: early averages do not hold on to the initial generator).
-    Data-parallel runs (``emd_fast.distributed``): ``batch`` is this process's share, ``global_batch`` the examples
+    Data-parallel runs (``emd_fast.execution.distributed``): ``batch`` is this process's share, ``global_batch`` the examples
     of one iteration over all processes (the EMA counts those), ``data_parallel`` wraps generator and student for
     their training forward so that the losses' gradients are averaged across processes. Sharded runs (``--shard``):
     ``shard`` shards generator, student and EMA in place across the processes instead (FSDP2, see
@@ -347,65 +352,3 @@ def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: fl
     x_max, i = dx.max(0)  # index_select, not t[i]: indexing by a tensor reads it on the host (capture forbids it)
     return {"z_move": rms(es.z - z0).mean(), "eps_move": rms(es.eps - eps0).mean(), "x_move": dx.mean(),
             "x_move_max": x_max, "t_move_max": es.t.index_select(0, i.view(1)).squeeze(0).float()}
-
-
-class DivergenceError(FloatingPointError):
-    """A run is diverging: a monitored quantity exploded (raised before it turns into nan)."""
-
-
-class DivergenceGuard:
-    """Stops a diverging run early, naming the quantity, the step, the noise level and the knob to turn.
-
-    The E-step moves x_t = alpha g(z) + sigma eps from the generator's sample towards the teacher's: both lie within
-    the data's range plus noise, so a batch-mean move of more than MAX_MOVE data scales (alpha sigma_data + sigma
-    per element) is an unstable chain, not a long way to go (z and eps themselves may legitimately move far at low
-    noise: eps by the distance to a teacher mode over sigma). A gradient norm above GRAD_JUMP times its running
-    median (last WINDOW checked steps, after MIN_HISTORY of them) is a blow-up in progress. The history is not
-    checkpointed: after a resume it starts again.
-    """
-
-    MAX_MOVE, GRAD_JUMP, WINDOW, MIN_HISTORY = 10.0, 1e3, 200, 20
-    KNOB = ("use the noise-scaled z step (--z-step scaled), lower gamma_z / gamma_eps (--gamma-z, --gamma-eps) or "
-            "raise --t-min")
-
-    def __init__(self):
-        self.history = {key: deque(maxlen=self.WINDOW) for key in ("grad_g", "grad_s")}
-
-    def _where(self, rec: dict[str, float]) -> str:
-        return (f"largest x_t move {rec['x_move_max']:.3g} data scales at noise level t = {rec['t_move_max']:.3g}; "
-                f"mean moves of z {rec['z_move']:.3g}, eps {rec['eps_move']:.3g} per element")
-
-    def check(self, step: int, rec: dict[str, float]) -> None:
-        """rec: one step's values from ``Distiller.step`` as floats. DivergenceError if one exploded."""
-        if not rec["x_move"] <= self.MAX_MOVE:
-            raise DivergenceError(f"E-step diverging at step {step}: the K Langevin steps moved x_t by "
-                                  f"{rec['x_move']:.3g} data scales on average ({self._where(rec)}); {self.KNOB}")
-        for key, who in (("grad_g", "generator"), ("grad_s", "student")):
-            hist, norm = self.history[key], rec[key]
-            if len(hist) >= self.MIN_HISTORY:
-                median = statistics.median(hist)
-                if not norm <= self.GRAD_JUMP * median:
-                    raise DivergenceError(
-                        f"{who} gradient norm jumped to {norm:.3g} at step {step}, {norm / median:.3g}x its running "
-                        f"median {median:.3g} ({self._where(rec)}); lower the learning rate, or {self.KNOB}")
-            hist.append(norm)
-
-
-def triton_available() -> bool:
-    """True if Triton is installed and its kernels can run: on a CUDA GPU, or on the CPU with TRITON_INTERPRET=1."""
-    return installed_version("triton") is not None and (torch.cuda.is_available() or
-                                                        os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):
-    """The elementwise backend of the EMD iteration: plain PyTorch or the fused Triton kernels."""
-    if backend == "reference":
-        return ReferenceOps(rng)
-    if backend == "triton":
-        require("triton", "the fused Triton kernels (backend 'triton')")
-        if not triton_available():
-            raise ValueError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, for tests)")
-        from .fast import TritonOps
-
-        return TritonOps(rng, seed, device, kernel_noise)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .schedules import Schedule, expand_like
+from ..schedules import Schedule, expand_like
 
 
 class Precond:

@@ -8,12 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def is_image_shape(shape: tuple[int, ...]) -> bool:
@@ -43,14 +39,20 @@ def tile(images: torch.Tensor, cols: int, gap: int = 1) -> np.ndarray:
     return grid
 
 
+def figure(figsize: tuple[float, float], dpi: int = 100):
+    """A matplotlib Figure drawn off-screen (no pyplot: the caller's matplotlib backend is never switched)."""
+    from matplotlib.figure import Figure  # imported when a figure is drawn, not with emd_fast
+
+    return Figure(figsize=figsize, dpi=dpi)
+
+
 def save_figure(fig, path: str | Path, title: str = "", dpi: int = 100) -> None:
-    """Title (if any), lay out, write ``fig`` to the PNG ``path`` (its folder made) and close it."""
+    """Title (if any), lay out, write ``fig`` to the PNG ``path`` (its folder made)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
 
 
 def show(ax, images: torch.Tensor, cols: int, title: str) -> None:
@@ -65,7 +67,7 @@ def save_grid(path: str | Path, images: torch.Tensor, cols: int, title: str = ""
     grid = tile(images, cols)
     h, w = grid.shape[:2]
     scale = max(1.0, 360 / max(w, 1))  # small images are enlarged so the grid is legible
-    fig = plt.figure(figsize=(w * scale / 100, h * scale / 100 + (0.35 if title else 0)), dpi=100)
+    fig = figure((w * scale / 100, h * scale / 100 + (0.35 if title else 0)))
     ax = fig.add_axes((0, 0, 1, h * scale / 100 / fig.get_figheight()))
     ax.imshow(grid, interpolation="nearest")
     ax.axis("off")
@@ -73,7 +75,6 @@ def save_grid(path: str | Path, images: torch.Tensor, cols: int, title: str = ""
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:

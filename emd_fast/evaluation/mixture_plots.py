@@ -3,14 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .images import save_figure  # noqa: E402
-from .teachers import GaussianMixtureTeacher  # noqa: E402
+from ..teachers.mixture import GaussianMixtureTeacher
+from .images import figure, save_figure
 
 
 def _projection(teacher: GaussianMixtureTeacher) -> torch.Tensor:
@@ -56,7 +52,8 @@ def _draw_samples(ax, gen: torch.Tensor, ref: torch.Tensor, teacher: GaussianMix
 def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: GaussianMixtureTeacher,
              metrics: dict, history: list[dict], title: str) -> None:
     """Write a 3-panel PNG. samples, exact: (N, D) generator and exact teacher samples."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig = figure((16, 5))
+    axes = fig.subplots(1, 3)
     _draw_samples(axes[0], samples.detach().double().cpu(), exact.double().cpu(), teacher)
 
     ax = axes[1]

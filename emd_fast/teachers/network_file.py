@@ -1,6 +1,6 @@
 """Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM network pickles.
 
-Our format (``format`` = "emd_fast.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
+Our format (``format`` = "emd_fast.nets.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
 ``unet.py``; files written before SongUNet support have no ``network``/``precond`` in it and load as ADM with EDM
 preconditioning), ``schedule`` (JSON, ``Schedule.config()``) and ``config`` (a name, e.g. "digits").
 """
@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic
-from .edm_checkpoint import load_edm_pickle
-from .schedules import make_schedule
-from .unet import ImageDenoiser, build_network
+from ..errors import CheckpointError
+from ..files import read_safetensors, save_safetensors_atomic
+from ..nets.unet import ImageDenoiser, build_network
+from ..schedules import make_schedule
+from .edm_pickle import load_edm_pickle
 
-FORMAT = "emd_fast.unet"
+FORMAT = "emd_fast.nets.unet"
 EDM_SUFFIXES = (".pkl", ".pickle")
 
 

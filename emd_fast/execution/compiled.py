@@ -9,7 +9,7 @@ is where the FLOPs of an image-sized problem are. Results equal the eager run up
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
 CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: they would capture each network call on its own;
-``emd_fast.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph instead.
+``emd_fast.execution.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph instead.
 
 The backend defaults to inductor; ``EMD_COMPILE_BACKEND=aot_eager`` (or ``backend=``) selects another torch.compile
 backend, e.g. to tell a compiler bug from a model bug, or to exercise the compiled path quickly on the CPU.
@@ -89,7 +89,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
     """
     if mode in CUDAGRAPH_MODES:
         raise ValueError(f"torch.compile mode {mode!r} captures CUDA graphs per network call; use one of {MODES} "
-                         f"and --cuda-graph (emd_fast.graphs), which captures the whole iteration")
+                         f"and --cuda-graph (emd_fast.execution.graphs), which captures the whole iteration")
     if mode not in MODES:
         raise ValueError(f"torch.compile mode must be one of {MODES}, got {mode!r}")
     backend = backend or os.environ.get("EMD_COMPILE_BACKEND") or "inductor"

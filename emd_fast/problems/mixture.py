@@ -1,17 +1,20 @@
-"""Gaussian-mixture problems: an exact teacher (``emd_fast.mixtures``: a preset, a user's file, a random mixture),
-the MLP networks that start from it, exact metrics and plots."""
+"""Gaussian-mixture problems: an exact teacher (``emd_fast.teachers.mixture``: a preset, a user's file, a random
+mixture), the MLP networks that start from it, exact metrics and plots."""
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .metrics import mixture_metrics, reference_metrics
-from .mixtures import data_std
-from .networks import Generator, MLPDenoiser
-from .plots import plot_run
-from .teachers import GaussianMixtureTeacher
+from ..evaluation.mixture_metrics import mixture_metrics, reference_metrics
+from ..evaluation.mixture_plots import plot_run
+from ..files import sha256_file
+from ..nets.mlp import MLPDenoiser
+from ..schedules import make_schedule
+from ..seeds import Stream, seed_for
+from ..teachers.mixture import PRESETS, GaussianMixtureTeacher, data_std, load_mixture
+
 
 def fit_denoiser(net: MLPDenoiser, teacher: GaussianMixtureTeacher, steps: int, batch: int,
                  generator: torch.Generator, lr: float = 2e-3) -> float:
@@ -36,26 +39,36 @@ def fit_denoiser(net: MLPDenoiser, teacher: GaussianMixtureTeacher, steps: int, 
     return float(loss.detach())
 
 
-def init_networks(teacher_net: nn.Module, t_star: float) -> tuple[Generator, nn.Module]:
-    """Generator = teacher denoiser at t* (lambda*), student = copy of the teacher denoiser (both trainable)."""
-    student = copy.deepcopy(teacher_net).requires_grad_(True).train()
-    return Generator.from_teacher(teacher_net, t_star), student
-
-
 class MixtureProblem:
     """A Gaussian-mixture problem: the exact teacher, MLP networks, exact metrics and scatter plots.
 
     teacher: any GaussianMixtureTeacher; cfg: the run's options (hidden, depth, teacher_fit_steps, eval_samples,
-    seed). The interface the training CLI uses for every problem: ``teacher``, ``sigma_data``, ``num_classes``,
-    ``teacher_network``, ``metrics``, ``floor``, ``plot``, ``progress``, ``summary_lines``.
+    seed). A ``Problem`` (``emd_fast.problems``).
     """
 
     num_classes = 0
+    options = frozenset()
 
     def __init__(self, teacher: GaussianMixtureTeacher, cfg: dict):
         self.cfg, self.teacher = cfg, teacher
         self.sigma_data = data_std(self.teacher)
-        self.exact, _ = self.teacher.sample(cfg["eval_samples"], torch.Generator().manual_seed(cfg["seed"] + 2))
+        exact_rng = torch.Generator().manual_seed(seed_for(cfg["seed"], Stream.EXACT_SAMPLES))
+        self.exact, _ = self.teacher.sample(cfg["eval_samples"], exact_rng)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "MixtureProblem":
+        """The mixture of --mixture FILE, else of the embedded preset, in --schedule (default vp_cosine)."""
+        schedule = make_schedule(cfg["schedule"] or "vp_cosine")
+        teacher = load_mixture(cfg["mixture"], schedule) if cfg.get("mixture") else PRESETS[cfg["preset"]](schedule)
+        return cls(teacher, cfg)
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        pass  # the mixture file is read (and checked) when the problem is built, before the teacher fit
+
+    @classmethod
+    def input_files(cls, cfg: dict) -> dict[str, str]:
+        return {"mixture_sha256": sha256_file(Path(cfg["mixture"]))} if cfg.get("mixture") else {}
 
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """An MLP copy of the exact teacher denoiser (regressed onto it unless ``fit`` is False: resuming)."""
@@ -64,7 +77,7 @@ class MixtureProblem:
                           sigma_data=self.sigma_data).to(device)
         if not fit:
             return net, {}
-        rng = torch.Generator(device).manual_seed(cfg["seed"] + 1)
+        rng = torch.Generator(device).manual_seed(seed_for(cfg["seed"], Stream.TEACHER_FIT))
         return net, {"teacher_fit_loss": fit_denoiser(net, self.teacher, cfg["teacher_fit_steps"], 512, rng)}
 
     def metrics(self, samples: torch.Tensor, y=None) -> dict:
@@ -73,7 +86,7 @@ class MixtureProblem:
     def floor(self) -> dict:
         """The metrics of exact teacher samples: what a perfect generator scores."""
         return reference_metrics(self.teacher, self.cfg["eval_samples"],
-                                 torch.Generator().manual_seed(self.cfg["seed"] + 4))
+                                 torch.Generator().manual_seed(seed_for(self.cfg["seed"], Stream.FLOOR)))
 
     def plot(self, path, samples, y, metrics, history, title) -> None:
         plot_run(path, samples, self.exact, self.teacher, metrics, history, title)

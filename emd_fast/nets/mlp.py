@@ -1,19 +1,18 @@
-"""Networks for vector data: an EDM-preconditioned MLP denoiser and the one-step generator built on it.
+"""The denoiser network of vector data: an EDM-preconditioned residual MLP.
 
 Preconditioning (Karras et al. 2022, ``precond.EDMPrecond``) written for any Schedule: with s = sigma_t / alpha_t and
 x = x_t / alpha_t,  D(x_t, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
-from .checks import check_per_example
+from ..checks import check_per_example
+from ..schedules import Schedule
 from .precond import EDMPrecond, precondition
-from .schedules import Schedule
 
 
 class FourierEmbedding(nn.Module):
@@ -57,24 +56,3 @@ class MLPDenoiser(nn.Module):
             scale, shift = mod(emb).chunk(2, dim=1)
             h = h + block(nn.functional.silu(h * (1 + scale) + shift))
         return self.out(nn.functional.silu(h))
-
-
-class Generator(nn.Module):
-    """One-step generator g(z) = D(sigma_{t*} z, t*): a denoiser evaluated at the fixed noise level t*.
-
-    z: (N, D) -> x: (N, D). Initialised from a (copy of the) teacher denoiser as in the EMD paper, so at
-    initialisation g(z) is exactly the teacher's denoiser at log-SNR lambda*.
-    """
-
-    def __init__(self, denoiser: nn.Module, t_star: float):
-        super().__init__()
-        self.denoiser, self.t_star = denoiser, float(t_star)
-        self.sigma_star = float(denoiser.schedule.sigma(torch.tensor(self.t_star, dtype=torch.float64)))
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.full((z.shape[0],), self.t_star, device=z.device, dtype=torch.float32)
-        return self.denoiser(self.sigma_star * z, t, y)
-
-    @classmethod
-    def from_teacher(cls, teacher_net: nn.Module, t_star: float) -> "Generator":
-        return cls(copy.deepcopy(teacher_net).requires_grad_(True).train(), t_star)

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .checks import check_per_example, value_checks_wanted
+from ..checks import check_per_example, value_checks_wanted
+from ..errors import CheckpointError
+from ..schedules import EDMSchedule, Schedule
 from .precond import EDMPrecond, make_precond, precondition
-from .schedules import EDMSchedule, Schedule
 
 EDM_PRECOND = EDMPrecond().config()
 UNET_CONFIGS = {

@@ -1,4 +1,5 @@
-"""A teacher network read from a file (``--teacher``: an NVlabs/EDM network pickle or an emd_fast U-Net file).
+"""Image problems, and the problem of a teacher network file (``--teacher``: an NVlabs/EDM network pickle or an
+emd_fast U-Net file).
 
 Generator and student start from the teacher's network, as in the paper. The metrics need no feature network: pixel
 statistics of the one-step samples (mean, std, the fraction outside [-1, 1]) beside those of the teacher's own
@@ -9,18 +10,16 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from .images import class_rows, save_figure, show  # noqa: E402
-from .network_files import load_teacher_network  # noqa: E402
-from .sampling import heun_sample  # noqa: E402
-from .schedules import make_schedule  # noqa: E402
-from .teachers import NetworkTeacher  # noqa: E402
+from ..evaluation.heun import heun_sample
+from ..evaluation.images import class_rows, figure, save_figure, show
+from ..files import sha256_file
+from ..schedules import make_schedule
+from ..seeds import Stream, seed_for
+from ..teachers import NetworkTeacher
+from ..teachers.network_file import load_teacher_network
 
 HEUN_STEPS = 18  # the teacher's reference sampler: 18 Heun steps = 35 network evaluations
 REFERENCE_SAMPLES = 256  # at most this many teacher samples for the floor and the plots
@@ -37,20 +36,41 @@ def check_labels(cfg: dict, num_classes: int) -> None:
 
 
 class ImageProblem:
-    """The problem of a teacher file. cfg: the run's options (teacher, schedule, labels, seed, eval_samples).
+    """Image teachers: a NetworkTeacher on (C, H, W) data; pixel-statistics metrics against the teacher's own Heun
+    samples, sample grids. ``from_config`` reads a teacher file (--teacher FILE): a ``Problem`` (``emd_fast.problems``).
 
     The network computes the same function in any Schedule (its preconditioning is written in s = sigma/alpha), so
     ``--schedule`` may replace the file's own (by default EDM's sigma range within what the network supports).
     """
 
-    def __init__(self, cfg: dict):
+    options = frozenset()
+
+    def __init__(self, teacher: NetworkTeacher, cfg: dict, sigma_data: float, num_classes: int):
+        self.teacher, self.cfg, self.sigma_data, self.num_classes = teacher, cfg, sigma_data, num_classes
+        check_labels(cfg, self.num_classes)
+
+    @staticmethod
+    def claims(path: Path) -> bool:
+        return path.is_file()
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        from ..teachers.diffusers_folder import check_not_a_folders_file
+
+        check_not_a_folders_file(cfg["teacher"])
+
+    @classmethod
+    def input_files(cls, cfg: dict) -> dict[str, str]:
+        return {"teacher_sha256": sha256_file(Path(cfg["teacher"]))}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ImageProblem":
         net = load_teacher_network(cfg["teacher"])
         if cfg.get("schedule"):
             net.schedule = make_schedule(cfg["schedule"])
-        self.cfg, self.sigma_data, self.num_classes = cfg, net.sigma_data, net.label_dim
         shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        self.teacher = NetworkTeacher(net, net.schedule, shape, source=Path(cfg["teacher"]))
-        check_labels(cfg, self.num_classes)
+        return cls(NetworkTeacher(net, net.schedule, shape, source=Path(cfg["teacher"])), cfg, net.sigma_data,
+                   net.label_dim)
 
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """Moves the teacher to ``device`` and returns its network (init_networks copies it; ``fit`` is moot)."""
@@ -63,7 +83,7 @@ class ImageProblem:
         labels cycle through the run's classes."""
         n = min(self.cfg["eval_samples"], REFERENCE_SAMPLES)
         device = next(self.teacher.net.parameters()).device
-        noise = torch.randn((n, *self.teacher.data_shape), generator=torch.Generator().manual_seed(self.cfg["seed"] + 5))
+        noise = torch.randn((n, *self.teacher.data_shape), generator=torch.Generator().manual_seed(seed_for(self.cfg["seed"], Stream.REFERENCE)))
         y = None
         if self.num_classes:
             classes = torch.as_tensor(self.cfg.get("labels") or range(self.num_classes))
@@ -98,7 +118,8 @@ class ImageProblem:
 
     def plot(self, path, samples, y, metrics, history, title) -> None:
         """One-step samples beside the teacher's Heun samples (a row per class for few classes), as a PNG."""
-        fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+        fig = figure((12, 6.4))
+        axes = fig.subplots(1, 2)
         self._grid(axes[0], samples.cpu(), None if y is None else y.cpu(),
                    f"one-step generator (pixel std {metrics['pixel_std']:.3f})")
         self._grid(axes[1], *self.reference_images, f"teacher, Heun {HEUN_STEPS} steps")

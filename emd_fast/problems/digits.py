@@ -20,21 +20,24 @@ import copy
 import functools
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from .checkpoint import CheckpointError, read_safetensors, save_safetensors_atomic  # noqa: E402
-from .images import class_rows, save_figure, show  # noqa: E402
-from .image_metrics import (DigitsClassifier, InceptionFeatures, class_coverage, frechet_distance,  # noqa: E402
-                            precision_recall)
-from .network_files import load_network  # noqa: E402
-from .sampling import heun_sample  # noqa: E402
-from .schedules import Schedule  # noqa: E402
-from .teachers import NetworkTeacher  # noqa: E402
+from ..errors import CheckpointError
+from ..evaluation.heun import heun_sample
+from ..evaluation.image_metrics import (
+    DigitsClassifier,
+    InceptionFeatures,
+    class_coverage,
+    frechet_distance,
+    precision_recall,
+)
+from ..evaluation.images import class_rows, figure, save_figure, show
+from ..files import read_safetensors, save_safetensors_atomic
+from ..schedules import Schedule, make_schedule
+from ..seeds import Stream, seed_for
+from ..teachers import NetworkTeacher
+from ..teachers.network_file import load_network
 
 ASSETS = Path(__file__).with_name("assets")
 TEACHER_FILE = ASSETS / "digits_teacher.safetensors"
@@ -86,13 +89,26 @@ def load_classifier(path: Path = CLASSIFIER_FILE, device=None) -> DigitsClassifi
 
 
 class DigitsProblem:
-    """The ``digits`` preset behind the training CLI (the interface of ``problems.MixtureProblem``).
+    """The ``digits`` preset: a ``Problem`` (``emd_fast.problems``).
 
     Teacher: the shipped U-Net as a NetworkTeacher in ``schedule``; the generator and the student start as copies
     of it. The real digits' features and the teacher's Heun samples are computed once, when first needed.
     """
 
     num_classes = NUM_CLASSES
+    options = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DigitsProblem":
+        return cls(make_schedule(cfg["schedule"] or "vp_cosine"), cfg)
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        pass
+
+    @classmethod
+    def input_files(cls, cfg: dict) -> dict[str, str]:
+        return {}  # the shipped teacher: part of the installed package
 
     def __init__(self, schedule: Schedule, cfg: dict, teacher_file: Path = TEACHER_FILE,
                  classifier_file: Path = CLASSIFIER_FILE):
@@ -126,7 +142,7 @@ class DigitsProblem:
     @functools.cached_property
     def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's Heun samples that fd_teacher compares with: images, labels, features (eval_samples of them)."""
-        x, y = self.teacher_samples(self.cfg["eval_samples"], self.cfg["seed"] + 5)
+        x, y = self.teacher_samples(self.cfg["eval_samples"], seed_for(self.cfg["seed"], Stream.REFERENCE))
         return x, y, self.classifier.features(x.clamp(-1, 1)).double()
 
     @functools.cached_property
@@ -157,12 +173,13 @@ class DigitsProblem:
 
     def floor(self) -> dict:
         """The metrics of an independent set of the teacher's Heun samples (its fd_teacher: the sampling noise)."""
-        return self.metrics(*self.teacher_samples(self.cfg["eval_samples"], self.cfg["seed"] + 6))
+        return self.metrics(*self.teacher_samples(self.cfg["eval_samples"], seed_for(self.cfg["seed"], Stream.TEACHER_METRICS)))
 
     def plot(self, path, samples, y, metrics, history, title) -> None:
         """One-step samples, the teacher's Heun samples and real digits (a row per class), and the metric curves."""
         per = 10
-        fig, axes = plt.subplots(1, 4, figsize=(22, 5.8))
+        fig = figure((22, 5.8))
+        axes = fig.subplots(1, 4)
         show(axes[0], class_rows(samples, y, per, NUM_CLASSES), per,
              f"one-step generator: accuracy {metrics['class_accuracy']:.3f}, FD {metrics['fd_real']:.1f}")
         show(axes[1], class_rows(*self.reference[:2], per, NUM_CLASSES), per, f"teacher, Heun {HEUN_STEPS} steps")

@@ -10,84 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or belongs to another configuration."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
+from ..errors import CheckpointError
+from ..files import save_safetensors_atomic, sha256_file, write_json_atomic
 
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})\.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    """fsync tmp, give it the umask's permissions (some writers create 0600 files), rename it over final."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, final)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _atomic_replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    """Write tensors (detached, contiguous, on the CPU) to ``path`` via a temporary file, fsync and rename. A failed
-    write (a full disk) is an OSError naming the file, and leaves ``path`` as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    except SafetensorError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e}") from None
-    _atomic_replace(tmp, path)
-
-
-def read_safetensors(path: Path, file_format: str, what: str,
-                     kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file whose metadata says ``format == file_format``; CheckpointError
-    (one line) for an unreadable file ("cannot read <what> file") or a foreign format ("is not <kind> file")."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {what} file {path}: {e}") from None
-    if meta.get("format") != file_format:
-        raise CheckpointError(f"{path} is not {kind} file (format={meta.get('format')!r})")
-    return meta, tensors
 
 
 def _state_hash(state: dict) -> str:
@@ -172,3 +104,41 @@ def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Ten
             raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(own[k].shape)}")
     (load or module.load_state_dict)(sub)
+
+
+def config_differences(written, cfg: dict) -> str:
+    """What differs between a checkpoint's config and the run's, e.g. "K: checkpoint 8, run 4" ("" if nothing).
+    Options added to emd_fast after the checkpoint was written are not in it and take their defaults (resume_config
+    refuses them when given explicitly), so an older run resumes after an upgrade."""
+    if not isinstance(written, dict):
+        return "the checkpoint holds no config"
+    return ", ".join(f"{k}: checkpoint {v!r}, run {cfg.get(k)!r}" for k, v in written.items() if cfg.get(k) != v)
+
+
+def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``
+    (CheckpointError if there is none)."""
+    if cfg.get("resume_from"):
+        return Path(cfg["resume_from"]).with_suffix(".json")
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
+    return found[-1]
+
+
+def load_resume_checkpoint(cfg: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of the checkpoint a run resumes from, verified; if it is corrupt and --resume-from did not
+    name it, the CheckpointError names the newest intact checkpoint to continue from instead."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        if cfg.get("resume_from"):
+            raise
+        for older in reversed([p for p in list_checkpoints(path.parent) if p != path]):
+            try:
+                load_checkpoint(older)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the newest intact checkpoint is {older}: continue from it with "
+                                  f"--resume-from {older}") from None
+        raise CheckpointError(f"{e}; no intact checkpoint is left in {path.parent}") from None

@@ -7,10 +7,13 @@ run's torch.Generator exactly as on the reference path, so a fast iteration can 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .emd import ReferenceOps
-from .kernels import langevin, losses
+from ..emd import ReferenceOps
+from ..kernels import langevin, losses
+from ..optional import installed_version, require
 
 
 class TritonOps(ReferenceOps):
@@ -41,3 +44,26 @@ class TritonOps(ReferenceOps):
         if self.stream is not None:
             prefix = "noise_stream."
             self.stream.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+BACKENDS = ("reference", "triton")
+
+
+def triton_available() -> bool:
+    """True if Triton is installed and its kernels can run: on a CUDA GPU, or on the CPU with TRITON_INTERPRET=1."""
+    return installed_version("triton") is not None and (torch.cuda.is_available() or
+                                                        os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device, kernel_noise: bool = True):
+    """The elementwise backend of the EMD iteration: plain PyTorch or the fused Triton kernels."""
+    if backend == "reference":
+        return ReferenceOps(rng)
+    if backend == "triton":
+        require("triton", "the fused Triton kernels (backend 'triton')")
+        if not triton_available():
+            raise ValueError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, for tests)")
+        from .backends import TritonOps
+
+        return TritonOps(rng, seed, device, kernel_noise)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

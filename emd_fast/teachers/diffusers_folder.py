@@ -33,10 +33,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .checks import check_per_example
-from .optional import require
-from .schedules import Schedule, expand_like
-from .teachers import NetworkTeacher
+from ..checks import check_per_example
+from ..optional import require
+from ..schedules import Schedule, expand_like
+from . import NetworkTeacher
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
@@ -399,7 +399,7 @@ def folder_sha256(path) -> str:
     config (name and content hash of each file)."""
     folder = inspect_folder(path)
     files = [folder.unet / "config.json", folder.scheduler / "scheduler_config.json", *weight_files(folder.unet)[1]]
-    from .checkpoint import sha256_file
+    from ..files import sha256_file
 
     h = hashlib.sha256()
     for f in files:
@@ -412,7 +412,7 @@ def text_encoder_sha256(folder: TeacherFolder) -> str | None:
     parts = (folder.text_encoder, folder.tokenizer)
     if not all(part is not None and part.is_dir() for part in parts):
         return None
-    from .checkpoint import sha256_file
+    from ..files import sha256_file
 
     h = hashlib.sha256()
     for f in sorted(f for part in parts for f in part.rglob("*") if f.is_file()):
@@ -443,7 +443,7 @@ def check_options(cfg: dict) -> TeacherFolder:
     folder = inspect_folder(cfg["teacher"])
     check_guidance(cfg.get("guidance_scale", DEFAULT_GUIDANCE))
     if cfg.get("schedule"):
-        raise ValueError(f"--schedule: a diffusers teacher's noise levels are its scheduler's; leave --schedule out")
+        raise ValueError("--schedule: a diffusers teacher's noise levels are its scheduler's; leave --schedule out")
     if folder.latent:
         if not cfg.get("prompts"):
             raise ValueError(f"{folder.path}: {folder.unet_class} is text-conditioned: pass --prompts FILE")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .teachers import GaussianMixtureTeacher
+from ..teachers.mixture import GaussianMixtureTeacher
 
 COVERAGE_FRACTION = 0.2  # a mode is covered if it receives >= 20% of its true weight
 ON_MODE_PROB = 0.999  # a sample is on a mode if inside that component's 99.9% probability ellipsoid

@@ -1,4 +1,4 @@
-"""The problem of a diffusers teacher folder (``--teacher DIR``, see ``emd_fast.diffusers_teacher``).
+"""The problem of a diffusers teacher folder (``--teacher DIR``, see ``emd_fast.teachers.diffusers_folder``).
 
 Pixel UNets distil in pixel space. Latent UNets distil in the VAE's latent space (4 x 64 x 64 for Stable
 Diffusion v1.5); the VAE is loaded only to decode latents for the metrics, the grids and ``emd_fast.sample``.
@@ -20,56 +20,87 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_safetensors, save_safetensors_atomic
-from .diffusers_teacher import (DEFAULT_GUIDANCE, DiffusersDenoiser, GuidedTeacher, PromptTable, check_options,
-                                encode_prompts, load_schedule, load_unet, load_vae, read_prompts,
-                                text_encoder_sha256)
-from .image_problem import ImageProblem, check_labels
+from ..files import read_safetensors, save_safetensors_atomic, sha256_file
+from ..teachers.diffusers_folder import (
+    DEFAULT_GUIDANCE,
+    DiffusersDenoiser,
+    GuidedTeacher,
+    PromptTable,
+    check_options,
+    encode_prompts,
+    folder_sha256,
+    load_schedule,
+    load_unet,
+    load_vae,
+    read_prompts,
+    text_encoder_sha256,
+)
+from .image import ImageProblem
 
 EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
 EMBEDDINGS_FORMAT = "emd_fast.prompt_embeddings"
 DECODE_CHUNK = 16  # latents decoded by the VAE at a time
 
 
+def prompt_embeddings(cfg: dict, folder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts (P, L, E), empty prompt (1, L, E)) fp32 from the run's cache; computed and cached when there is none,
+    or when the prompts or the text encoder (where it is present) are not those it was made with."""
+    path = Path(cfg["out"]) / EMBEDDINGS_FILE
+    prompts = read_prompts(cfg["prompts"]) if Path(cfg["prompts"]).is_file() else None
+    encoder = text_encoder_sha256(folder)
+    if path.is_file():
+        meta, tensors = read_safetensors(path, EMBEDDINGS_FORMAT, "prompt embeddings", "a prompt embeddings")
+        if prompts in (None, json.loads(meta["prompts"])) and encoder in (None, meta["text_encoder_sha256"]):
+            return tensors["cond"], tensors["uncond"]
+    if prompts is None:
+        raise ValueError(f"--prompts {cfg['prompts']}: no such file, and no prompt embeddings in {path.parent}")
+    emb = encode_prompts(folder, prompts + [""])
+    cond, uncond = emb[:-1], emb[-1:]
+    save_safetensors_atomic({"cond": cond, "uncond": uncond}, path,
+                            {"format": EMBEDDINGS_FORMAT, "prompts": json.dumps(prompts),
+                             "text_encoder_sha256": str(encoder)})
+    return cond, uncond
+
+
 class DiffusersProblem(ImageProblem):
     """cfg: the run's options (teacher = the folder, prompts, guidance_scale, precision, grad_checkpoint, labels,
     seed, eval_samples, out = the run directory, where the prompt embeddings are cached)."""
 
-    def __init__(self, cfg: dict):
-        self.cfg, self.folder = cfg, check_options(cfg)
-        schedule = load_schedule(self.folder)  # before the weights: a bad scheduler config fails fast
-        unet = load_unet(self.folder)
+    options = frozenset({"prompts", "grad_checkpoint"})
+
+    def __init__(self, teacher: GuidedTeacher, cfg: dict, sigma_data: float, num_classes: int, folder):
+        super().__init__(teacher, cfg, sigma_data, num_classes)
+        self.folder = folder
+
+    @staticmethod
+    def claims(path: Path) -> bool:
+        return path.is_dir()
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        check_options(cfg)
+
+    @classmethod
+    def input_files(cls, cfg: dict) -> dict[str, str]:
+        return {"teacher_sha256": folder_sha256(cfg["teacher"]),
+                **({"prompts_sha256": sha256_file(Path(cfg["prompts"]))} if cfg.get("prompts") else {})}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DiffusersProblem":
+        folder = check_options(cfg)
+        schedule = load_schedule(folder)  # before the weights: a bad scheduler config fails fast
+        unet = load_unet(folder)
         prompts = uncond = None
-        if self.folder.latent:
-            cond, uncond = self.prompt_embeddings()
+        if folder.latent:
+            cond, uncond = prompt_embeddings(cfg, folder)
             prompts = PromptTable(cond)
-        net = DiffusersDenoiser(unet, schedule, self.folder.prediction_type, prompts)
+        net = DiffusersDenoiser(unet, schedule, folder.prediction_type, prompts)
         size = unet.config.sample_size
         shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-        self.teacher = GuidedTeacher(net, shape, cfg.get("guidance_scale", DEFAULT_GUIDANCE), uncond,
-                                     source=self.folder.path)
-        self.num_classes = len(prompts) if prompts is not None else (unet.config.get("num_class_embeds") or 0)
-        self.sigma_data = 1.0 if self.folder.latent else 0.5  # scaled SD latents ~ unit variance; images in [-1, 1]
-        check_labels(cfg, self.num_classes)
-
-    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompts (P, L, E), empty prompt (1, L, E)) fp32 from the run's cache; computed and cached when there is
-        none, or when the prompts or the text encoder (where it is present) are not those it was made with."""
-        path = Path(self.cfg["out"]) / EMBEDDINGS_FILE
-        prompts = read_prompts(self.cfg["prompts"]) if Path(self.cfg["prompts"]).is_file() else None
-        encoder = text_encoder_sha256(self.folder)
-        if path.is_file():
-            meta, tensors = read_safetensors(path, EMBEDDINGS_FORMAT, "prompt embeddings", "a prompt embeddings")
-            if prompts in (None, json.loads(meta["prompts"])) and encoder in (None, meta["text_encoder_sha256"]):
-                return tensors["cond"], tensors["uncond"]
-        if prompts is None:
-            raise ValueError(f"--prompts {self.cfg['prompts']}: no such file, and no prompt embeddings in {path.parent}")
-        emb = encode_prompts(self.folder, prompts + [""])
-        cond, uncond = emb[:-1], emb[-1:]
-        save_safetensors_atomic({"cond": cond, "uncond": uncond}, path,
-                                {"format": EMBEDDINGS_FORMAT, "prompts": json.dumps(prompts),
-                                 "text_encoder_sha256": str(encoder)})
-        return cond, uncond
+        teacher = GuidedTeacher(net, shape, cfg.get("guidance_scale", DEFAULT_GUIDANCE), uncond, source=folder.path)
+        num_classes = len(prompts) if prompts is not None else (unet.config.get("num_class_embeds") or 0)
+        sigma_data = 1.0 if folder.latent else 0.5  # scaled SD latents ~ unit variance; images in [-1, 1]
+        return cls(teacher, cfg, sigma_data, num_classes, folder)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Embeddings (P, L, E) of new prompts (``emd_fast.sample --prompt``), by the pipeline's text encoder."""

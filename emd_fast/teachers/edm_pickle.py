@@ -40,11 +40,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .precond import Precond, make_precond
-from .schedules import EDMSchedule
-from .unet import (NETWORKS, FourierEmbedding, ImageDenoiser, PositionalEmbedding, Resample, Resampling, UNetBlock,
-                   build_network, check_keys, resample_kernel)
+from ..errors import CheckpointError
+from ..nets.precond import Precond, make_precond
+from ..nets.unet import (
+    NETWORKS,
+    FourierEmbedding,
+    ImageDenoiser,
+    PositionalEmbedding,
+    Resample,
+    Resampling,
+    UNetBlock,
+    build_network,
+    check_keys,
+    resample_kernel,
+)
+from ..schedules import EDMSchedule
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampler defaults (sigma_min, sigma_max)
 EDM_DEFAULTS = {  # constructor defaults of EDM's classes, beyond the required img_resolution and img_channels

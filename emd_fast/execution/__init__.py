@@ -1,0 +1,2 @@
+"""How an iteration runs, never what it computes: elementwise backends (reference / Triton), torch.compile, CUDA
+graphs, torch.distributed, profiling."""

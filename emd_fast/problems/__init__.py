@@ -1,0 +1,97 @@
+"""Problems: what a run distils and how it is judged. A problem owns its teacher, the network that generator and
+student start from, its metrics, plots and progress figures, the checks of its options, the files it reads (hashed
+into the run's config) and the random streams it derives from the run's seed.
+
+    MixtureProblem     an exact Gaussian-mixture teacher (a preset or --mixture FILE), MLP networks
+    DigitsProblem      the shipped class-conditional U-Net on 8x8 digits (--preset digits)
+    ImageProblem       a teacher network file: NVlabs/EDM's pickles, emd_fast U-Net safetensors (--teacher FILE)
+    DiffusersProblem   a diffusers model or pipeline folder (--teacher DIR)
+
+A teacher format plugs in as a Problem class whose ``claims(path)`` recognises its files, listed once in
+``TEACHER_PROBLEMS`` (docs/adding_a_teacher.md).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..nets.generator import Generator
+from ..teachers import Teacher
+
+# --teacher PATH: the first of these whose claims(PATH) is true reads it ("module:Class" under emd_fast.problems,
+# imported only when needed: a mixture run never imports diffusers)
+TEACHER_PROBLEMS = ("diffusers_folder:DiffusersProblem", "image:ImageProblem")
+
+
+class Problem(Protocol):
+    """What a run needs from its problem. cfg: the run's options as a dict (see ``emd_fast.training.config``)."""
+
+    teacher: Teacher
+    sigma_data: float  # the data's standard deviation: the preconditioning's and the scaled z step's scale
+    num_classes: int  # 0: unconditional; else labels y in [0, num_classes) (prompt indices for text-to-image)
+
+    @classmethod
+    def check_options(cls, cfg: dict) -> None:
+        """ValueError (one line) if the options do not fit this problem: from the config alone, before any
+        expensive work."""
+
+    @classmethod
+    def input_files(cls, cfg: dict) -> dict[str, str]:
+        """{"<option>_sha256": SHA-256} of every file the run reads (a resume that finds another file is refused)."""
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Problem": ...
+
+    def teacher_network(self, device: torch.device, fit: bool) -> tuple[nn.Module, dict]:
+        """The denoiser network generator and student start from (fit to the teacher first where that is needed
+        and ``fit``), and what to record about it in config.json."""
+
+    def metrics(self, samples: torch.Tensor, y: torch.Tensor | None) -> dict: ...
+
+    def floor(self) -> dict:
+        """The metrics of the teacher's own samples: what a perfect generator scores."""
+
+    def plot(self, path: Path, samples: torch.Tensor, y, metrics: dict, history: list[dict], title: str) -> None: ...
+
+    def progress(self, metrics: dict) -> dict[str, str]:
+        """A few figures for the progress bar."""
+
+    def summary_lines(self, final: dict, floor: dict) -> list[str]: ...
+
+
+def _load(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def problem_class(cfg: dict) -> type:
+    """The Problem class of a config: by its --teacher PATH, --mixture, or the embedded preset."""
+    if cfg.get("teacher"):
+        teacher = Path(cfg["teacher"])
+        for spec in TEACHER_PROBLEMS:
+            if (cls := _load(spec)).claims(teacher):
+                return cls
+        raise ValueError(f"--teacher {teacher}: not a teacher emd_fast reads (an EDM .pkl, an emd_fast .safetensors "
+                         f"or a diffusers folder)")
+    if cfg.get("preset") == "digits":
+        from .digits import DigitsProblem
+
+        return DigitsProblem
+    from .mixture import MixtureProblem
+
+    return MixtureProblem
+
+
+def make_problem(cfg: dict) -> Problem:
+    return problem_class(cfg).from_config(cfg)
+
+
+def init_networks(teacher_net: nn.Module, t_star: float) -> tuple[Generator, nn.Module]:
+    """Generator = teacher denoiser at t* (lambda*), student = copy of the teacher denoiser (both trainable)."""
+    student = copy.deepcopy(teacher_net).requires_grad_(True).train()
+    return Generator.from_teacher(teacher_net, t_star), student

@@ -1,0 +1,226 @@
+"""A run's config: the training CLI's options as a dict, with preset defaults, --fast defaults and a resumed
+run's own settings, checked before any expensive work."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, RunError
+from ..execution.backends import triton_available
+from ..execution.distributed import Ranks
+from ..problems import problem_class
+from ..teachers.mixture import PRESETS as MIXTURES
+
+MIXTURE_PRESETS = tuple(MIXTURES)
+# Hyperparameter presets for a teacher file (--teacher): see docs/presets.md for every value's source.
+TEACHER_PRESETS = ("edm-imagenet64", "edm-cifar10")
+
+
+PRESETS = (*MIXTURE_PRESETS, "digits", *TEACHER_PRESETS)
+
+
+_IMAGE_RUN = dict(eval_every=1000, ckpt_every=1000, plot_every=5000, eval_samples=1000, fid_every=20000)
+
+
+# Per-preset defaults: they replace the parser's defaults of the options not given on the command line.
+PRESET_DEFAULTS = {
+    "digits": dict(schedule="edm", K=4, gamma_eps=0.3, gamma_z=0.01, lambda_star=-4.0, lr_g=1e-4, lr_s=1e-3,
+                   batch=64, steps=300, eval_every=50, ckpt_every=100, eval_samples=1000),
+    "edm-imagenet64": dict(K=8, gamma_eps=0.3, gamma_z=0.01, lambda_star=-6.0, lr_g=2e-6, lr_s=2e-6,
+                           betas_g=(0.0, 0.999), betas_s=(0.0, 0.999), batch=256, steps=200_000, ema=2000.0,
+                           **_IMAGE_RUN),
+    "edm-cifar10": dict(K=8, gamma_eps=0.3, gamma_z=0.01, lambda_star=-4.0, lr_g=1e-5, lr_s=1e-5,
+                        betas_g=(0.0, 0.999), betas_s=(0.0, 0.999), batch=256, steps=200_000, ema=500.0,
+                        **_IMAGE_RUN),
+}
+
+
+# Settings that may differ between a run and its resumption; everything else must match the checkpoint.
+# options that only some problems take (each Problem lists those it takes in ``options``), and who takes them
+PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)"}
+RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
+                "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
+
+
+DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
+
+
+# The CUDA graph of an iteration does not capture DDP's gradient all-reduce.
+GRAPHS_NOT_DISTRIBUTED = "not with torch.distributed (the gradient all-reduce is not captured)"
+
+
+def jsonable(cfg: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def with_preset_defaults(cfg: dict, explicit: set[str], keys=None) -> dict:
+    """cfg with its preset's PRESET_DEFAULTS for the options (among ``keys``, default all) not in ``explicit``."""
+    defaults = PRESET_DEFAULTS.get(cfg["preset"], {})
+    return cfg | {k: v for k, v in defaults.items() if k not in explicit and (keys is None or k in keys)}
+
+
+def run_name(cfg: dict) -> str:
+    """runs/<name>_K<K>_seed<seed>: the preset, else the teacher or mixture file's stem."""
+    source = cfg.get("teacher") or cfg.get("mixture")
+    name = Path(source).stem if source and cfg["preset"] in (None, *MIXTURE_PRESETS) else cfg["preset"]
+    return f"{name}_K{cfg['K']}_seed{cfg['seed']}"
+
+
+def check_problem_options(cfg: dict) -> None:
+    """The problem options fit together: a teacher preset needs --teacher, --teacher and --mixture exclude each
+    other and an embedded preset, --labels needs a class-conditional teacher (checked once it is loaded)."""
+    preset, teacher, mixture = cfg["preset"], cfg.get("teacher"), cfg.get("mixture")
+    if teacher and mixture:
+        raise RunError("--teacher and --mixture exclude each other: one teacher per run")
+    if preset in TEACHER_PRESETS and not teacher:
+        raise RunError(f"--preset {preset} sets hyperparameters for a teacher file: pass --teacher PATH (EDM's "
+                       f"network pickle or its emd_fast .safetensors conversion)")
+    if (teacher or mixture) and preset in (*MIXTURE_PRESETS, "digits"):
+        raise RunError(f"--preset {preset} is an embedded teacher; it cannot be combined with "
+                       f"{'--teacher' if teacher else '--mixture'}")
+    if cfg.get("labels") is not None and not teacher and preset != "digits":
+        raise RunError("--labels needs a class-conditional teacher (--teacher or --preset digits)")
+
+
+def parse_device(name: str | None) -> torch.device:
+    """The run's device (default: cuda if available), checked to exist here; RunError otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise RunError(f"--device {name}: emd_fast runs on cpu or cuda devices")
+    return device
+
+
+def validate(cfg: dict) -> None:
+    """Everything that can be checked from the config alone, before any expensive work (RunError, one line)."""
+    for key in ("steps", "batch", "hidden", "depth", "eval_samples", "fid_samples"):
+        if cfg[key] < 1:
+            raise RunError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    for key in ("eval_every", "ckpt_every", "plot_every", "teacher_fit_steps", "keep", "phase_every", "fid_every"):
+        if cfg[key] < 0:
+            raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    for key in ("lr_g", "lr_s"):
+        if not (cfg[key] > 0 and math.isfinite(cfg[key])):
+            raise RunError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")
+    if not cfg.get("dist_timeout", DIST_TIMEOUT_S) > 0:
+        raise RunError(f"--dist-timeout must be a positive number of seconds, got {cfg['dist_timeout']}")
+    if not 0 <= cfg["seed"] < 2**63:
+        raise RunError(f"--seed must be in [0, 2**63), got {cfg['seed']}")
+    for key in ("ema", "ema_rampup"):
+        if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
+            raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
+    folder_teacher = bool(cfg.get("teacher")) and Path(cfg["teacher"]).is_dir()
+    for key in ("teacher", "mixture", "inception", "fid_ref", "prompts"):
+        if cfg.get(key) and not Path(cfg[key]).is_file() and not (key == "teacher" and folder_teacher):
+            what = "a directory, not a file" if Path(cfg[key]).is_dir() else "no such file"
+            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {what} (emd_fast never downloads it)")
+    check_problem_options(cfg)
+    problem = problem_class(cfg)
+    for key, applies in PROBLEM_OPTIONS.items():
+        if cfg.get(key) and key not in problem.options:
+            raise RunError(f"--{key.replace('_', '-')} applies to {applies}")
+    problem.check_options(cfg)
+    if cfg.get("fid_ref") and not cfg.get("inception"):
+        raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
+    out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+
+
+def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
+                       distributed: bool = False) -> tuple[dict, list[str]]:
+    """--fast: the fastest speed settings for ``device`` for the options not in ``explicit`` (the backend only for a
+    new run: a resumed run keeps its own; no CUDA graph for a ``distributed`` run). Returns the new cfg and one line
+    per setting left out, with the reason."""
+    if not cfg["fast"]:
+        return cfg, []
+    gpu = device.type == "cuda"
+    fast, skipped = {"compile": "default", "finite_check": "deferred"}, []
+    if gpu and triton_available():
+        fast["backend"] = "triton"
+    else:
+        skipped.append("fused Triton kernels: " + ("triton is not installed" if gpu else
+                                                   "they need a CUDA GPU (on a CPU they run only interpreted, "
+                                                   "for tests)"))
+    if cfg.get("shard"):
+        del fast["compile"]
+        skipped.append("torch.compile: not with --shard (untested with FSDP2)")
+    if gpu:
+        fast["channels_last"] = True  # image data only
+        if distributed:
+            skipped.append(f"CUDA graphs: {GRAPHS_NOT_DISTRIBUTED}; the iteration runs eagerly around the compiled "
+                           f"networks")
+        else:
+            fast["cuda_graph"] = True
+    else:
+        skipped.append(f"CUDA graphs: no CUDA device (running on {device})")
+        skipped.append("channels_last: a GPU convolution layout, not used on the CPU")
+    keep = explicit | ({"backend"} if cfg["resume"] else set())
+    return cfg | {k: v for k, v in fast.items() if k not in keep}, [f"--fast: skipped {line}" for line in skipped]
+
+
+def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
+    """The saved run's config, with the runtime options given now; a conflicting hyperparameter is an error."""
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        raise CheckpointError(f"--resume: {saved_path} does not exist")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--resume: cannot read {saved_path}: {e}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: {saved_path} does not hold a run config")
+    clash = {k: (saved.get(k), cfg[k]) for k in explicit - RUNTIME_KEYS
+             if k in cfg and jsonable({k: cfg[k]})[k] != saved.get(k)}
+    if clash:
+        pairs = ", ".join(f"{k}: run has {a}, asked {b}" for k, (a, b) in sorted(clash.items()))
+        raise CheckpointError(f"--resume: the checkpoint in {out} is from another config ({pairs})")
+    merged = {k: saved.get(k, v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
+    merged.update({k: cfg[k] for k in RUNTIME_KEYS if k in cfg})
+    return merged
+
+
+def file_hashes(cfg: dict) -> dict:
+    """SHA-256 of every file the run's problem reads (recorded in its config: a resume that finds another file is
+    refused)."""
+    return problem_class(cfg).input_files(cfg)
+
+
+def resolve(cfg: dict, explicit: set[str], distributed: bool = False) -> tuple[dict, torch.device, list[str]]:
+    """The full config of a new or resumed run, its device and notes for the user; RunError / CheckpointError if it
+    cannot run. Options not in ``explicit`` take their preset's defaults; on --resume the saved run's."""
+    if cfg["preset"] is None and not cfg.get("teacher") and not cfg.get("mixture"):
+        cfg["preset"] = "ring2d"  # the embedded default
+    cfg = with_preset_defaults(cfg, explicit)
+    cfg["out"] = Path(cfg["out"] or Path("runs") / run_name(cfg))
+    if cfg["resume"]:
+        cfg = with_preset_defaults(resume_config(cfg["out"], cfg, set(explicit)), explicit, RUNTIME_KEYS)
+    device = parse_device(cfg["device"])
+    cfg, notes = with_fast_defaults(cfg, set(explicit), device, distributed)
+    validate(cfg)
+    return cfg, device, notes
+
+
+def check_shard(cfg: dict, ranks: Ranks) -> None:
+    """--shard needs several processes (torchrun) and excludes what is untested with sharded networks (RunError)."""
+    if not cfg.get("shard"):
+        return
+    if not ranks.distributed:
+        raise RunError("--shard shards the networks across the processes of a torchrun launch: run it under "
+                       "torchrun (one process holds whole networks: drop --shard)")
+    for key in ("cuda_graph", "compile"):
+        if cfg.get(key):
+            raise RunError(f"--{key.replace('_', '-')} is not supported with --shard (untested with FSDP2)")
