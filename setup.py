@@ -1,13 +1,13 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="emd_fast",
     version="0.1.0",
     description="EM Distillation (EMD) of diffusion models into one-step generators, with fused Triton kernels",
     python_requires=">=3.10",
-    # `kernels/` is a top-level folder of the repo but is installed as `emd_fast.kernels`
-    # (the bare name `kernels` belongs to another PyPI package).
-    packages=["emd_fast", "emd_fast.kernels"],
+    # `kernels/` is a top-level folder of the repo (modules without __init__.py) installed as `emd_fast.kernels`:
+    # the bare name `kernels` belongs to another PyPI package, and the folder must never shadow it
+    packages=[*find_packages(include=["emd_fast", "emd_fast.*"]), "emd_fast.kernels"],
     package_dir={"emd_fast": "emd_fast", "emd_fast.kernels": "kernels"},
     # the digits teacher and classifier that `python -m emd_fast.pretrain` trains (a few MB; nothing is downloaded)
     package_data={"emd_fast": ["assets/*"]},
@@ -27,5 +27,7 @@ setup(
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40"],
     },
-    entry_points={"console_scripts": ["emd-train=emd_fast.train:console"]},
+    # every command also as a console script: emd-train == python -m emd_fast.train, ...
+    entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.{name}:console"
+                                      for name in ("train", "sample", "fid", "pretrain", "edm_import")]},
 )

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from emd_fast.problems import init_networks
-from emd_fast.training.distiller import ema_update
 from emd_fast.training.build import make_problem
+from emd_fast.training.distiller import ema_update
 
 METRICS = ("modes_covered", "mode_tv", "off_mode", "mode_spread", "energy_distance")
 LR = 1e-3  # Adam learning rate of the direct fit (--lr)
@@ -46,11 +46,11 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) -> torch.Ten
 
 def energy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Unbiased energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| of samples x (N, D), y (M, D)."""
-    def dist(a, b):
+    def distiller(a, b):
         return (pairwise(a, b) + 1e-12).sqrt()
 
     n, m = x.shape[0], y.shape[0]
-    return 2 * dist(x, y).mean() - dist(x, x).sum() / (n * (n - 1)) - dist(y, y).sum() / (m * (m - 1))
+    return 2 * distiller(x, y).mean() - distiller(x, x).sum() / (n * (n - 1)) - distiller(y, y).sum() / (m * (m - 1))
 
 
 def train_floor(cfg: dict, loss: str, report: list[int]) -> dict[int, dict]:

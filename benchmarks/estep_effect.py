@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from emd_fast.errors import CheckpointError
-from emd_fast.emd import EMD, EStep, ReferenceOps
+from emd_fast.emd import EMD, EStep
+from emd_fast.errors import CheckpointError, RunError
+from emd_fast.execution.backends import NetworkCall
+from emd_fast.ops import ReferenceOps
 from emd_fast.training.build import Run, load_run
-from emd_fast.errors import RunError
 
 
 def rows(es: EStep, index: torch.Tensor) -> EStep:
@@ -43,7 +44,7 @@ class Effect:
         d = self.dist
         return EMD(d.teacher, d.generator, d.student, dataclasses.replace(d.cfg, K=K),
                    ReferenceOps(torch.Generator(d.device).manual_seed(noise_seed)), d.emd.sigma_data,
-                   check_outputs=False)
+                   call=NetworkCall(check=False))
 
     def inputs(self, n: int, g: torch.Generator):
         """z, eps (n, ...), t (n,) as the run draws them, labels (n,) or None."""

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from emd_fast.emd import EMD, EMDConfig, ReferenceOps
+from emd_fast.emd import EMD, EMDConfig
+from emd_fast.execution.backends import NetworkCall
+from emd_fast.ops import ReferenceOps
 from emd_fast.schedules import VPCosine
 from emd_fast.teachers.mixture import GaussianMixtureTeacher
 
@@ -47,7 +49,7 @@ def mean_gradient(s: float, K: int, variant: str, teacher, n: int, seed: int) ->
     g = torch.Generator().manual_seed(seed)
     z, eps, t = torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g), schedule.sample_t(n, g, "cpu")
     emd = EMD(teacher, generator, student, EMDConfig(K=K, variant=variant),
-              ReferenceOps(torch.Generator().manual_seed(seed + 1)), check_outputs=False)
+              ReferenceOps(torch.Generator().manual_seed(seed + 1)), call=NetworkCall(check=False))
     loss = emd.generator_loss(emd.e_step(z, eps, t))
     return float(torch.autograd.grad(loss, generator.s)[0])
 

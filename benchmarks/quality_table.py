@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         for name, seed, summary in pool.map(run_one, jobs):
             results[name].append({"seed": seed, **summary["final"], "iters_per_s": summary["iters_per_s"]})
     floor = summary["exact_sample_floor"]
-    rows = ["| configuration | modes covered | mode TV | off-mode | spread | energy dist. | mean log-lik | it/s |",
+    rows = ["| configuration | modes covered | mode TV | off-mode | spread | energy distiller. | mean log-lik | it/s |",
             "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         cells = []

@@ -42,8 +42,8 @@ PROMPT_WORDS = ["a", "photo", "of", "red", "fox", "cat", "in", "the", "snow", "c
 
 def write_adm_teacher(config: str, path: Path) -> list[str]:
     """Our .safetensors of a random ADM teacher; returns the train options that use it."""
-    from emd_fast.teachers.network_file import save_network
     from emd_fast.nets.unet import UNET_CONFIGS, build_network
+    from emd_fast.teachers.network_file import save_network
 
     torch.manual_seed(0)
     save_network(build_network(dict(UNET_CONFIGS[config])), path, config)

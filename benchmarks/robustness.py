@@ -53,8 +53,8 @@ def hardness(spec: dict) -> float:
 
 
 def write_mixture(spec: dict, path: Path) -> None:
-    from emd_fast.teachers.mixture import random_mixture
     from emd_fast.schedules import VPCosine
+    from emd_fast.teachers.mixture import random_mixture
 
     t = random_mixture(VPCosine(), **spec)
     path.write_text(json.dumps({"means": t.means.tolist(), "covs": t.covs.tolist(), "weights": t.weights.tolist()}))
@@ -97,9 +97,10 @@ def network_floor(job: tuple) -> dict:
     these steps when its objective is exact, i.e. how much of a mixture's error any distillation objective could
     remove."""
     import torch
-    from capacity_floor import LR, train_floor
 
     from emd_fast.train import build_parser
+
+    from capacity_floor import LR, train_floor
 
     index, mixture, out, extra = job
     path = out / f"mix{index:02d}_network_floor.json"
@@ -172,8 +173,8 @@ def report(specs: list[dict], weights: list[list[float]], results: list[dict], k
     net_floors = {i: with_weight_tv(f, i) for i, f in net_floors.items()}
     hard = set(sorted(range(len(specs)), key=lambda i: -hardness(specs[i]))[:len(specs) // 3]) & set(net_floors)
     lines = ["## Aggregate (mean ± std over mixtures x seeds; diverged runs excluded from the means)", "",
-             "| K | runs | diverged | mode TV | energy dist. | spread | off-mode | on-mode weight TV | "
-             "big modes covered | hardest third: mode TV | hardest third: energy dist. | it/s |",
+             "| K | runs | diverged | mode TV | energy distiller. | spread | off-mode | on-mode weight TV | "
+             "big modes covered | hardest third: mode TV | hardest third: energy distiller. | it/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for K in ks:
         rs = [r for r in results if r["K"] == K]

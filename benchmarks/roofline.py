@@ -19,7 +19,7 @@ Every byte is counted at HBM bandwidth. The kernel benchmarks flush the L2 cache
 floors bound what they measure; inside an iteration, data that stays in the H100's 50 MB L2 (all of the vector
 problem: 0.6 MB of weights per network) can move faster, so there the iteration floor is a reference scale, not a
 strict bound.
-H100 rates (DESIGN.md): 3.0 TB/s device copy, 800 TFLOP/s dense bf16, 60 TFLOP/s fp32 non-tensor; the device at
+H100 rates (docs/design.md): 3.0 TB/s device copy, 800 TFLOP/s dense bf16, 60 TFLOP/s fp32 non-tensor; the device at
 hand: its copy bandwidth and matmul rate measured here (GPU: bf16, CPU: fp32). Benchmark tables report measured /
 floor ("x floor") against these.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-H100 = {"name": "H100 (DESIGN.md)", "copy_gbps": 3000.0, "bf16_tflops": 800.0, "fp32_tflops": 60.0}
+H100 = {"name": "H100 (docs/design.md)", "copy_gbps": 3000.0, "bf16_tflops": 800.0, "fp32_tflops": 60.0}
 # kernel: (tensors read + written, fp32 FLOPs per element of its formula)
 KERNELS = {"langevin_eps_step": (9, 16), "langevin_z_step": (3, 5), "generator_loss": (5, 8), "dsm_loss": (5, 6)}
 KERNEL_SIZES = {"4096x64": (4096, 64), "128x3x128x128": (128, 3, 128, 128)}

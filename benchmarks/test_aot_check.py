@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-import aot_check
 from emd_fast.kernels import langevin
 from emd_fast.kernels._common import recording_launches
+
+import aot_check
 
 VARIANTS = aot_check.variants()  # recorded from the wrappers on meta tensors: nothing is compiled or run here
 

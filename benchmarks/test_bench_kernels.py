@@ -10,12 +10,13 @@ bandwidth, the CUDA-event median
 mode on tiny sizes, so CI exercises the suite quickly; its numbers mean nothing.
 """
 import pytest
-import roofline
 import torch
-from benchtools import ON_GPU, SMOKE, run_facts, synced, time_ms
 
 from emd_fast import ops
 from emd_fast.kernels import langevin, losses
+
+import roofline
+from benchtools import ON_GPU, SMOKE, run_facts, synced, time_ms
 
 GAMMA = 0.05
 SIZES = {"smoke8x16": (8, 16)} if SMOKE else {

@@ -7,7 +7,7 @@ variants, FLOP counting and timing are those of ``benchmarks/throughput.py``.
 
 ``extra_info``: ms per iteration (CUDA events on GPU, median; a graph variant after its warm-up and capture),
 iterations/s, samples/s, model FLOPs per iteration (FlopCounterMode over one eager reference iteration), TFLOP/s
-and MFU against PEAK_TFLOPS (the measured H100 dense bf16 rate, DESIGN.md; override with EMD_PEAK_TFLOPS), the
+and MFU against PEAK_TFLOPS (the measured H100 dense bf16 rate, docs/design.md; override with EMD_PEAK_TFLOPS), the
 execution options, the GPU name and versions. Without a GPU (or with EMD_BENCH_SMOKE=1) the smoke sizes run, the
 triton backend in the interpreter; without a GPU the compile and graph cases are skipped. The smoke numbers mean
 nothing.
@@ -18,11 +18,21 @@ import os
 from dataclasses import asdict
 
 import pytest
-from benchtools import ON_GPU, SMOKE, run_facts, synced
-from throughput import (IMPLS, build_networks, count_flops, impl_networks, make_distiller, problem_spec,
-                        time_steps, variant_execution, variant_step)
 
 from emd_fast.training.distiller import Execution
+
+from benchtools import ON_GPU, SMOKE, run_facts, synced
+from throughput import (
+    IMPLS,
+    build_networks,
+    count_flops,
+    impl_networks,
+    make_distiller,
+    problem_spec,
+    time_steps,
+    variant_execution,
+    variant_step,
+)
 
 PEAK_TFLOPS = float(os.environ.get("EMD_PEAK_TFLOPS", "800"))
 ITERS, WARMUP = (2, 1) if SMOKE else (20, 5)

@@ -1,10 +1,11 @@
 """``benchmarks/estep_effect.py`` on a tiny run: EMD-1 against itself is the identity, EMD-4 gives numbers."""
 import math
 
-import estep_effect
 import pytest
 
 from emd_fast import train
+
+import estep_effect
 
 
 def test_compares_the_m_step_gradients_per_noise_level(tmp_path):

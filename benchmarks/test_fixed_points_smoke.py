@@ -1,8 +1,9 @@
 """``benchmarks/fixed_points.py``: where the generator can represent the teacher, every K settles on it."""
 import json
 
-import fixed_points
 import pytest
+
+import fixed_points
 
 
 def test_every_K_settles_on_a_teacher_the_generator_can_represent(tmp_path):

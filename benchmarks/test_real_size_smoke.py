@@ -4,6 +4,7 @@ folder distil through real train processes, the figures land in the JSON, and a 
 import json
 
 import pytest
+
 import real_size
 
 pytest.importorskip("diffusers")

@@ -3,11 +3,12 @@ the CPU smoke run prints the floor table alone (nothing of EMD is timed)."""
 import copy
 
 import pytest
-import roofline
-import throughput
 import torch
 
 from emd_fast.training.distiller import Execution
+
+import roofline
+import throughput
 
 
 @pytest.mark.parametrize("problem,K", [("vector", 1), ("vector", 4), ("unet", 1), ("unet", 4)])
@@ -16,8 +17,8 @@ def test_iteration_flops_are_those_of_a_reference_iteration(problem, K):
     exactly the network FLOPs FlopCounterMode sees in one eager reference iteration (smoke sizes)."""
     spec = throughput.problem_spec(problem, smoke=True)
     nets = throughput.build_networks(spec, torch.device("cpu"))
-    dist = throughput.make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), torch.device("cpu"))
-    counted = throughput.count_flops(dist)
+    distiller = throughput.make_distiller(copy.deepcopy(nets), spec["batch"], K, Execution(), torch.device("cpu"))
+    counted = throughput.count_flops(distiller)
     cost = roofline.networks_cost(nets, spec["batch"], K)
     assert cost["flops"] == pytest.approx(counted, rel=1e-3)
     assert cost["bytes"] == cost["elementwise_bytes"] + cost["param_bytes"] > 0

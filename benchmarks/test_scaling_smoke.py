@@ -3,6 +3,7 @@ the table and the JSON rows (the numbers themselves mean nothing here)."""
 import json
 
 import pytest
+
 import scaling
 
 TINY = ["--device", "cpu", "--teacher-fit-steps", "5", "--hidden", "8", "--depth", "1", "--K", "1",

@@ -28,14 +28,14 @@ reported. The iteration is the one training runs (``Distiller.step``, or the gra
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one eager reference iteration (forward and backward
 matmul / conv / attention FLOPs of every network call, the generator VJPs included; elementwise work is not
 counted), the same for every variant of a (problem, K). TFLOP/s = FLOPs / time; MFU = that over --peak-tflops
-(default 800: the dense bf16 matmul rate measured on an H100, DESIGN.md): the honest figure for graph-bf16; for the
+(default 800: the dense bf16 matmul rate measured on an H100, docs/design.md): the honest figure for graph-bf16; for the
 fp32 variants (fp32 matmuls, TF32 convolutions by default) it is a lower bound on what the hardware could give.
 Columns: "vs eager ref" is the row's it/s over that of the eager reference row of the same problem and K, measured
 in the same run; EMD-K/EMD-1 is the row's time over the K=1 row of the same problem, backend and impl. "x floor" is
 ms/iter over the roofline floor of the iteration on this device (``roofline.networks_cost`` with the copy bandwidth
 and bf16 matmul rate measured in the run; for the fp32 variants a lower bound too); "-" in the smoke mode, whose
 floors ``roofline.py`` prints alone. The summary
-gives, per problem at K=16, the fastest variant's speed-up over the eager reference against issue 4's targets
+gives, per problem at K=16, the fastest variant's speed-up over the eager reference against the project's targets
 (vector >= 10x, U-Net >= 2x) and its MFU.
 
 Without a GPU (or with --smoke) sizes are tiny, the triton backend runs in the Triton interpreter and compile uses
@@ -65,25 +65,26 @@ if not ON_GPU:
 import triton  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import compare  # noqa: E402
-import roofline  # noqa: E402
-from emd_fast.problems import init_networks  # noqa: E402
-from emd_fast.teachers.mixture import data_std, ring2d  # noqa: E402
-from emd_fast.execution.compiled import compile_networks  # noqa: E402
-from emd_fast.training.distiller import Distiller, Execution  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
+from emd_fast.execution.compiled import compile_networks  # noqa: E402
 from emd_fast.execution.graphs import GraphedStep, graphs_unavailable  # noqa: E402
 from emd_fast.nets.mlp import MLPDenoiser  # noqa: E402
+from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser  # noqa: E402
+from emd_fast.problems import init_networks  # noqa: E402
 from emd_fast.schedules import make_schedule  # noqa: E402
 from emd_fast.teachers import NetworkTeacher  # noqa: E402
-from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser  # noqa: E402
+from emd_fast.teachers.mixture import data_std, ring2d  # noqa: E402
+from emd_fast.training.distiller import Distiller, Execution  # noqa: E402
+
+import compare  # noqa: E402
+import roofline  # noqa: E402
 
 PROBLEMS = ("vector", "unet")
 BACKENDS = ("reference", "triton")
 IMPLS = {  # impl: (torch.compile the networks, whole-iteration CUDA graph, precision of the network calls)
     "eager": (False, False, "fp32"), "compile": (True, False, "fp32"),
     "graph": (True, True, "fp32"), "graph-bf16": (True, True, "bf16")}
-TARGETS = {"vector": 10.0, "unet": 2.0}  # issue 4: EMD-16 it/s over the eager reference's, at least
+TARGETS = {"vector": 10.0, "unet": 2.0}  # EMD-16 it/s over the eager reference's, at least (the project's speed targets)
 SUMMARY_K = 16
 VERDICT = {True: "met", False: "NOT met", None: "not judged in the smoke mode"}
 LAMBDA_STAR = -4.0  # the CLI default
@@ -157,11 +158,11 @@ def impl_networks(nets, spec: dict, impl: str, device, compile_backend: str | No
 def variant_step(nets, spec: dict, impl: str, backend: str, K: int, device):
     """(one iteration of the variant as a callable, how many first calls are set-up to run before any timing: a
     GraphedStep's eager warm-up and its capture)."""
-    dist = make_distiller(nets, spec["batch"], K, variant_execution(impl, backend, spec["name"]), device)
+    distiller = make_distiller(nets, spec["batch"], K, variant_execution(impl, backend, spec["name"]), device)
     if IMPLS[impl][1]:
-        step = GraphedStep(dist)
+        step = GraphedStep(distiller)
         return step, step.warmup + 1
-    return dist.step, 0
+    return distiller.step, 0
 
 
 def sync():
@@ -203,12 +204,12 @@ class _GlobalOnly:
         return False
 
 
-def count_flops(dist: Distiller) -> int:
+def count_flops(distiller: Distiller) -> int:
     """Model FLOPs of one iteration (forward + backward matmul/conv/attention of every network call)."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
-        dist.step()
+        distiller.step()
     return int(counter.get_total_flops())
 
 
@@ -226,7 +227,7 @@ def find(rows: list[dict], **key) -> dict | None:
 
 
 def summary(rows: list[dict], smoke: bool) -> list[dict]:
-    """Per problem at K=16: the fastest variant, its speed-up over the eager reference against issue 4's target (not
+    """Per problem at K=16: the fastest variant, its speed-up over the eager reference against the project's target (not
     judged in the smoke mode), and its MFU."""
     out = []
     for problem, target in TARGETS.items():
@@ -297,7 +298,7 @@ def measure(args) -> dict:
             cost["bytes"], cost["flops"], rates["copy_gbps"], rates["matmul_tflops"])
         r["x_floor"] = None if rates is None else r["ms_per_iter"] / r["floor_ms"]
     return {**machine_facts(), "interrupted": interrupted, "device_rates": rates, "smoke": args.smoke, "peak_tflops": args.peak_tflops,
-            "peak_note": "measured dense bf16 matmul rate (H100, DESIGN.md): MFU of the bf16 rows; the fp32 rows "
+            "peak_note": "measured dense bf16 matmul rate (H100, docs/design.md): MFU of the bf16 rows; the fp32 rows "
                          "(fp32 matmuls, TF32 convolutions) get a lower bound",
             "compile_backend": compile_backend, "iters": args.iters, "warmup": args.warmup, "notes": notes,
             "results": rows, "summary": summary(rows, args.smoke)}
@@ -318,7 +319,7 @@ def table(res: dict) -> str:
             f"{100 * r['mfu']:.3g}", ratio(r["speedup_vs_eager_ref"], "{:.2f}x"), ratio(r["time_vs_K1"]),
             ratio(r["x_floor"], "{:.3g}")]) + " |")
     lines += [f"{s['problem']} EMD-{s['K']}: fastest {s['impl']} / {s['backend']}, {s['speedup_vs_eager_ref']:.2f}x "
-              f"the eager reference's it/s (issue 4 target >= {s['target']:g}x: "
+              f"the eager reference's it/s (target >= {s['target']:g}x: "
               f"{VERDICT[s['target_met']]}), MFU {100 * s['mfu']:.3g}%" for s in res["summary"]]
     where = res["gpu"] or f"CPU ({res['threads']} threads): SMOKE, not a speed claim"
     labels = {r["problem"]: r["problem_label"] for r in res["results"]}
@@ -355,7 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed iterations first, after a CUDA graph's own warm-up and capture (default 5; smoke 1)")
     p.add_argument("--peak-tflops", type=float, default=800.0,
-                   help="peak for MFU: the measured dense bf16 matmul rate (H100: ~800, DESIGN.md)")
+                   help="peak for MFU: the measured dense bf16 matmul rate (H100: ~800, docs/design.md)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="a saved throughput JSON: compare each variant's ms/iter with it, exit 1 on a slow-down")
     p.add_argument("--threshold", type=float, default=0.10, help="allowed slow-down against --baseline, a fraction")

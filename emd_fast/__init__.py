@@ -19,18 +19,32 @@ def _find_kernels_in_a_source_tree() -> None:
 
 
 _find_kernels_in_a_source_tree()
-from .emd import EMD, VARIANTS, EMDConfig, EStep, ReferenceOps
-from .nets.generator import Generator
-from .nets.mlp import MLPDenoiser
-from .nets.unet import UNET_CONFIGS, SongUNetDenoiser, UNetDenoiser, build_network
-from .problems.mixture import MixtureProblem
-from .schedules import EDMSchedule, Schedule, VPCosine, make_schedule
-from .teachers import NetworkTeacher, Teacher
-from .teachers.mixture import GaussianMixtureTeacher, load_mixture, random_mixture
-from .teachers.network_file import load_network, load_teacher_network, save_network
-from .training.distiller import Distiller
 
-__all__ = ["EMD", "EMDConfig", "EStep", "ReferenceOps", "VARIANTS", "Distiller", "Generator", "MLPDenoiser",
-           "UNetDenoiser", "SongUNetDenoiser", "UNET_CONFIGS", "build_network", "load_network", "save_network",
-           "load_teacher_network", "Schedule", "VPCosine", "EDMSchedule", "make_schedule", "GaussianMixtureTeacher",
-           "NetworkTeacher", "Teacher", "MixtureProblem", "load_mixture", "random_mixture"]
+# The public names, imported on first use (``import emd_fast`` stays light: no networks, diffusers or matplotlib)
+_EXPORTS = {
+    "EMD": "emd", "EMDConfig": "emd", "EStep": "emd", "VARIANTS": "emd", "ReferenceOps": "ops", "Ops": "ops",
+    "Distiller": "training.distiller", "Execution": "training.distiller",
+    "Schedule": "schedules", "VPCosine": "schedules", "EDMSchedule": "schedules", "make_schedule": "schedules",
+    "Teacher": "teachers", "NetworkTeacher": "teachers", "GaussianMixtureTeacher": "teachers.mixture",
+    "load_mixture": "teachers.mixture", "random_mixture": "teachers.mixture",
+    "load_network": "teachers.network_file", "save_network": "teachers.network_file",
+    "load_teacher_network": "teachers.network_file",
+    "Generator": "nets.generator", "MLPDenoiser": "nets.mlp", "UNetDenoiser": "nets.unet",
+    "SongUNetDenoiser": "nets.unet", "UNET_CONFIGS": "nets.unet", "build_network": "nets.unet",
+    "Problem": "problems", "MixtureProblem": "problems.mixture",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

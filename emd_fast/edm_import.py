@@ -30,5 +30,10 @@ def main(argv=None) -> int:
                                                                              "into CPU memory)")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``emd-edm-import`` console script: ``python -m emd_fast.edm_import``."""
     run_as_process(main)
+
+
+if __name__ == "__main__":
+    console()

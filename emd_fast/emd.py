@@ -1,8 +1,8 @@
 """The EMD iteration: E-step (K Langevin steps), M-step generator loss, student denoising-score update.
 
-Notation follows DESIGN.md: x_t = alpha_t g(z) + sigma_t eps, delta = s_T - s_psi. The elementwise parts go
-through an ``ops`` backend: :class:`ReferenceOps` (plain PyTorch, :mod:`emd_fast.ops`) or the fused Triton
-kernels (:mod:`emd_fast.execution.backends`); the networks and the control flow are shared, so both paths run the same algorithm.
+Notation follows docs/design.md: x_t = alpha_t g(z) + sigma_t eps, delta = s_T - s_psi. The elementwise parts go
+through an ``ops`` backend (``emd_fast.ops.Ops``): :class:`~emd_fast.ops.ReferenceOps` (plain PyTorch) or the fused
+Triton kernels (:mod:`emd_fast.execution.backends`); the networks and the control flow are shared, so both paths run the same algorithm.
 
 Sampling variants (the paper's ablation):
     "eps,z"  reparametrized: Langevin on (eps, z); moving z moves x_t with eps held fixed.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops as reference
 from .checks import check_finite
 from .execution.profiling import phase
+from .ops import Ops
 from .schedules import WEIGHTINGS, Schedule, expand_like
 
 VARIANTS = ("eps,z", "x,z", "eps", "x")
@@ -81,27 +81,6 @@ class EMDConfig:
         return dataclasses.asdict(self)
 
 
-class ReferenceOps:
-    """The reference backend: ops.py functions, noise from one torch.Generator."""
-
-    langevin_eps_step = staticmethod(reference.langevin_eps_step)
-    langevin_z_step = staticmethod(reference.langevin_z_step)
-    generator_loss = staticmethod(reference.generator_loss)
-    dsm_loss = staticmethod(reference.dsm_loss)
-
-    def __init__(self, rng: torch.Generator):
-        self.rng = rng
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {}  # all its randomness is the run's torch.Generator, checkpointed by the Distiller
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
-
-
 @dataclass
 class EStep:
     """E-step output, all (N, ...) except t/alpha/sigma (N,). eta is None without noise cancellation."""
@@ -114,6 +93,14 @@ class EStep:
     t: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
+
+
+def checked_call(what: str | None, net, *args) -> torch.Tensor:
+    """``net(*args)``, raising FloatingPointError if the output named ``what`` (None: not checked) holds NaN/inf."""
+    out = net(*args)
+    if what:
+        check_finite(what, out)
+    return out
 
 
 @contextlib.contextmanager
@@ -135,33 +122,20 @@ class EMD:
 
     teacher: has .denoise(x_t, t, y) and .schedule; generator: z (N, ...) -> x (N, ...);
     student: D_psi(x_t, t, y) -> (N, ...). ops: ReferenceOps or a fused backend with the same methods.
-    check_outputs: check every network output for NaN/inf (one host sync each). autocast: None, or the dtype
-    (torch.bfloat16) the network calls run in under torch.autocast; their outputs are returned in fp32.
+    call: how a network is called, ``call(what, net, *args)``: ``checked_call`` (the default) raises on a NaN/inf
+    output named ``what``; an execution backend may add autocast or defer the checks (``NetworkCall``).
     train_generator, train_student: what the two losses call to run generator and student with gradients (default:
     the networks themselves; e.g. a DistributedDataParallel wrapper of the same network, which averages the
     gradients across processes). The E-step always calls the networks themselves.
     """
 
-    def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops, sigma_data=1.0,
-                 check_outputs: bool = True, autocast: torch.dtype | None = None,
-                 train_generator: nn.Module | None = None, train_student: nn.Module | None = None):
+    def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, ops: Ops, sigma_data=1.0,
+                 call=None, train_generator: nn.Module | None = None, train_student: nn.Module | None = None):
         self.teacher, self.generator, self.student = teacher, generator, student
         self.train_generator, self.train_student = train_generator or generator, train_student or student
         self.schedule, self.ops, self.sigma_data = teacher.schedule, ops, sigma_data
         self.cfg = cfg.validate(self.schedule)
-        self.check_outputs, self.autocast = check_outputs, autocast
-
-    def _net(self, what: str | None, net, *args) -> torch.Tensor:
-        """net(*args) under the run's autocast (fp32 result), checked for NaN/inf if check_outputs and ``what`` (the
-        output's name) is given."""
-        if self.autocast is None:
-            out = net(*args)
-        else:
-            with torch.autocast(args[0].device.type, dtype=self.autocast):
-                out = net(*args).float()
-        if self.check_outputs and what:
-            check_finite(what, out)
-        return out
+        self._net = call or checked_call
 
     def _generate(self, z, y, with_vjp: bool):
         """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v."""

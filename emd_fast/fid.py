@@ -78,5 +78,10 @@ def main(argv=None) -> int:
     return run_command(lambda a: print((calc if a.command == "calc" else ref)(a)), args, oom_hint="lower --batch")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``emd-fid`` console script: ``python -m emd_fast.fid``."""
     run_as_process(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -4,11 +4,12 @@ Shapes: data-shaped tensors are (N, ...) (vectors (N, D) or images (N, C, H, W))
 ``weight`` are per-example (N,). Inputs may be fp32 / bf16 / fp16; the math is done in fp32 and results
 are returned in the dtype of the first data argument (the losses: fp32 scalars).
 
-Notation (DESIGN.md): delta = s_T - s_psi = alpha * (D_T - D_psi) / sigma^2, the teacher-minus-student score.
+Notation (docs/design.md): delta = s_T - s_psi = alpha * (D_T - D_psi) / sigma^2, the teacher-minus-student score.
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -92,3 +93,44 @@ def dsm_loss(d, x, weight):
     check_per_example("d", d, weight=weight)
     w = expand_like(weight.to(torch.float32), d)
     return (w * (d.to(torch.float32) - x.to(torch.float32)) ** 2).mean()
+
+
+class Ops(Protocol):
+    """The elementwise backend of an EMD iteration (``ReferenceOps``, or the fused ``TritonOps``): the four
+    functions above, the Langevin noise, and the backend's own random state for checkpoints."""
+
+    def langevin_eps_step(self, eps, eta, d_teacher, d_student, alpha, sigma, gamma, noise, g=None): ...
+
+    def langevin_z_step(self, z, jtv, gamma, noise): ...
+
+    def generator_loss(self, g, eps, eta, alpha, sigma, weight) -> torch.Tensor: ...
+
+    def dsm_loss(self, d, x, weight) -> torch.Tensor: ...
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Noise for a Langevin step, or None where the backend draws it itself."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class ReferenceOps:
+    """The reference backend: ops.py functions, noise from one torch.Generator."""
+
+    langevin_eps_step = staticmethod(langevin_eps_step)
+    langevin_z_step = staticmethod(langevin_z_step)
+    generator_loss = staticmethod(generator_loss)
+    dsm_loss = staticmethod(dsm_loss)
+
+    def __init__(self, rng: torch.Generator):
+        self.rng = rng
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.rng, device=x.device, dtype=x.dtype)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}  # all its randomness is the run's torch.Generator, checkpointed by the Distiller
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass

@@ -28,9 +28,9 @@ from .evaluation.images import class_rows, save_grid
 from .nets.unet import UNET_CONFIGS, build_network
 from .problems import digits
 from .schedules import EDMSchedule, expand_like
+from .seeds import Stream, seed_for
 from .teachers.network_file import save_network
 from .training.config import parse_device
-from .seeds import Stream, seed_for
 
 # UNET_CONFIGS["tiny"] at half the width (209k parameters): 2.5x faster on a CPU, where teacher, student and
 # generator all run it; its 18-step Heun samples are recognisable digits of every class (digits_info.json).
@@ -200,5 +200,10 @@ def main(argv=None) -> int:
                                                                          "--eval-samples")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``emd-pretrain`` console script: ``python -m emd_fast.pretrain``."""
     run_as_process(main)
+
+
+if __name__ == "__main__":
+    console()

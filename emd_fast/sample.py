@@ -88,7 +88,7 @@ def write_samples(args: argparse.Namespace) -> None:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     run, step, ckpt = load_run(args.run, args.device)
-    dist = run.distiller
+    distiller = run.distiller
     decode = getattr(run.problem, "decode", None)  # diffusers runs: latents -> images by the VAE
     if args.prompt is not None:
         if args.labels is not None or args.per_class is not None:
@@ -100,16 +100,16 @@ def write_samples(args: argparse.Namespace) -> None:
             raise ValueError(f"--n must be >= 1, got {n}")
         labels = run.problem.encode([args.prompt]).expand(n, -1, -1)
     else:
-        labels, n, per_class = choose_labels(args, dist.num_classes)
-    image = is_image_shape(dist.shape) or decode is not None
+        labels, n, per_class = choose_labels(args, distiller.num_classes)
+    image = is_image_shape(distiller.shape) or decode is not None
     outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
                                                              f"{'.png' if image else '.npz'}")]
     kinds = kinds or [output_kind(outs[0])]
     outs = [Path(p) for p in outs]
     if not image and any(k != "npz" for k in kinds):
-        raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {dist.shape}: "
+        raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {distiller.shape}: "
                          f"use .npz")
-    x, y = dist.sample(n, torch.Generator(dist.device).manual_seed(args.seed), labels, chunk=args.batch)
+    x, y = distiller.sample(n, torch.Generator(distiller.device).manual_seed(args.seed), labels, chunk=args.batch)
     x = x.cpu() if decode is None else decode(x)
     y = torch.full((n,), -1) if y is None or args.prompt is not None else y.cpu()
     for path, kind in zip(outs, kinds):
@@ -121,7 +121,7 @@ def write_samples(args: argparse.Namespace) -> None:
             for i in tqdm(range(0, n, 1000), desc="PNG", unit="k", disable=n <= 1000):
                 save_png_folder(path, x[i:i + 1000], start=i)
         elif per_class:
-            save_grid(path, class_rows(x, y, per_class, dist.num_classes), per_class,
+            save_grid(path, class_rows(x, y, per_class, distiller.num_classes), per_class,
                       f"one-step samples, step {step}")
         else:
             save_grid(path, x, min(n, max(10, round(math.sqrt(n)))), f"one-step samples, step {step}")
@@ -133,5 +133,10 @@ def main(argv=None) -> int:
     return run_command(write_samples, args, oom_hint="lower --batch")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``emd-sample`` console script: ``python -m emd_fast.sample``."""
     run_as_process(main)
+
+
+if __name__ == "__main__":
+    console()

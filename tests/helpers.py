@@ -5,8 +5,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from emd_fast.nets.generator import Generator
 from emd_fast.nets.mlp import MLPDenoiser
-from emd_fast.teachers.mixture import ring2d
 from emd_fast.schedules import VPCosine
+from emd_fast.teachers.mixture import ring2d
 
 
 class LinearGenerator(nn.Module):
@@ -31,9 +31,9 @@ class ExactDenoiser(nn.Module):
         return self.teacher.denoise(x_t, t)
 
 
-def network_params(dist):
+def network_params(distiller):
     """Copies of a Distiller's generator and student parameters, by state-dict name."""
-    return {k: v.clone() for k, v in dist.state_tensors().items() if k.startswith(("generator.", "student."))}
+    return {k: v.clone() for k, v in distiller.state_tensors().items() if k.startswith(("generator.", "student."))}
 
 
 def small_problem(seed=0, hidden=32):

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from emd_fast import train
-from emd_fast.training.checkpoint import list_checkpoints
-from emd_fast.execution.compiled import compile_networks, networks
-from emd_fast.training.distiller import Distiller
 from emd_fast.emd import EMDConfig
+from emd_fast.execution.compiled import compile_networks, networks
 from emd_fast.nets.mlp import MLPDenoiser
 from emd_fast.schedules import VPCosine
 from emd_fast.teachers import NetworkTeacher
+from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.training.distiller import Distiller
 
 from helpers import small_problem
 
@@ -27,8 +27,8 @@ def make(seed=0):
     return Distiller(teacher, gen, student, cfg, batch=16, lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=2.0)
 
 
-def params(dist):
-    return {k: v for k, v in dist.state_tensors().items() if k != "rng"}
+def params(distiller):
+    return {k: v for k, v in distiller.state_tensors().items() if k != "rng"}
 
 
 def test_compiled_iterations_equal_eager():
@@ -56,16 +56,16 @@ def test_compile_report_and_refusals(monkeypatch):
     net = MLPDenoiser(2, sch, hidden=8, depth=1)
     teacher = NetworkTeacher(net, sch, (2,))
     _, gen, student = small_problem(hidden=8)
-    dist = Distiller(teacher, gen, student, EMDConfig(K=1), batch=4, lr_g=1e-3, lr_s=1e-3)
-    found, skipped = networks(dist)
+    distiller = Distiller(teacher, gen, student, EMDConfig(K=1), batch=4, lr_g=1e-3, lr_s=1e-3)
+    found, skipped = networks(distiller)
     assert set(found) == {"generator", "student", "teacher network"} and not skipped
     with pytest.raises(ValueError, match="CUDA graphs"):
-        compile_networks(dist, mode="reduce-overhead")
+        compile_networks(distiller, mode="reduce-overhead")
     monkeypatch.setattr("emd_fast.execution.compiled.backend_unavailable", lambda backend, device: "no compiler here")
-    report = compile_networks(dist)
+    report = compile_networks(distiller)
     assert report.compiled == [] and set(report.skipped) == {"generator", "student", "teacher network"}
     assert "no compiler here" in "\n".join(report.lines())
-    dist.step()  # left eager: still trains
+    distiller.step()  # left eager: still trains
 
 
 SMALL = ["--teacher-fit-steps", "10", "--batch", "16", "--hidden", "16", "--depth", "1", "--eval-every", "0",

@@ -13,12 +13,18 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from emd_fast import sample, train  # noqa: E402
+from emd_fast.emd import EMD, EMDConfig  # noqa: E402
+from emd_fast.ops import ReferenceOps  # noqa: E402
+from emd_fast.teachers.diffusers_folder import (
+    DiffusersDenoiser,
+    DiscreteSchedule,
+    GuidedTeacher,
+    PromptTable,
+    # noqa: E402
+    inspect_folder,
+    load_schedule,
+)
 from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
-from emd_fast.teachers.diffusers_folder import (DiscreteSchedule, DiffusersDenoiser, GuidedTeacher, PromptTable,
-                                                # noqa: E402
-                                        inspect_folder,
-                                                load_schedule)
-from emd_fast.emd import EMD, EMDConfig, ReferenceOps  # noqa: E402
 
 from helpers import NoHostRead  # noqa: E402
 
@@ -669,12 +675,12 @@ def test_cached_embeddings_are_those_of_the_runs_prompts_and_text_encoder(sd_fol
     cfg = vars(train.build_parser().parse_args(["--teacher", str(sd_folder), "--prompts",
                                                 str(prompts_file(tmp_path, "a cat\na dog\nred\n"))]))
     cfg["out"] = str(tmp_path)
-    three = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    three = DiffusersProblem.from_config(cfg).teacher.net.prompts.embeddings
     assert three.shape == (3, 8, 16) and (tmp_path / "prompt_embeddings.safetensors").is_file()
-    again = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    again = DiffusersProblem.from_config(cfg).teacher.net.prompts.embeddings
     assert torch.equal(again, three)
     prompts_file(tmp_path, "a dog\n")  # other prompts in the same run directory: encoded anew
-    one = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    one = DiffusersProblem.from_config(cfg).teacher.net.prompts.embeddings
     assert one.shape == (1, 8, 16) and torch.allclose(one[0], three[1])
     assert load_file(str(tmp_path / "prompt_embeddings.safetensors"))["cond"].shape == (1, 8, 16)
 
@@ -688,13 +694,13 @@ def test_cached_embeddings_of_another_text_encoder_are_encoded_anew(sd_folder, t
     shutil.copytree(sd_folder, folder)
     cfg = vars(train.build_parser().parse_args(["--teacher", str(folder), "--prompts", str(prompts_file(tmp_path))]))
     cfg["out"] = str(tmp_path)
-    before = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    before = DiffusersProblem.from_config(cfg).teacher.net.prompts.embeddings
     text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
     final_norm = dict(text.named_parameters())["final_layer_norm.bias"]  # the last op of the text encoder
     with torch.no_grad():
         final_norm += 1.0
     text.save_pretrained(folder / "text_encoder")
-    after = DiffusersProblem(cfg).teacher.net.prompts.embeddings
+    after = DiffusersProblem.from_config(cfg).teacher.net.prompts.embeddings
     assert torch.allclose(after, before + 1.0, atol=1e-5)
 
 

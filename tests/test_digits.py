@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from emd_fast.problems import digits
 from emd_fast import pretrain, train
+from emd_fast.errors import CheckpointError
+from emd_fast.problems import digits
+from emd_fast.schedules import EDMSchedule, VPCosine
 from emd_fast.training.build import Run
 from emd_fast.training.config import PRESET_DEFAULTS, with_preset_defaults
-from emd_fast.errors import CheckpointError
-from emd_fast.schedules import EDMSchedule, VPCosine
 
 from helpers import fake_inception_file
 

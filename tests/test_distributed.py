@@ -21,12 +21,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from emd_fast import sample, train
-from emd_fast.training.build import Run, load_run
-from emd_fast.training.config import resolve
-from emd_fast.training.checkpoint import list_checkpoints, load_checkpoint
-from emd_fast.training.distiller import Distiller, Execution
+from emd_fast.emd import EMDConfig
 from emd_fast.execution.distributed import Ranks, data_parallel, fully_sharded, rank_seed
-from emd_fast.emd import EMDConfig, ReferenceOps
+from emd_fast.ops import ReferenceOps
+from emd_fast.training.build import Run, load_run
+from emd_fast.training.checkpoint import list_checkpoints, load_checkpoint
+from emd_fast.training.config import resolve
+from emd_fast.training.distiller import Distiller, Execution
+
 from helpers import small_problem
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "24", "--hidden", "16", "--depth", "1", "--eval-every", "3",
@@ -113,18 +115,18 @@ def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path, kernel_de
     cfg, device, _ = resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
     states = []
     for rank in range(3):
-        dist = Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
-        assert dist.batch == 8 and dist.global_batch == 24
+        distiller = Run(cfg, device, fit_teacher=False, ranks=Ranks(rank, 3)).distiller
+        assert distiller.batch == 8 and distiller.global_batch == 24
         want = torch.Generator(kernel_device).manual_seed(rank_seed(5, rank)).get_state()
-        assert torch.equal(dist.rng.get_state(), want)
-        assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank), 0]
-        states.append(dist.random_state())
-        dist.step()
-        dist.reseed(rank_seed(5, rank, 1))
-        assert dist.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank, 1), 0]
+        assert torch.equal(distiller.rng.get_state(), want)
+        assert distiller.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank), 0]
+        states.append(distiller.random_state())
+        distiller.step()
+        distiller.reseed(rank_seed(5, rank, 1))
+        assert distiller.random_state()["noise_stream.state"].tolist() == [rank_seed(5, rank, 1), 0]
     assert len({s["noise_stream.state"][0].item() for s in states}) == 3 and states[0]["noise_stream.state"][0] == 5
     # a rank's share of fewer samples than ranks
-    assert dist.generate(torch.randn(0, 2, device=kernel_device), None).shape == (0, 2)
+    assert distiller.generate(torch.randn(0, 2, device=kernel_device), None).shape == (0, 2)
 
 
 def test_global_batch_must_divide(tmp_path, capsys, monkeypatch):
@@ -180,18 +182,18 @@ def trajectory(ranks, wrap=None, shard=None, ema=0.0, execution=Execution()):
     """Parameters and gradients of generator and student after each of STEPS iterations (fp32, ring2d, K=2), and
     with an EMA (half-life ``ema`` kimg) its parameters (gradient None); and the Distiller."""
     teacher, gen, student = small_problem(seed=0, hidden=16)
-    dist = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
+    distiller = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2, gamma_eps=0.3, gamma_z=0.05),
                                 batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
                                 sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=ema,
                                 execution=execution, ranks=ranks)
     out = []
     for _ in range(STEPS):
-        dist.step()
-        dist.update_ema()
-        nets = {"generator": dist.generator, "student": dist.student} | ({"ema": dist.ema} if ema else {})
+        distiller.step()
+        distiller.update_ema()
+        nets = {"generator": distiller.generator, "student": distiller.student} | ({"ema": distiller.ema} if ema else {})
         out.append({f"{name}.{k}": (full(p), None if p.grad is None else full(p.grad))
                     for name, net in nets.items() for k, p in net.named_parameters()})
-    return out, dist
+    return out, distiller
 
 
 def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
@@ -202,8 +204,8 @@ def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
             result, _ = trajectory(ranks, data_parallel(cpu), ema=ema)
         else:  # "shard", or "shard_fused": fused Adam on the shards with its on-device skip flag (deferred checks)
             execution = Execution(finite_check="deferred" if how == "shard_fused" else "sync")
-            result, dist = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema, execution=execution)
-            nets = (dist.generator, dist.student, dist.ema)  # each rank holds about 1/world of every network
+            result, distiller = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema, execution=execution)
+            nets = (distiller.generator, distiller.student, distiller.ema)  # each rank holds about 1/world of every network
             held = [sum(p.to_local().numel() for p in net.parameters()) / sum(p.numel() for p in net.parameters())
                     for net in nets]
             assert all(abs(h - 1 / world) < 0.1 for h in held), held

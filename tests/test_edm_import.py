@@ -14,18 +14,24 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_unet import NETS, inputs, random_song, random_unet
+
+from emd_fast.edm_import import main
+from emd_fast.errors import CheckpointError
+from emd_fast.nets.unet import UNET_CONFIGS, Resampling, UNetDenoiser
+from emd_fast.problems import digits
+from emd_fast.schedules import EDMSchedule, VPCosine
+from emd_fast.teachers.edm_pickle import (
+    EDM_DEFAULTS,
+    VERIFIED_ATTRS,
+    convert_edm_network,
+    edm_tensors_to_ours,
+    load_edm_pickle,
+    read_edm_pickle,
+)
+from emd_fast.teachers.network_file import load_network, load_teacher_network, save_network
 
 import make_edm_fixtures
-from emd_fast.problems import digits
-from emd_fast.errors import CheckpointError
-from emd_fast.teachers.edm_pickle import (EDM_DEFAULTS, VERIFIED_ATTRS, convert_edm_network, edm_tensors_to_ours,
-                                          load_edm_pickle, read_edm_pickle)
-from emd_fast.edm_import import main
-from emd_fast.teachers.network_file import load_network, load_teacher_network, save_network
-from emd_fast.schedules import EDMSchedule, VPCosine
-from emd_fast.nets.unet import UNET_CONFIGS, Resampling, UNetDenoiser
-
-from test_unet import NETS, inputs, random_song, random_unet
 
 FIXTURES = sorted(make_edm_fixtures.FIXTURES.glob("edm_*.safetensors"))
 EDM_ROOT = os.environ.get("EDM_ROOT")

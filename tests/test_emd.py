@@ -4,12 +4,13 @@ import copy
 import pytest
 import torch
 
-from emd_fast.teachers.mixture import data_std
-from emd_fast.training.distiller import Distiller
-from emd_fast.emd import EMD, EMDConfig, ReferenceOps
+from emd_fast.emd import EMD, EMDConfig
+from emd_fast.execution.backends import NetworkCall
+from emd_fast.ops import ReferenceOps
 from emd_fast.schedules import VPCosine, expand_like
-from emd_fast.teachers.mixture import GaussianMixtureTeacher
 from emd_fast.teachers import score_from_denoiser
+from emd_fast.teachers.mixture import GaussianMixtureTeacher, data_std
+from emd_fast.training.distiller import Distiller
 
 from helpers import ExactDenoiser, LinearGenerator, small_problem
 
@@ -164,7 +165,7 @@ def test_scaled_z_step_is_stable_at_low_noise_where_a_fixed_step_diverges(varian
     for z_step in ("scaled", "fixed"):
         cfg = EMDConfig(K=16, gamma_z=0.01, z_step=z_step, variant=variant)
         emd = EMD(teacher, gen, student, cfg, ReferenceOps(torch.Generator().manual_seed(1)), sigma_data=sd,
-                  check_outputs=False)
+                  call=NetworkCall(check=False))
         es = emd.e_step(z, eps, t)
         moves[z_step] = float((es.z - z).norm(dim=1).max())
     assert moves["scaled"] < 3  # bounded: of the order of the prior's scale
@@ -229,22 +230,22 @@ class NaNTeacher(RecordingTeacher):
 
 def test_nan_from_teacher_is_caught_and_parameters_untouched():
     teacher, gen, student = small_problem()
-    dist = Distiller(NaNTeacher(teacher), gen, student, EMDConfig(K=2), batch=16, lr_g=1e-3, lr_s=1e-3)
-    before = copy.deepcopy(dist.state_tensors())
+    distiller = Distiller(NaNTeacher(teacher), gen, student, EMDConfig(K=2), batch=16, lr_g=1e-3, lr_s=1e-3)
+    before = copy.deepcopy(distiller.state_tensors())
     with pytest.raises(FloatingPointError, match="teacher denoiser output contains nan"):
-        dist.step()
-    after = dist.state_tensors()
+        distiller.step()
+    after = distiller.state_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before if k != "rng")
 
 
 def test_nonfinite_loss_leaves_parameters_unchanged():
     teacher, gen, student = small_problem()
-    dist = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-3, lr_s=1e-3)
-    dist.step()
+    distiller = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-3, lr_s=1e-3)
+    distiller.step()
     snapshot = {k: v.clone() for k, v in gen.state_dict().items()}
     loss = (gen(torch.randn(4, 2)) * float("nan")).mean()
     with pytest.raises(FloatingPointError, match="generator loss or gradient is nan/inf at step 2"):
-        dist._update(dist.opt_g, loss, "generator")
+        distiller._update(distiller.opt_g, loss, "generator")
     assert all(torch.equal(snapshot[k], v) for k, v in gen.state_dict().items())
 
 
@@ -252,9 +253,9 @@ def test_e_step_vjp_leaves_the_generator_weights_out():
     """The E-step's generator calls see weights that do not require grad (emd.frozen: a compiled backward would
     otherwise compute every weight gradient in each of the K VJPs); the M-step call sees them trainable again."""
     teacher, gen, student = small_problem()
-    dist = Distiller(teacher, gen, student, EMDConfig(K=3), batch=16, lr_g=1e-3, lr_s=1e-3)
+    distiller = Distiller(teacher, gen, student, EMDConfig(K=3), batch=16, lr_g=1e-3, lr_s=1e-3)
     seen = []
     gen.register_forward_pre_hook(lambda module, args: seen.append(any(p.requires_grad for p in module.parameters())))
-    dist.step()
+    distiller.step()
     assert seen == [False, False, False, True]  # K E-step calls (z moves: one VJP each), then the M-step
     assert all(p.requires_grad for p in gen.parameters())

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from emd_fast import train
-from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMD, EMDConfig
 from emd_fast.execution.graphs import GraphedStep, graphs_unavailable
+from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser
 from emd_fast.problems import init_networks
 from emd_fast.schedules import make_schedule
 from emd_fast.teachers import NetworkTeacher
-from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser
+from emd_fast.training.distiller import Distiller, Execution
 
 from helpers import NoHostRead, network_params, small_problem
 
@@ -88,18 +88,18 @@ class PoisonAfter:
 def test_deferred_nonfinite_update_is_skipped_and_reported_later():
     teacher, gen, student = small_problem(seed=1, hidden=16)
     cfg = EMDConfig(K=2)
-    dist = Distiller(PoisonAfter(teacher, 2 * 2 + 1), gen, student, cfg, batch=16, lr_g=1e-3, lr_s=1e-3,
+    distiller = Distiller(PoisonAfter(teacher, 2 * 2 + 1), gen, student, cfg, batch=16, lr_g=1e-3, lr_s=1e-3,
                      execution=Execution(finite_check="deferred"))
-    dist.step(), dist.step()
-    before = network_params(dist)
-    dist.step(), dist.step()  # the teacher is NaN from iteration 3: no exception inside step()
-    after = network_params(dist)
+    distiller.step(), distiller.step()
+    before = network_params(distiller)
+    distiller.step(), distiller.step()  # the teacher is NaN from iteration 3: no exception inside step()
+    after = network_params(distiller)
     for k in before:
         assert torch.equal(after[k], before[k]), f"{k} was updated by a non-finite step"
     assert all(torch.isfinite(v).all() for v in after.values())
     with pytest.raises(FloatingPointError, match="nan/inf at step 3"):
-        dist.raise_if_nonfinite()
-    assert int(dist.opt_g.state_dict()["state"][0]["step"]) == 2  # skipped steps do not count in Adam either
+        distiller.raise_if_nonfinite()
+    assert int(distiller.opt_g.state_dict()["state"][0]["step"]) == 2  # skipped steps do not count in Adam either
 
 
 def test_bf16_autocast_tracks_fp32():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
+from emd_fast.training.distiller import Distiller, Execution
 
 from helpers import small_problem
 
@@ -20,8 +20,8 @@ def make(backend, variant="eps,z", cancel=True, kernel_noise=False, seed=0, devi
                      execution=Execution(backend=backend, kernel_noise=kernel_noise), device=device)
 
 
-def params(dist):
-    return {k: v for k, v in dist.state_tensors().items() if not k.startswith(("rng", "noise_stream"))}
+def params(distiller):
+    return {k: v for k, v in distiller.state_tensors().items() if not k.startswith(("rng", "noise_stream"))}
 
 
 @pytest.mark.parametrize("variant, cancel", [("eps,z", True), ("x,z", True), ("eps", False)])

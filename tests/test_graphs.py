@@ -7,10 +7,10 @@ checkpoints. Skipped without CUDA (tests/test_fast_loop.py checks the capturable
 import pytest
 import torch
 
-from emd_fast.execution.compiled import compile_networks
-from emd_fast.training.distiller import Distiller, Execution
 from emd_fast.emd import EMDConfig
+from emd_fast.execution.compiled import compile_networks
 from emd_fast.execution.graphs import GraphedStep
+from emd_fast.training.distiller import Distiller, Execution
 
 from helpers import network_params, small_problem
 
@@ -61,26 +61,26 @@ def test_graphed_run_checkpoints_into_an_eager_run_and_back():
 
 
 def test_nonfinite_inside_the_graph_skips_updates_and_is_reported():
-    dist = make()
-    step = GraphedStep(dist)
+    distiller = make()
+    step = GraphedStep(distiller)
     losses(step, 5)
     with torch.no_grad():
-        next(dist.student.parameters()).fill_(float("nan"))  # the student now outputs NaN in every replay
-    before = {k: v for k, v in network_params(dist).items() if k.startswith("generator.")}
+        next(distiller.student.parameters()).fill_(float("nan"))  # the student now outputs NaN in every replay
+    before = {k: v for k, v in network_params(distiller).items() if k.startswith("generator.")}
     losses(step, 3)
-    after = network_params(dist)
+    after = network_params(distiller)
     for k in before:
         assert torch.equal(after[k], before[k]), k
     with pytest.raises(FloatingPointError, match="nan/inf at step 6"):
-        dist.raise_if_nonfinite()
+        distiller.raise_if_nonfinite()
 
 
 def test_deferred_eager_step_does_not_sync():
-    dist = make(backend="triton")
-    dist.step()
+    distiller = make(backend="triton")
+    distiller.step()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        dist.step()
+        distiller.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

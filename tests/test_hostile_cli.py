@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from emd_fast import edm_import, fid, pretrain, sample, train
 from emd_fast.errors import out_of_memory
 from emd_fast.training.build import load_run
-from emd_fast.training.lifecycle import _meminfo_bytes, cpu_memory_limit
 from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.training.lifecycle import _meminfo_bytes, cpu_memory_limit
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "0",
          "--eval-samples", "100", "--quiet", "--device", "cpu", "--phase-every", "0"]

@@ -2,9 +2,17 @@ import numpy as np
 import pytest
 import torch
 
-from emd_fast.evaluation.image_metrics import (FID, DigitsClassifier, FeatureStats, InceptionFeatures, class_coverage,
-                                               frechet_distance, frechet_distance_stats, load_fid_reference,
-                                               precision_recall)
+from emd_fast.evaluation.image_metrics import (
+    FID,
+    DigitsClassifier,
+    FeatureStats,
+    InceptionFeatures,
+    class_coverage,
+    frechet_distance,
+    frechet_distance_stats,
+    load_fid_reference,
+    precision_recall,
+)
 
 from helpers import fake_inception_file
 

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-
-from emd_fast import ops
-from emd_fast.execution.backends import triton_available
 import triton
 import triton.language as tl
 
+from emd_fast import ops
+from emd_fast.execution.backends import triton_available
 from emd_fast.kernels import _common
 from emd_fast.kernels._common import tile
 from emd_fast.kernels.langevin import NoiseStream, _cos_sin_turn, _normals, langevin_eps_step, langevin_z_step

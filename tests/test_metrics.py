@@ -1,8 +1,8 @@
 import torch
 
 from emd_fast.evaluation.mixture_metrics import chi2_quantile, energy_distance, mixture_metrics, reference_metrics
-from emd_fast.teachers.mixture import gmm16d, ring2d
 from emd_fast.schedules import VPCosine
+from emd_fast.teachers.mixture import gmm16d, ring2d
 
 
 def test_exact_samples_score_perfectly():

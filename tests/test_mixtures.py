@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from emd_fast.teachers.mixture import MixtureError, data_std, load_mixture, mixture_arrays, random_mixture
 from emd_fast.schedules import VPCosine
+from emd_fast.teachers.mixture import MixtureError, data_std, load_mixture, mixture_arrays, random_mixture
 
 SPEC = {"means": [[0.0, 1.0], [2.0, -1.0], [-1.5, 0.5]], "weights": [0.5, 0.3, 0.2]}
 

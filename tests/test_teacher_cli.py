@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from emd_fast import sample, train
-from emd_fast.training.build import load_run
-from emd_fast.training.config import PRESET_DEFAULTS
-from emd_fast.training.checkpoint import list_checkpoints
-from emd_fast.evaluation.image_metrics import InceptionFeatures
-from emd_fast.teachers.network_file import save_network
-
-from helpers import fake_inception_file
 from test_edm_import import edm_globals, write_edm_pickle  # noqa: F401 (a fixture)
 from test_unet import NETS, random_unet
+
+from emd_fast import sample, train
+from emd_fast.evaluation.image_metrics import InceptionFeatures
+from emd_fast.teachers.network_file import save_network
+from emd_fast.training.build import load_run
+from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.training.config import PRESET_DEFAULTS
+
+from helpers import fake_inception_file
 
 SMALL = ["--steps", "4", "--batch", "4", "--K", "1", "--eval-every", "2", "--eval-samples", "8", "--ckpt-every", "2",
          "--quiet", "--device", "cpu", "--phase-every", "0"]

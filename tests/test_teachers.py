@@ -3,8 +3,8 @@ import torch
 
 from emd_fast.nets.mlp import MLPDenoiser
 from emd_fast.schedules import EDMSchedule, VPCosine
-from emd_fast.teachers.mixture import GaussianMixtureTeacher
 from emd_fast.teachers import NetworkTeacher, score_from_denoiser
+from emd_fast.teachers.mixture import GaussianMixtureTeacher
 
 
 def random_mixture(schedule, m=4, d=3, seed=0):
@@ -87,9 +87,9 @@ def test_bad_mixture_inputs():
 
 @pytest.mark.parametrize("schedule", [VPCosine(), EDMSchedule()], ids=["vp", "edm"])
 def test_heun_sampler_with_exact_denoiser_samples_the_mixture(schedule):
+    from emd_fast.evaluation.heun import heun_sample
     from emd_fast.evaluation.mixture_metrics import mixture_metrics
     from emd_fast.teachers.mixture import ring2d
-    from emd_fast.evaluation.heun import heun_sample
 
     teacher = ring2d(schedule)
     g = torch.Generator().manual_seed(0)

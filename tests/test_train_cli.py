@@ -245,21 +245,22 @@ def test_out_of_memory_at_the_first_iteration_names_a_batch_that_fits(tmp_path, 
 
 
 def test_ema_follows_the_generator(tmp_path):
-    from helpers import small_problem
     from emd_fast.emd import EMDConfig
 
+    from helpers import small_problem
+
     teacher, gen, student = small_problem()
-    dist = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-2, lr_s=1e-3, ema_halflife_kimg=0.1,
+    distiller = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-2, lr_s=1e-3, ema_halflife_kimg=0.1,
                      ema_rampup=0.0)
-    before = {k: v.clone() for k, v in dist.ema.state_dict().items()}
-    dist.step()
-    dist.update_ema()
+    before = {k: v.clone() for k, v in distiller.ema.state_dict().items()}
+    distiller.step()
+    distiller.update_ema()
     beta = 0.5 ** (16 / 100)
-    for k, v in dist.ema.state_dict().items():
+    for k, v in distiller.ema.state_dict().items():
         want = beta * before[k] + (1 - beta) * gen.state_dict()[k]
         torch.testing.assert_close(v, want)
-    assert not torch.equal(dist.ema.state_dict()["denoiser.out.weight"], gen.state_dict()["denoiser.out.weight"])
-    assert dist.sampler is dist.ema and {f"ema.{k}" for k in before} <= set(dist.state_tensors())
+    assert not torch.equal(distiller.ema.state_dict()["denoiser.out.weight"], gen.state_dict()["denoiser.out.weight"])
+    assert distiller.sampler is distiller.ema and {f"ema.{k}" for k in before} <= set(distiller.state_tensors())
     ramped = Distiller(teacher, gen, student, EMDConfig(K=1), batch=16, lr_g=1e-2, lr_s=1e-3, ema_halflife_kimg=500,
                        ema_rampup=0.05)
     ramped.step_count = 10  # 160 samples seen: the half-life is 0.05 * 160 = 8 samples, not 500k

@@ -9,9 +9,18 @@ import torch
 
 from emd_fast.checks import trusted_values
 from emd_fast.nets.generator import Generator
+from emd_fast.nets.unet import (
+    UNET_CONFIGS,
+    PositionalEmbedding,
+    Resample,
+    ResampleConv2d,
+    SongUNetDenoiser,
+    UNetBlock,
+    UNetDenoiser,
+    build_network,
+    embed_labels,
+)
 from emd_fast.schedules import EDMSchedule, VPCosine
-from emd_fast.nets.unet import (UNET_CONFIGS, PositionalEmbedding, Resample, ResampleConv2d, SongUNetDenoiser,
-                                UNetBlock, UNetDenoiser, build_network, embed_labels)
 
 
 def randomize(module, seed=0):

@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from ..emd import ReferenceOps
+from ..checks import check_finite
 from ..kernels import langevin, losses
+from ..ops import ReferenceOps
 from ..optional import installed_version, require
 
 
@@ -67,3 +68,22 @@ def make_ops(backend: str, rng: torch.Generator, seed: int, device: torch.device
 
         return TritonOps(rng, seed, device, kernel_noise)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class NetworkCall:
+    """How the EMD iteration calls a network (``EMD(call=...)``): under ``torch.autocast(autocast)`` when a dtype is
+    given (outputs returned in fp32), and raising FloatingPointError on a NaN/inf output if ``check`` (one host sync
+    each; deferred finite checks turn it off and watch the losses and gradients on the device instead)."""
+
+    def __init__(self, autocast: torch.dtype | None = None, check: bool = True):
+        self.autocast, self.check = autocast, check
+
+    def __call__(self, what: str | None, net, *args) -> torch.Tensor:
+        if self.autocast is None:
+            out = net(*args)
+        else:
+            with torch.autocast(args[0].device.type, dtype=self.autocast):
+                out = net(*args).float()
+        if self.check and what:
+            check_finite(what, out)
+        return out

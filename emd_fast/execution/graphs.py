@@ -49,28 +49,28 @@ class GraphedStep:
         self.side = torch.cuda.Stream(distiller.device)
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        dist = self.distiller
+        distiller = self.distiller
         self.calls += 1
         if self.calls <= self.warmup:
-            self.side.wait_stream(torch.cuda.current_stream(dist.device))
+            self.side.wait_stream(torch.cuda.current_stream(distiller.device))
             with torch.cuda.stream(self.side):
-                losses = dist.step()
-            torch.cuda.current_stream(dist.device).wait_stream(self.side)
+                losses = distiller.step()
+            torch.cuda.current_stream(distiller.device).wait_stream(self.side)
             return losses
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        dist.step_count += 1
+        distiller.step_count += 1
         return {k: v.clone() for k, v in self.losses.items()}
 
     def _capture(self) -> None:
-        dist = self.distiller
-        torch.cuda.synchronize(dist.device)
+        distiller = self.distiller
+        torch.cuda.synchronize(distiller.device)
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(dist.rng)
+        graph.register_generator_state(distiller.rng)
         # capture records the kernels without running them: the iteration's host-side counter must not move
-        step_count = dist.step_count
+        step_count = distiller.step_count
         with torch.cuda.graph(graph, stream=self.side):
-            self.losses = dist.step()
-        dist.step_count = step_count
+            self.losses = distiller.step()
+        distiller.step_count = step_count
         self.graph = graph

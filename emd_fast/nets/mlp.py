@@ -15,7 +15,7 @@ from ..schedules import Schedule
 from .precond import EDMPrecond, precondition
 
 
-class FourierEmbedding(nn.Module):
+class RandomFourierFeatures(nn.Module):
     """c_noise (N,) -> (N, dim) random Fourier features (fixed frequencies)."""
 
     def __init__(self, dim: int, scale: float = 4.0, seed: int = 0):
@@ -36,7 +36,7 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         self.dim, self.schedule, self.sigma_data, self.precond = dim, schedule, sigma_data, EDMPrecond(sigma_data)
         self.arch = {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim, "sigma_data": sigma_data}
-        self.embed = nn.Sequential(FourierEmbedding(emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU())
+        self.embed = nn.Sequential(RandomFourierFeatures(emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.mods = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))

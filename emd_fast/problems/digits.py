@@ -39,7 +39,7 @@ from ..seeds import Stream, seed_for
 from ..teachers import NetworkTeacher
 from ..teachers.network_file import load_network
 
-ASSETS = Path(__file__).with_name("assets")
+ASSETS = Path(__file__).parents[1] / "assets"
 TEACHER_FILE = ASSETS / "digits_teacher.safetensors"
 CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
 INFO_FILE = ASSETS / "digits_info.json"

@@ -1,6 +1,6 @@
 """Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM network pickles.
 
-Our format (``format`` = "emd_fast.nets.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
+Our format (``format`` = "emd_fast.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
 ``unet.py``; files written before SongUNet support have no ``network``/``precond`` in it and load as ADM with EDM
 preconditioning), ``schedule`` (JSON, ``Schedule.config()``) and ``config`` (a name, e.g. "digits").
 """
@@ -15,7 +15,7 @@ from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
 from .edm_pickle import load_edm_pickle
 
-FORMAT = "emd_fast.nets.unet"
+FORMAT = "emd_fast.unet"
 EDM_SUFFIXES = (".pkl", ".pickle")
 
 

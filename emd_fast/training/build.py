@@ -9,35 +9,11 @@ import torch
 from ..emd import EMDConfig
 from ..errors import CheckpointError
 from ..execution.distributed import Ranks, data_parallel, fully_sharded, rank_seed
-from ..problems import init_networks
-from ..problems.digits import DigitsProblem
-from ..problems.mixture import MixtureProblem
-from ..schedules import make_schedule
+from ..problems import init_networks, make_problem
 from ..seeds import Stream, seed_for
-from ..teachers.mixture import PRESETS as MIXTURES
-from ..teachers.mixture import load_mixture
 from .checkpoint import list_checkpoints, load_checkpoint, load_state_dict_strict
 from .config import parse_device
 from .distiller import Distiller, Execution
-
-
-def make_problem(cfg: dict):
-    """The run's problem: teacher, metrics and plots (a MixtureProblem, DigitsProblem, ImageProblem or, for a
-    diffusers folder, DiffusersProblem)."""
-    if cfg.get("teacher") and Path(cfg["teacher"]).is_dir():
-        from ..problems.diffusers_folder import DiffusersProblem
-
-        return DiffusersProblem(cfg)
-    if cfg.get("teacher"):
-        from ..problems.image import ImageProblem
-
-        return ImageProblem(cfg)
-    schedule = make_schedule(cfg["schedule"] or "vp_cosine")
-    if cfg.get("mixture"):
-        return MixtureProblem(load_mixture(cfg["mixture"], schedule), cfg)
-    if cfg["preset"] == "digits":
-        return DigitsProblem(schedule, cfg)
-    return MixtureProblem(MIXTURES[cfg["preset"]](schedule), cfg)
 
 
 class Run:
@@ -74,14 +50,14 @@ class Run:
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """n samples of the (EMA) generator from (z, y) drawn from ``rng``, the same whatever the number of
         processes: each rank generates its rows, rank 0 gathers them. (samples (n, ...) or None off rank 0, y)."""
-        dist, rows = self.distiller, self.ranks.rows(n)
-        z, y = dist.sample_inputs(n, rng)
+        distiller, rows = self.distiller, self.ranks.rows(n)
+        z, y = distiller.sample_inputs(n, rng)
         z_own, y_own = z[rows], None if y is None else y[rows]
-        if dist.sharded:  # all ranks call a sharded network together: as many rows (padding) on each
+        if distiller.sharded:  # all ranks call a sharded network together: as many rows (padding) on each
             longest = -(-n // self.ranks.world)
             z_own, y_own = (None if v is None else torch.cat([v, v.new_zeros((longest - len(v), *v.shape[1:]))])
                             for v in (z_own, y_own))
-        return self.ranks.gather_rows(dist.generate(z_own, y_own)[:rows.stop - rows.start], n), y
+        return self.ranks.gather_rows(distiller.generate(z_own, y_own)[:rows.stop - rows.start], n), y
 
     def evaluate(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
         """Metrics of eval_samples generator samples from a fixed (z, y) (the same every evaluation); in a
@@ -132,10 +108,10 @@ def load_run(path: str | Path, device, training_state: bool = False) -> tuple[Ru
         raise CheckpointError(f"{ckpt} was written by another config than {config_path}")
     cfg["out"] = str(ckpt.parent.parent)  # the run's directory (a diffusers run's prompt embeddings are there)
     run = Run(cfg, parse_device(device), fit_teacher=False)
-    dist = run.distiller
+    distiller = run.distiller
     if training_state:
-        dist.load_state_tensors(tensors, state["step"], str(ckpt))
+        distiller.load_state_tensors(tensors, state["step"], str(ckpt))
     else:
-        load_state_dict_strict(dist.sampler, tensors, "ema." if dist.ema is not None else "generator.", ckpt)
-        dist.sampler.eval()
+        load_state_dict_strict(distiller.sampler, tensors, "ema." if distiller.ema is not None else "generator.", ckpt)
+        distiller.sampler.eval()
     return run, state["step"], ckpt

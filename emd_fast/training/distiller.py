@@ -12,7 +12,7 @@ from torch import nn
 from ..checks import trusted_values
 from ..emd import EMD, EMDConfig, EStep
 from ..errors import CheckpointError
-from ..execution.backends import BACKENDS, make_ops
+from ..execution.backends import BACKENDS, NetworkCall, make_ops
 from ..execution.distributed import (
     full_model_state,
     full_optimizer_state,
@@ -121,8 +121,8 @@ class Distiller:
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
         wrap = data_parallel or (lambda net: net)
-        self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, check_outputs=not self.deferred,
-                       autocast=PRECISIONS[execution.precision], train_generator=wrap(self.generator),
+        self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, call=NetworkCall(PRECISIONS[execution.precision], check=not self.deferred),
+                       train_generator=wrap(self.generator),
                        train_student=wrap(self.student))
         # deferred checks: fused Adam reads found_inf and skips its update on the device while it is 1;
         # capturable (step counts on the device) where CUDA graphs can capture it
@@ -173,9 +173,17 @@ class Distiller:
         self.step_count += 1
         out = {"loss_g": loss_g.detach(), "loss_s": loss_s.detach(), "grad_g": grad_g, "grad_s": grad_s,
                **e_step_moves(z, eps, es, self.emd.sigma_data)}
-        if not self.deferred:  # one host sync for all of them
-            self.guard.check(self.step_count, dict(zip(out, torch.stack(list(out.values())).tolist())))
+        if not self.deferred:  # checked at once, one host sync for all of them (deferred: when the log reads them)
+            self.check_health([{"step": self.step_count, **dict(zip(out, torch.stack(list(out.values())).tolist()))}])
         return out
+
+    def check_health(self, records: list[dict]) -> None:
+        """The run's health, in both finite-check modes: FloatingPointError if an update met a nan/inf (deferred
+        checks: the device flag, one host sync), DivergenceError if the logged values of ``records`` (one dict per
+        iteration with its "step") show divergence (``DivergenceGuard``)."""
+        self.raise_if_nonfinite()
+        for rec in records:
+            self.guard.check(rec["step"], rec)
 
     def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, name: str) -> torch.Tensor:
         """Backward and optimizer step; returns the gradient norm (0-dim, on the device)."""

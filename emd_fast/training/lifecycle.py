@@ -71,7 +71,7 @@ def _meminfo_bytes(path: str, key: str) -> int | None:
     return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key)), None)
 
 
-def _first_step(step, dist: Distiller, device: torch.device):
+def first_step(step, distiller: Distiller, device: torch.device):
     """The run's first iteration; an allocation failure becomes a RunError naming a batch that fits (measured by
     halving the batch until one eager iteration runs: the run is abandoned anyway)."""
     try:
@@ -80,14 +80,14 @@ def _first_step(step, dist: Distiller, device: torch.device):
     except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        asked = dist.batch
+        asked = distiller.batch
     fits = asked // 2
     while fits >= 1:
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        dist.batch = fits
+        distiller.batch = fits
         try:
             with cpu_memory_limit(device):
-                dist.step()
+                distiller.step()
             break
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
             if not out_of_memory(e):
@@ -98,16 +98,16 @@ def _first_step(step, dist: Distiller, device: torch.device):
     raise RunError(f"--batch {asked} does not fit in the memory of {device}: {hint}")
 
 
-def check_batch_memory(dist: Distiller, device: torch.device) -> None:
+def check_batch_memory(distiller: Distiller, device: torch.device) -> None:
     """RunError if the batch cannot fit whatever the networks: an iteration holds at least six data-sized fp32
     tensors per example at once (z, x = g(z), eps, x_t and two denoiser outputs). Catches an absurd --batch at once;
-    the first iteration measures the rest (_first_step)."""
+    the first iteration measures the rest (first_step)."""
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
         available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
-    need = 6 * 4 * math.prod(dist.shape) * dist.batch
+    need = 6 * 4 * math.prod(distiller.shape) * distiller.batch
     if available is not None and need > available:
-        raise RunError(f"--batch {dist.batch} needs at least {need / 2**30:.1f} GiB of memory for its samples and "
+        raise RunError(f"--batch {distiller.batch} needs at least {need / 2**30:.1f} GiB of memory for its samples and "
                        f"chains alone, {device} has {available / 2**30:.1f} GiB available: lower --batch (even "
-                       f"{available // (6 * 4 * math.prod(dist.shape))} would leave nothing for the networks)")
+                       f"{available // (6 * 4 * math.prod(distiller.shape))} would leave nothing for the networks)")

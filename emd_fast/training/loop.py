@@ -1,10 +1,7 @@
-"""A distillation run described by a config (the training CLI's options as a dict): problem, networks, Distiller,
-and the loop that writes the run directory.
-
-    config.json  metrics.jsonl  checkpoints/step_*.{safetensors,json}  samples/*.png  summary.json
-
-``train(cfg, explicit)`` resolves the config (preset defaults, --fast, a resumed run's own settings), checks it before
-any expensive work, then trains; ``Run(cfg, device)`` rebuilds a run's objects (``emd_fast.sample`` uses it).
+"""The training loop: ``train(cfg, explicit)`` runs (or resumes) the distillation a config describes and writes its run
+directory (``emd_fast.training.rundir``). It reads top to bottom: set-up, resume (or the record of the initial
+generator), iterate, summary; the periodic work between iterations (metrics log, evaluations, FID, plots,
+checkpoints) is ``Maintenance``, and the throughput and phase timing is ``Clock``.
 """
 from __future__ import annotations
 
@@ -27,12 +24,10 @@ from ..files import write_json_atomic
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
-from .lifecycle import StopSignals, _first_step, check_batch_memory
+from .lifecycle import StopSignals, check_batch_memory, first_step
 from .rundir import MetricsLog, check_free_space, open_run_directory, truncate_metrics
 
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
-
-
 WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
 
 
@@ -41,8 +36,9 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
 
     The run directory is locked while the run uses it (RunLock). A run directory this call created that fails before
     its first checkpoint is removed again: nothing half-made is left. Launched by torchrun, this process is one rank
-    of a data-parallel run (``emd_fast.execution.distributed``): rank 0 alone creates, locks and writes the directory and
-    returns the summary (the others return None); when another rank fails or hangs, this one stops with a RunError.
+    of a data-parallel run (``emd_fast.execution.distributed``): rank 0 alone creates, locks and writes the directory
+    and returns the summary (the others return None); when another rank fails or hangs, this one stops with a
+    RunError.
     """
     ranks = Ranks.from_env()
     cfg, device, notes = resolve(cfg, explicit, ranks.distributed)
@@ -64,179 +60,277 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
 
 
 def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | None, ranks: Ranks) -> dict | None:
-    out = cfg["out"]
-    ckpt_dir = out / "checkpoints"
+    # --- set-up: the saved config, the run's objects, the speed options ------------------------------------------
     t0 = time.perf_counter()
-    hashes = file_hashes(cfg)
-    saved_cfg = {k: v for k, v in jsonable(cfg).items() if k not in RUNTIME_KEYS}
-    if latest is not None:
-        tensors, state = load_resume_checkpoint(cfg, latest)
-        changed = [k for k, v in hashes.items() if state.get("config", {}).get(k) != v]
-        if changed:
-            raise CheckpointError(f"--resume: the {changed[0].removesuffix('_sha256')} file "
-                                  f"{cfg[changed[0].removesuffix('_sha256')]} is not the one this run started from "
-                                  f"(its SHA-256 differs)")
-    saved_cfg |= hashes
+    saved_cfg = {k: v for k, v in jsonable(cfg).items() if k not in RUNTIME_KEYS} | file_hashes(cfg)
+    resumed = latest and load_resume_point(cfg, latest, saved_cfg)
     run = Run(cfg, device, fit_teacher=latest is None, ranks=ranks)
-    dist = run.distiller
-    check_free_space(out, dist.checkpoint_bytes())
-    check_batch_memory(dist, device)
-    fid = None
-    if cfg.get("fid_ref") and ranks.main:
-        from ..evaluation.image_metrics import FID
+    distiller = run.distiller
+    check_free_space(cfg["out"], distiller.checkpoint_bytes())
+    check_batch_memory(distiller, device)
+    step = fastest_step(run, cfg, ranks, notes)
+    if notes and ranks.main:
+        print("\n".join(notes), file=sys.stderr)
 
-        fid = FID(cfg["inception"], cfg["fid_ref"], device)
+    # --- resume, or record the generator at initialisation (the teacher's denoiser at lambda*) -------------------
+    if resumed:
+        restore(run, *resumed, latest, saved_cfg)
+    else:
+        record_start(run, saved_cfg)
+    clock = Clock(cfg, device, distiller.step_count, setup_s=time.perf_counter() - t0)
+    upkeep = Maintenance(run, saved_cfg, clock)
+
+    # --- iterate ---------------------------------------------------------------------------------------------------
+    with upkeep, StopSignals() as stop:
+        while not (stopped := stop.requested(ranks)) and distiller.step_count < cfg["steps"]:
+            with clock.iteration(distiller.step_count + 1):
+                first = clock.first(distiller.step_count) and not ranks.distributed  # halving the batch: 1 process
+                losses = first_step(step, distiller, device) if first else step()
+            distiller.update_ema()
+            upkeep.after_step(distiller.step_count, losses)
+        if stopped:  # at an iteration boundary (the same on every rank): everything a resume needs is consistent
+            upkeep.stop(stopped)
+    clock.stop()
+
+    # --- summary: the last checkpoint, the final evaluation, summary.json -------------------------------------------
+    final, samples, y = upkeep.finish()
+    if not ranks.main:
+        return None
+    upkeep.plot("final.png", final, samples, y)
+    floor = run.problem.floor()
+    summary = {
+        "out": str(cfg["out"]), "preset": cfg["preset"], "problem": type(run.problem).__name__,
+        "steps": distiller.step_count, "device": str(device), "processes": ranks.world,
+        "execution": {**dataclasses.asdict(distiller.execution), "compile": cfg["compile"],
+                      "cuda_graph": cfg["cuda_graph"]},
+        **clock.summary(distiller.step_count, cfg["batch"]),
+        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                if device.type == "cuda" else None),
+        "final": final, "exact_sample_floor": floor, "summary_lines": run.problem.summary_lines(final, floor),
+    }
+    write_json_atomic(cfg["out"] / "summary.json", summary)
+    return summary
+
+
+# --- set-up and resume ---------------------------------------------------------------------------------------------
+
+def load_resume_point(cfg: dict, latest: Path, saved_cfg: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of the checkpoint a run resumes from, refused if a file the run reads changed since."""
+    tensors, state = load_resume_checkpoint(cfg, latest)
+    changed = [k for k, v in saved_cfg.items() if k.endswith("_sha256") and state.get("config", {}).get(k) != v]
+    if changed:
+        option = changed[0].removesuffix("_sha256")
+        raise CheckpointError(f"--resume: the {option} file {cfg[option]} is not the one this run started from (its "
+                              f"SHA-256 differs)")
+    return tensors, state
+
+
+def fastest_step(run: Run, cfg: dict, ranks: Ranks, notes: list[str]):
+    """The iteration as the speed options ask: the networks compiled (--compile) and the whole iteration replayed as
+    one CUDA graph (--cuda-graph), else ``Distiller.step``. What cannot be done here is added to ``notes``."""
+    distiller = run.distiller
     if cfg["compile"]:
         from ..execution.compiled import compile_networks
 
-        notes += compile_networks(dist, mode=cfg["compile"]).lines()
-    step = dist.step
-    if cfg["cuda_graph"]:
-        from ..execution.graphs import GraphedStep, graphs_unavailable
+        notes += compile_networks(distiller, mode=cfg["compile"]).lines()
+    if not cfg["cuda_graph"]:
+        return distiller.step
+    from ..execution.graphs import GraphedStep, graphs_unavailable
 
-        if why := graphs_unavailable(dist) or (ranks.distributed and GRAPHS_NOT_DISTRIBUTED):
-            raise RunError(f"--cuda-graph: {why}")
-        step = GraphedStep(dist)
-    if notes and ranks.main:
-        print("\n".join(notes), file=sys.stderr)
-    if latest is not None:
-        if differences := config_differences(state.get("config"), saved_cfg):
-            raise CheckpointError(f"{latest} was written by another config ({differences})")
-        dist.load_state_tensors(ranks.own_view(tensors), state["step"], str(latest))
-        if state.get("processes", 1) != ranks.world:  # new per-rank streams; parameters and optimizers continue
-            dist.reseed(rank_seed(cfg["seed"], ranks.rank, state["step"]))
+    if why := graphs_unavailable(distiller) or (ranks.distributed and GRAPHS_NOT_DISTRIBUTED):
+        raise RunError(f"--cuda-graph: {why}")
+    return GraphedStep(distiller)
+
+
+def restore(run: Run, tensors: dict[str, torch.Tensor], state: dict, latest: Path, saved_cfg: dict) -> None:
+    """Continue from a checkpoint: every tensor of the Distiller, new random streams per process if the number of
+    processes changed, the metrics log cut back to the checkpoint's step."""
+    if differences := config_differences(state.get("config"), saved_cfg):
+        raise CheckpointError(f"{latest} was written by another config ({differences})")
+    ranks, distiller = run.ranks, run.distiller
+    distiller.load_state_tensors(ranks.own_view(tensors), state["step"], str(latest))
+    if state.get("processes", 1) != ranks.world:  # new per-rank streams; parameters and optimizers continue
+        distiller.reseed(rank_seed(run.cfg["seed"], ranks.rank, state["step"]))
+    if ranks.main:
+        truncate_metrics(run.cfg["out"] / "metrics.jsonl", state["step"])
+
+
+def record_start(run: Run, saved_cfg: dict) -> None:
+    """A new run: config.json, and the metrics of the generator at initialisation as metrics.jsonl's step 0."""
+    init_metrics, _, _ = run.evaluate()
+    if run.ranks.main:
+        out = run.cfg["out"]
+        write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
+                                                "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
+        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+
+
+# --- between iterations --------------------------------------------------------------------------------------------
+
+class Maintenance:
+    """The periodic work between iterations: the metrics log (a host sync every LOG_EVERY steps), evaluations,
+    FID, plots, checkpoints and the progress bar; on a stop signal or Ctrl-C, the checkpoint a resume needs. Used as
+    a context manager around the loop: it closes the log and the bar however the loop ends."""
+
+    def __init__(self, run: Run, saved_cfg: dict, clock: "Clock"):
+        self.run, self.cfg, self.ranks, self.saved_cfg, self.clock = run, run.cfg, run.ranks, saved_cfg, clock
+        self.distiller, self.out = run.distiller, run.cfg["out"]
+        self.fid = None
+        if self.cfg.get("fid_ref") and self.ranks.main:
+            from ..evaluation.image_metrics import FID
+
+            self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device)
+        self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller)
+        self.bar = tqdm(total=self.cfg["steps"], initial=self.distiller.step_count, desc="EMD", unit="it",
+                        disable=self.cfg["quiet"] or not self.ranks.main, dynamic_ncols=True)
+        self.last: dict = {}
+
+    def after_step(self, n: int, losses: dict[str, torch.Tensor]) -> None:
+        """After iteration n: log its losses; on the steps due, sync the log, evaluate, compute the FID, plot and
+        checkpoint."""
+        cfg = self.cfg
+        evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
+        fid_due = cfg.get("fid_ref") and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
+        self.log.add(n, losses)
+        if evaluate or fid_due or self.checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
+            self.log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
+            with self.clock.maintenance():
+                metrics = None
+                if evaluate:
+                    metrics, samples, y = self.run.evaluate()
+                    self.last = metrics
+                if fid_due:
+                    metrics = (metrics or {}) | self.fid_metrics()
+                self.log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
+                if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
+                    self.plot(f"step_{n:07d}.png", metrics, samples, y)
+                if self.checkpoint_due():
+                    self.checkpoint()
+            self.bar.set_postfix(**self.log.postfix(), **(self.run.problem.progress(self.last) if self.last else {}),
+                                 refresh=False)
+        self.bar.update(1)
+
+    def checkpoint_due(self) -> bool:
+        return bool(self.cfg["ckpt_every"]) and self.distiller.step_count % self.cfg["ckpt_every"] == 0
+
+    def checkpoint(self) -> None:
+        """Every rank calls it: gathering the ranks' random states is the barrier before rank 0 writes."""
+        distiller, ranks = self.distiller, self.ranks
+        random_states = ranks.gather_random_state(distiller.random_state())
+        tensors = distiller.state_tensors() if ranks.main or distiller.sharded else None  # sharded: all ranks gather
         if ranks.main:
-            truncate_metrics(out / "metrics.jsonl", state["step"])
-    else:
-        init_metrics, _, _ = run.evaluate()  # the generator at initialisation (teacher denoiser at lambda*)
-        if ranks.main:
-            write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
-                                                    "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
-            rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
-            (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
-    setup_s = time.perf_counter() - t0
+            state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world}
+            save_checkpoint(self.out / "checkpoints", distiller.step_count, tensors | random_states, state,
+                            keep=self.cfg["keep"])
 
-    def checkpoint_due() -> bool:
-        return bool(cfg["ckpt_every"]) and dist.step_count % cfg["ckpt_every"] == 0
-
-    def checkpoint():  # every rank calls it: gathering the ranks' random states is the barrier before the write
-        random_states = ranks.gather_random_state(dist.random_state())
-        tensors = dist.state_tensors() if ranks.main or dist.sharded else None  # sharded: gathered by all ranks
-        if ranks.main:
-            state = {"config": saved_cfg, "torch": torch.__version__, "processes": ranks.world}
-            save_checkpoint(ckpt_dir, dist.step_count, tensors | random_states, state, keep=cfg["keep"])
-
-    def fid_now() -> dict:  # every rank makes its share of the samples; rank 0 computes the FID
-        batches = run.sample_batches(cfg["fid_samples"], run.fid_seed)
-        if fid is None:
+    def fid_metrics(self) -> dict:
+        """Every rank makes its share of the samples; rank 0 computes the FID."""
+        batches = self.run.sample_batches(self.cfg["fid_samples"], self.run.fid_seed)
+        if self.fid is None:
             for _ in batches:
                 pass
             return {}
-        value, n = fid(batches)
+        value, n = self.fid(batches)
         return {"fid": value, "fid_samples": n}
 
-    def plot(name, metrics, samples, y):
-        if not ranks.main:
+    def plot(self, name: str, metrics: dict, samples: torch.Tensor, y) -> None:
+        if not self.ranks.main:
             return
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        cfg = self.cfg
+        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
         source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
-                 f"step {dist.step_count}")
-        run.problem.plot(out / "samples" / name, samples, y, metrics, history, title)
+                 f"step {self.distiller.step_count}")
+        self.run.problem.plot(self.out / "samples" / name, samples, y, metrics, history, title)
 
-    log = MetricsLog(out / "metrics.jsonl" if ranks.main else None, dist)
-    bar = tqdm(total=cfg["steps"], initial=dist.step_count, disable=cfg["quiet"] or not ranks.main, desc="EMD",
-               unit="it", dynamic_ncols=True)
-    graphed = cfg["cuda_graph"]
-    other_s, start_step, last = 0.0, dist.step_count, {}
-    timer, timed_iters = PhaseTimer(device), 0
-    loop_t0 = warm_t0 = time.perf_counter()
-    warm_other_s = 0.0
-    try:
-        with StopSignals() as stop:
-            while not (stopped := stop.requested(ranks)) and dist.step_count < cfg["steps"]:
-                timed = cfg["phase_every"] and not graphed and (dist.step_count + 1) % cfg["phase_every"] == 0
-                with timer if timed else contextlib.nullcontext():
-                    first = dist.step_count == start_step and not ranks.distributed  # (halving the batch: 1 process)
-                    losses = _first_step(step, dist, device) if first else step()
-                dist.update_ema()
-                timed_iters += bool(timed)
-                n = dist.step_count
-                if n - start_step == WARM_ITERS:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    warm_t0, warm_other_s = time.perf_counter(), other_s
-                evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
-                fid_due = cfg.get("fid_ref") and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
-                log.add(n, losses)
-                if evaluate or fid_due or checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
-                    log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
-                    ts = time.perf_counter()
-                    metrics = None
-                    if evaluate:
-                        metrics, samples, y = run.evaluate()
-                        last = metrics
-                    if fid_due:
-                        metrics = (metrics or {}) | fid_now()
-                    log.write(metrics and {k: v for k, v in metrics.items() if k != "mode_weights"})
-                    if evaluate and cfg["plot_every"] and n % cfg["plot_every"] == 0:
-                        plot(f"step_{n:07d}.png", metrics, samples, y)
-                    if checkpoint_due():
-                        checkpoint()
-                    other_s += time.perf_counter() - ts
-                    bar.set_postfix(**log.postfix(), **(run.problem.progress(last) if last else {}), refresh=False)
-                bar.update(1)
-            if stopped:  # at an iteration boundary (the same on every rank): everything a resume needs is consistent
-                bar.close()
-                log.sync()
-                if not checkpoint_due():
-                    checkpoint()
-                raise Stopped(stopped, f"stopped by {signal.Signals(stopped).name} after step {dist.step_count}: "
-                                       f"checkpoint written; continue with --resume --out {out}" if ranks.main else "")
-    except KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
-        bar.close()
-        log.sync()
-        if ranks.distributed:  # the other ranks are not at a boundary: no consistent checkpoint to write
-            raise
-        checkpoint()
-        print(f"interrupted at step {dist.step_count}: checkpoint written; continue with --resume --out {out}",
-              file=sys.stderr)
-        raise
-    except FloatingPointError:
-        log.sync(check=False)  # keep the losses logged before the failure
-        raise
-    finally:
-        log.close()
-        bar.close()  # before the error message, if any
-    loop_end = time.perf_counter()
-    train_s = loop_end - loop_t0 - other_s
-    steady_s = loop_end - warm_t0 - (other_s - warm_other_s)
-    if not checkpoint_due():  # the last step's checkpoint, unless the loop just wrote it
-        checkpoint()
-    final, samples, y = run.evaluate()
-    fid_metrics = fid_now() if cfg.get("fid_ref") else {}
-    if not ranks.main:
-        return None
-    final |= fid_metrics
-    plot("final.png", final, samples, y)
-    floor = run.problem.floor()
-    steps_run = dist.step_count - start_step
-    summary = {
-        "out": str(out), "preset": cfg["preset"], "problem": type(run.problem).__name__, "steps": dist.step_count,
-        "device": str(device), "processes": ranks.world,
-        "execution": {**dataclasses.asdict(dist.execution), "compile": cfg["compile"], "cuda_graph": graphed},
-        "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
-        "iters_per_s": round(steps_run / train_s, 2) if train_s else None,
-        "samples_per_s": round(steps_run * cfg["batch"] / train_s, 1) if train_s else None,
-        "steady_iters_per_s": (round((steps_run - WARM_ITERS) / steady_s, 2)
-                               if steps_run > WARM_ITERS and steady_s > 0 else None),
-        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                                if device.type == "cuda" else None),
-        "phase_ms_per_iter": timer.summary(timed_iters), "phase_timed_iters": timed_iters,
-        "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
-                       if graphed else f"every {cfg['phase_every']}-th iteration, device synchronised per phase"
-                       if cfg["phase_every"] else "none (--phase-every 0)"),
-        "final": final, "exact_sample_floor": floor, "summary_lines": run.problem.summary_lines(final, floor),
-    }
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    def stop(self, signum: int) -> None:
+        """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""
+        self.bar.close()
+        self.log.sync()
+        if not self.checkpoint_due():
+            self.checkpoint()
+        message = (f"stopped by {signal.Signals(signum).name} after step {self.distiller.step_count}: checkpoint "
+                   f"written; continue with --resume --out {self.out}")
+        raise Stopped(signum, message if self.ranks.main else "")
+
+    def finish(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+        """After the last iteration: its checkpoint (unless just written), the final evaluation and FID (every rank
+        takes part; rank 0 gets them)."""
+        if not self.checkpoint_due():
+            self.checkpoint()
+        final, samples, y = self.run.evaluate()
+        fid = self.fid_metrics() if self.cfg.get("fid_ref") else {}
+        return (final | fid if final is not None else None), samples, y
+
+    def __enter__(self) -> "Maintenance":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
+                self.bar.close()
+                self.log.sync()
+                if not self.ranks.distributed:  # other ranks are not at a boundary: no consistent checkpoint then
+                    self.checkpoint()
+                    print(f"interrupted at step {self.distiller.step_count}: checkpoint written; continue with "
+                          f"--resume --out {self.out}", file=sys.stderr)
+            elif kind is not None and issubclass(kind, FloatingPointError):
+                self.log.sync(check=False)  # keep the losses logged before the failure
+        finally:
+            self.log.close()
+            self.bar.close()  # before the error message, if any
+
+
+class Clock:
+    """Throughput of the iterations with the maintenance between them left out: over the whole loop and after the
+    first WARM_ITERS iterations (compilation, graph capture), and phase times of every --phase-every-th iteration
+    (the device synchronised at each phase boundary; none under a CUDA graph: one launch)."""
+
+    def __init__(self, cfg: dict, device: torch.device, start_step: int, setup_s: float):
+        self.device, self.start_step, self.setup_s = device, start_step, setup_s
+        self.phase_every, self.graphed = cfg["phase_every"], cfg["cuda_graph"]
+        self.timer, self.timed_iters = PhaseTimer(device), 0
+        self.other_s = self.warm_other_s = 0.0
+        self.t0 = self.warm_t0 = time.perf_counter()
+
+    def first(self, step_count: int) -> bool:
+        return step_count == self.start_step
+
+    @contextlib.contextmanager
+    def iteration(self, n: int):
+        """Around iteration n: its phases timed if it is due."""
+        timed = self.phase_every and not self.graphed and n % self.phase_every == 0
+        with self.timer if timed else contextlib.nullcontext():
+            yield
+        self.timed_iters += bool(timed)
+        if n - self.start_step == WARM_ITERS:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.warm_t0, self.warm_other_s = time.perf_counter(), self.other_s
+
+    @contextlib.contextmanager
+    def maintenance(self):
+        """Around work between iterations (evaluations, plots, checkpoints): not counted as training time."""
+        t = time.perf_counter()
+        yield
+        self.other_s += time.perf_counter() - t
+
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    def summary(self, step_count: int, batch: int) -> dict:
+        steps = step_count - self.start_step
+        train_s = self.end - self.t0 - self.other_s
+        steady_s = self.end - self.warm_t0 - (self.other_s - self.warm_other_s)
+        return {
+            "setup_s": round(self.setup_s, 2), "train_s": round(train_s, 2),
+            "iters_per_s": round(steps / train_s, 2) if train_s else None,
+            "samples_per_s": round(steps * batch / train_s, 1) if train_s else None,
+            "steady_iters_per_s": (round((steps - WARM_ITERS) / steady_s, 2)
+                                   if steps > WARM_ITERS and steady_s > 0 else None),
+            "phase_ms_per_iter": self.timer.summary(self.timed_iters), "phase_timed_iters": self.timed_iters,
+            "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
+                           if self.graphed else f"every {self.phase_every}-th iteration, device synchronised per phase"
+                           if self.phase_every else "none (--phase-every 0)"),
+        }

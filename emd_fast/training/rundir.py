@@ -102,15 +102,14 @@ class MetricsLog:
     def sync(self, check: bool = True) -> None:
         """Read the pending values (one host sync); with ``check``, raise if the deferred finite flag is set or
         (deferred checks: the Distiller checked the sync path itself) a value shows divergence."""
-        if check:
-            self.distiller.raise_if_nonfinite()
+        records = []
         if self.pending:
             values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
             records = [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
             self.pending.clear()
             self.ready += records
-            for rec in records if check and self.distiller.deferred else ():
-                self.distiller.guard.check(rec["step"], rec)
+        if check and self.distiller.deferred:  # sync checks: the Distiller checked each iteration itself
+            self.distiller.check_health(records)
 
     def write(self, metrics: dict | None = None) -> None:
         if metrics and self.ready:
