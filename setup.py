@@ -11,21 +11,22 @@ setup(
     package_dir={"emd_fast": "emd_fast", "emd_fast.kernels": "kernels"},
     # the digits teacher and classifier that `python -m emd_fast.pretrain` trains (a few MB; nothing is downloaded)
     package_data={"emd_fast": ["assets/*"]},
+    # lower bounds tested in CI (.ci/lower_bounds.sh: the oldest of each beside torch 2.13); torch 2.11 on the GPU
+    # machines (benchmarks/run_gpu.sh), 2.13 in CI; user files are read with weights_only loads, hardened in 2.10
     install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "einops",
-        "nvtx",
-        "tqdm",  # progress bars with live postfix: not worth rewriting
-        "matplotlib",  # PNG plots of samples against the teacher
-        "scikit-learn",  # ships the 8x8 handwritten digits (sklearn.datasets.load_digits) the digits preset uses
+        "torch>=2.11",
+        "numpy>=1.23.5",
+        "safetensors>=0.4.1",
+        "nvtx>=0.2.8",
+        "tqdm>=4.64.1",  # progress bars with live postfix: not worth rewriting
+        "matplotlib>=3.6.3",  # PNG plots of samples against the teacher
+        "scikit-learn>=1.2.2",  # ships the 8x8 handwritten digits (sklearn.datasets.load_digits) the digits preset uses
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the CLIP text encoder
-        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40"],
+        "triton": ["triton>=3.6"],
+        # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the text encoders
+        "diffusers": ["diffusers>=0.33", "transformers>=4.40"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.40"],
     },
     # every command also as a console script: emd-train == python -m emd_fast.train, ...
     entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.{name}:console"
