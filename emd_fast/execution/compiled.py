@@ -9,7 +9,8 @@ is where the FLOPs of an image-sized problem are. Results equal the eager run up
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
 CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: they would capture each network call on its own;
-``emd_fast.execution.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph instead.
+``emd_fast.execution.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph
+instead.
 
 The backend defaults to inductor; ``EMD_COMPILE_BACKEND=aot_eager`` (or ``backend=``) selects another torch.compile
 backend, e.g. to tell a compiler bug from a model bug, or to exercise the compiled path quickly on the CPU.
