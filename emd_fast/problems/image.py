@@ -43,6 +43,8 @@ class ImageProblem:
     ``--schedule`` may replace the file's own (by default EDM's sigma range within what the network supports).
     """
 
+    reads = ("teacher network files (--teacher FILE: an NVlabs/EDM network pickle, an emd_fast U-Net "
+             ".safetensors)")
     options = frozenset()
 
     def __init__(self, teacher: NetworkTeacher, cfg: dict, sigma_data: float, num_classes: int):
