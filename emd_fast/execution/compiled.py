@@ -82,7 +82,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
                      dynamic: bool | None = None) -> CompileReport:
     """Apply torch.compile in place to the generator, the student and the teacher's network (where it is one).
 
-    distiller: an ``emd_fast.training.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
+    distiller: a ``training.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
     $EMD_COMPILE_BACKEND or "inductor"); dynamic: passed to torch.compile (None: torch's automatic dynamic shapes,
     so the evaluation batch recompiles once and then shares a dynamic graph).
     Compilation itself happens lazily at the first call. Never raises for a missing GPU: what cannot be compiled
