@@ -16,9 +16,9 @@ allocated or computed. What is counted:
   update run one after the other; the teacher and student forwards of the E-step keep nothing.
 
 The count is checked against real CPU forwards of a tiny UNet (tests/test_diffusers.py): equal in fp32, within 2%
-under bf16 autocast (1.0% seen). Not counted: the CUDA context and caching-allocator slack, cuDNN workspaces, the transient buffers of a backward
-and of the optimizer step, the E-step's few (N, 4, 64, 64) chain tensors (a few MB). Read the figures as a lower bound
-of nvidia-smi's.
+under bf16 autocast (1.0% seen). Not counted: the CUDA context and caching-allocator slack, cuDNN workspaces, the
+transient buffers of a backward and of the optimizer step, the E-step's few (N, 4, 64, 64) chain tensors (a few MB).
+Read the figures as a lower bound of nvidia-smi's.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The hostile-but-fair cases (bad input a user could give), run against the installed emd_fast as real processes: each case, what is
-expected, what was observed (exit code, first line of stderr, seconds). Writes a markdown table.
+"""The hostile-but-fair cases (bad input a user could give), run against the installed emd_fast as real processes:
+each case, what is expected, what was observed (exit code, first line of stderr, seconds). Writes a markdown table.
 
     python benchmarks/hostile_cases.py --out benchmarks/results/hostile_cases.md
 

@@ -81,7 +81,8 @@ def main(argv=None) -> None:
         covered = "/".join(str(r["modes_covered"]) for r in runs)
         rows.append(f"| {name} | {covered} | " + " | ".join(cells[1:]) + " |")
     rows.append(f"| exact teacher samples (floor) | {floor['modes_covered']} | {floor['mode_tv']:.3g} | "
-                f"{floor['off_mode']:.3g} | {floor['mode_spread']:.3g} | {floor['energy_distance']:.3g} | {floor['mean_loglik']:.3g} | |")
+                f"{floor['off_mode']:.3g} | {floor['mode_spread']:.3g} | {floor['energy_distance']:.3g} | "
+                f"{floor['mean_loglik']:.3g} | |")
     table = "\n".join(rows)
     print(f"seeds {a.seeds}; modes covered listed per seed\n\n{table}")
     (a.out / "quality_table.json").write_text(json.dumps({"seeds": a.seeds, "extra": extra, "results": results,

@@ -84,7 +84,8 @@ BACKENDS = ("reference", "triton")
 IMPLS = {  # impl: (torch.compile the networks, whole-iteration CUDA graph, precision of the network calls)
     "eager": (False, False, "fp32"), "compile": (True, False, "fp32"),
     "graph": (True, True, "fp32"), "graph-bf16": (True, True, "bf16")}
-TARGETS = {"vector": 10.0, "unet": 2.0}  # EMD-16 it/s over the eager reference's, at least (the project's speed targets)
+# EMD-16 it/s over the eager reference's, at least (the project's speed targets)
+TARGETS = {"vector": 10.0, "unet": 2.0}
 SUMMARY_K = 16
 VERDICT = {True: "met", False: "NOT met", None: "not judged in the smoke mode"}
 LAMBDA_STAR = -4.0  # the CLI default
@@ -297,7 +298,8 @@ def measure(args) -> dict:
         r["floor_ms"] = None if rates is None else 1e3 * roofline.floor_s(
             cost["bytes"], cost["flops"], rates["copy_gbps"], rates["matmul_tflops"])
         r["x_floor"] = None if rates is None else r["ms_per_iter"] / r["floor_ms"]
-    return {**machine_facts(), "interrupted": interrupted, "device_rates": rates, "smoke": args.smoke, "peak_tflops": args.peak_tflops,
+    return {**machine_facts(), "interrupted": interrupted, "device_rates": rates, "smoke": args.smoke,
+            "peak_tflops": args.peak_tflops,
             "peak_note": "measured dense bf16 matmul rate (H100, docs/design.md): MFU of the bf16 rows; the fp32 rows "
                          "(fp32 matmuls, TF32 convolutions) get a lower bound",
             "compile_backend": compile_backend, "iters": args.iters, "warmup": args.warmup, "notes": notes,

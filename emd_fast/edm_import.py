@@ -1,4 +1,5 @@
-"""Convert an NVlabs/EDM network pickle to our safetensors file (no EDM code needed; see ``edm_checkpoint.py``).
+"""Convert an NVlabs/EDM network pickle to our safetensors file (no EDM code needed; see
+``emd_fast.teachers.edm_pickle``).
 
     python -m emd_fast.edm_import edm-imagenet-64x64-cond-adm.pkl imagenet64.safetensors
 """

@@ -2,7 +2,8 @@
 
 Notation follows docs/design.md: x_t = alpha_t g(z) + sigma_t eps, delta = s_T - s_psi. The elementwise parts go
 through an ``ops`` backend (``emd_fast.ops.Ops``): :class:`~emd_fast.ops.ReferenceOps` (plain PyTorch) or the fused
-Triton kernels (:mod:`emd_fast.execution.backends`); the networks and the control flow are shared, so both paths run the same algorithm.
+Triton kernels (:mod:`emd_fast.execution.backends`); the networks and the control flow are shared, so both paths run
+the same algorithm.
 
 Sampling variants (the paper's ablation):
     "eps,z"  reparametrized: Langevin on (eps, z); moving z moves x_t with eps held fixed.

@@ -1,5 +1,5 @@
-"""The errors a command turns into its exit code (see ``cli``): a problem with the input or the machine (one line, exit 2),
-a stop on a signal (128 + its number)."""
+"""The errors a command turns into its exit code (see ``cli``): a problem with the input or the machine (one line,
+exit 2), a stop on a signal (128 + its number)."""
 from __future__ import annotations
 
 import signal

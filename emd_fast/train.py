@@ -1,9 +1,9 @@
 """``python -m emd_fast.train``: distill a teacher into a one-step generator with EM Distillation.
 
 With no arguments it distills the embedded default (an 8-mode 2-D Gaussian mixture with exact scores) on the GPU if
-there is one, else the CPU, and writes a run directory (see ``emd_fast.run``):
+there is one, else the CPU, and writes a run directory (see ``emd_fast.training.rundir``):
     config.json  metrics.jsonl  checkpoints/step_*.{safetensors,json}  samples/*.png  summary.json
-This module only parses the command line; ``emd_fast.run.train`` does the work.
+This module only parses the command line; ``emd_fast.training.loop.train`` does the work.
 """
 from __future__ import annotations
 

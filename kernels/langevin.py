@@ -17,8 +17,19 @@ import triton.language as tl
 
 from emd_fast.checks import check_per_example
 
-from ._common import (NUM_WARPS, check_gamma, check_inputs, flat, is_channels_last, launch, load_per_row, per_example,
-                      tile, tiling, unflat)
+from ._common import (
+    NUM_WARPS,
+    check_gamma,
+    check_inputs,
+    flat,
+    is_channels_last,
+    launch,
+    load_per_row,
+    per_example,
+    tile,
+    tiling,
+    unflat,
+)
 
 
 class NoiseStream:

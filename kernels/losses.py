@@ -14,8 +14,18 @@ import triton.language as tl
 
 from emd_fast.checks import check_per_example
 
-from ._common import (NUM_WARPS, check_inputs, flat, is_channels_last, launch, load_per_row, per_example, tile, tiling,
-                      unflat)
+from ._common import (
+    NUM_WARPS,
+    check_inputs,
+    flat,
+    is_channels_last,
+    launch,
+    load_per_row,
+    per_example,
+    tile,
+    tiling,
+    unflat,
+)
 
 
 @triton.jit

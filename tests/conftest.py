@@ -24,3 +24,12 @@ def device(request):
 def kernel_device():
     """Where Triton kernels run: the GPU if there is one, else the CPU through the interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny Stable-Diffusion-style pipeline folder (``diffusers_models.latent_pipeline``), made once for every test
+    that reads it: copy it before changing it."""
+    from diffusers_models import latent_pipeline
+
+    return latent_pipeline(tmp_path_factory.mktemp("sd") / "pipe")

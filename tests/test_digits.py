@@ -11,7 +11,7 @@ from emd_fast.schedules import EDMSchedule, VPCosine
 from emd_fast.training.build import Run
 from emd_fast.training.config import PRESET_DEFAULTS, with_preset_defaults
 
-from helpers import fake_inception_file
+from helpers import assert_resumes_exactly, fake_inception_file, train_cli
 
 SMALL = ["--preset", "digits", "--steps", "2", "--batch", "8", "--K", "2", "--eval-every", "1", "--eval-samples", "40",
          "--quiet", "--device", "cpu", "--phase-every", "0"]
@@ -92,6 +92,10 @@ def test_smoke_run(tmp_path, capsys):
     # resuming without --preset takes the run's preset, and its defaults for the runtime options
     assert train.main(["--out", str(out), "--resume", "--steps", "3", "--quiet", "--eval-every", "0"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_continues_exactly(tmp_path):
+    assert_resumes_exactly(train_cli(*SMALL), tmp_path / "straight", tmp_path / "split", steps=3, stop=2)
 
 
 def test_inception_fid_when_weights_are_supplied(tmp_path, capsys):

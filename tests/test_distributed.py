@@ -190,7 +190,8 @@ def trajectory(ranks, wrap=None, shard=None, ema=0.0, execution=Execution()):
     for _ in range(STEPS):
         distiller.step()
         distiller.update_ema()
-        nets = {"generator": distiller.generator, "student": distiller.student} | ({"ema": distiller.ema} if ema else {})
+        nets = {"generator": distiller.generator, "student": distiller.student}
+        nets |= {"ema": distiller.ema} if ema else {}
         out.append({f"{name}.{k}": (full(p), None if p.grad is None else full(p.grad))
                     for name, net in nets.items() for k, p in net.named_parameters()})
     return out, distiller
@@ -205,7 +206,8 @@ def _equivalence_worker(rank, world, path, how="ddp", ema=0.0):
         else:  # "shard", or "shard_fused": fused Adam on the shards with its on-device skip flag (deferred checks)
             execution = Execution(finite_check="deferred" if how == "shard_fused" else "sync")
             result, distiller = trajectory(ranks, shard=fully_sharded(cpu, world), ema=ema, execution=execution)
-            nets = (distiller.generator, distiller.student, distiller.ema)  # each rank holds about 1/world of every network
+            # each rank holds about 1/world of every network
+            nets = (distiller.generator, distiller.student, distiller.ema)
             held = [sum(p.to_local().numel() for p in net.parameters()) / sum(p.numel() for p in net.parameters())
                     for net in nets]
             assert all(abs(h - 1 / world) < 0.1 for h in held), held

@@ -160,7 +160,7 @@ def edm_object(module: torch.nn.Module, class_name: str):
 
 
 def edm_init_kwargs(arch: dict) -> tuple[str, dict]:
-    """(EDM preconditioning class, constructor arguments) of our arch: the inverse of edm_checkpoint.edm_arch."""
+    """(EDM preconditioning class, constructor arguments) of our arch: the inverse of edm_pickle.edm_arch."""
     a, precond = dict(arch), dict(arch["precond"])
     kind = precond.pop("type")
     if precond.get("sigma_max", 0) is None:

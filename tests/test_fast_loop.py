@@ -14,7 +14,7 @@ from emd_fast.schedules import make_schedule
 from emd_fast.teachers import NetworkTeacher
 from emd_fast.training.distiller import Distiller, Execution
 
-from helpers import NoHostRead, network_params, small_problem
+from helpers import NoHostRead, assert_resumes_exactly, network_params, small_problem, train_cli
 
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
@@ -196,13 +196,6 @@ def test_cli_deferred_nan_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, c
 
 
 def test_cli_deferred_resume_is_exact(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
     args = [*SMALL, "--finite-check", "deferred"]
-    assert train.main(["--out", str(straight), *args, "--steps", "8"]) == 0
-    assert train.main(["--out", str(split), *args, "--steps", "4"]) == 0
-    assert train.main(["--out", str(split), *args, "--steps", "8", "--resume"]) == 0
-    from test_train_cli import final_tensors, losses
-
-    assert losses(split) == losses(straight)
-    a, b = final_tensors(straight), final_tensors(split)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(train_cli(*args), tmp_path / "straight", tmp_path / "split", steps=8, stop=4,
+                           resume_args=args)

@@ -1,4 +1,5 @@
-"""The whole iteration in one CUDA graph (``emd_fast.execution.graphs.GraphedStep``) against the eager iteration: GPU only.
+"""The whole iteration in one CUDA graph (``emd_fast.execution.graphs.GraphedStep``) against the eager iteration: GPU
+only.
 
 Replays must draw fresh noise (the run's registered torch.Generator; the NoiseStream's device counter), update the
 parameters and optimizer state in place, skip non-finite updates on the device, and hand over to eager runs through

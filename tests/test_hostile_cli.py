@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from emd_fast import edm_import, fid, pretrain, sample, train
 from emd_fast.errors import out_of_memory
@@ -20,15 +19,10 @@ from emd_fast.training.build import load_run
 from emd_fast.training.checkpoint import list_checkpoints
 from emd_fast.training.lifecycle import _meminfo_bytes, cpu_memory_limit
 
+from helpers import final_tensors, one_line_error
+
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "0",
          "--eval-samples", "100", "--quiet", "--device", "cpu", "--phase-every", "0"]
-
-
-def one_line_error(capsys, code, expected=2):
-    err = capsys.readouterr().err
-    assert code == expected, err
-    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +94,7 @@ def test_a_run_from_before_an_option_existed_resumes(tmp_path, capsys):
     record.pop("state_sha256")
     meta.write_text(json.dumps({**record, "state_sha256": _state_hash(record)}))
     assert train.main(["--out", str(old), "--resume", "--steps", "6", "--quiet"]) == 0
-    want, got = final_state(straight), final_state(old)
+    want, got = final_tensors(straight), final_tensors(old)
     assert all(torch.equal(want[k], got[k]) for k in want)
     capsys.readouterr()
     meta = list_checkpoints(old / "checkpoints")[-1]
@@ -142,7 +136,7 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path, capsys):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010.json"]
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert train.main(["--out", str(out), "--resume", "--quiet", *budget]) == 0
-    want, got = final_state(straight), final_state(out)
+    want, got = final_tensors(straight), final_tensors(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
@@ -166,7 +160,7 @@ def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting
             torch.empty(n, dtype=torch.uint8)
         assert out_of_memory(e.value)
         del a
-    b = torch.empty(n, dtype=torch.uint8)  # the limit is lifted again
+    torch.empty(n, dtype=torch.uint8)  # the limit is lifted again: this allocation succeeds
 
 
 @pytest.mark.parametrize("command, args, message", [
@@ -264,10 +258,6 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def final_state(out: Path) -> dict:
-    return load_file(str(list_checkpoints(out / "checkpoints")[-1].with_suffix(".safetensors")))
-
-
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, signal.SIGKILL: 137}
 SOAK = int(os.environ.get("EMD_FAST_SOAK", "3"))  # stopped runs; the soak: EMD_FAST_SOAK=50 pytest -s -k signals
 
@@ -300,7 +290,7 @@ def test_signals_at_random_moments_then_resume(tmp_path):
     straight = tmp_path / "straight"
     proc = spawn(straight)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    want = final_state(straight)
+    want = final_tensors(straight)
     rng = random.Random(int(os.environ.get("EMD_FAST_SOAK_SEED", "7")))
     tally = {"finished first": 0, "stopped in set-up": 0, "resumed exactly": 0}
     for case in range(SOAK):
@@ -318,6 +308,6 @@ def test_signals_at_random_moments_then_resume(tmp_path):
             tally["resumed exactly"] += 1
         else:
             tally["finished first"] += 1
-        got = final_state(out)
+        got = final_tensors(out)
         assert all(torch.equal(want[k], got[k]) for k in want)
     print(f"signals at random moments: {SOAK} runs, " + ", ".join(f"{k} {v}" for k, v in tally.items()))

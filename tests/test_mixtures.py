@@ -64,7 +64,8 @@ def test_bad_mixtures_are_one_line_errors(tmp_path, change, message):
 
 
 def test_unreadable_mixture_files(tmp_path):
-    for path, message in [(tmp_path / "none.json", "does not exist"), (write(tmp_path, "l.json", [1, 2]), "JSON object"),
+    for path, message in [(tmp_path / "none.json", "does not exist"),
+                          (write(tmp_path, "l.json", [1, 2]), "JSON object"),
                           (tmp_path / "m.txt", "suffix must be .json or .npz")]:
         if path.suffix == ".txt":
             path.write_text("means")
@@ -80,8 +81,8 @@ def test_unreadable_mixture_files(tmp_path):
         load_mixture(garbage, VPCosine())
 
 
-@pytest.mark.parametrize("dim, modes, condition, separation", [(2, 25, 1.0, 2.0), (8, 12, 50.0, 8.0), (32, 40, 10.0, 4.0),
-                                                               (3, 1, 5.0, 6.0)])
+@pytest.mark.parametrize("dim, modes, condition, separation", [(2, 25, 1.0, 2.0), (8, 12, 50.0, 8.0),
+                                                               (32, 40, 10.0, 4.0), (3, 1, 5.0, 6.0)])
 def test_random_mixture_has_the_asked_difficulty(dim, modes, condition, separation):
     teacher = random_mixture(VPCosine(), seed=3, dim=dim, modes=modes, condition=condition, separation=separation,
                              concentration=0.5)

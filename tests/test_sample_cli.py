@@ -92,6 +92,7 @@ def test_missing_checkpoint_and_unconditional_errors(ring_run, tmp_path, capsys)
     for argv, message in [([str(tmp_path / "nowhere")], "does not exist"),
                           ([str(tmp_path / "empty")], "no checkpoint in"),
                           ([str(ring_run), "--labels", "1"], "need a class-conditional run"),
-                          ([str(ring_run), "--out", str(tmp_path / "r.png")], "PNG output needs 1- or 3-channel images")]:
+                          ([str(ring_run), "--out", str(tmp_path / "r.png")],
+                           "PNG output needs 1- or 3-channel images")]:
         assert sample.main(argv) == 2
         assert message in capsys.readouterr().err

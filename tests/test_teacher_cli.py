@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_edm_import import edm_globals, write_edm_pickle  # noqa: F401 (a fixture)
 from test_unet import NETS, random_unet
 
@@ -13,10 +12,9 @@ from emd_fast import sample, train
 from emd_fast.evaluation.image_metrics import InceptionFeatures
 from emd_fast.teachers.network_file import save_network
 from emd_fast.training.build import load_run
-from emd_fast.training.checkpoint import list_checkpoints
 from emd_fast.training.config import PRESET_DEFAULTS
 
-from helpers import fake_inception_file
+from helpers import assert_resumes_exactly, fake_inception_file, final_tensors, train_cli
 
 SMALL = ["--steps", "4", "--batch", "4", "--K", "1", "--eval-every", "2", "--eval-samples", "8", "--ckpt-every", "2",
          "--quiet", "--device", "cpu", "--phase-every", "0"]
@@ -28,24 +26,15 @@ def teacher_file(tmp_path, kind="adm", name="teacher", **overrides):
     return path
 
 
-def train_main(out, *args):
-    return train.main(["--out", str(out), *SMALL, *args])
-
-
-def final_tensors(out):
-    return load_file(str(list_checkpoints(out / "checkpoints")[-1].with_suffix(".safetensors")))
+train_main = train_cli(*SMALL)
 
 
 @pytest.mark.parametrize("kind", ["adm", "song-ddpmpp", "song-ncsnpp"])
 def test_teacher_file_trains_resumes_exactly_and_samples(kind, tmp_path):
     path = teacher_file(tmp_path, kind)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train_main(straight, "--teacher", str(path), "--plot-every", "2") == 0
-    assert train_main(split, "--teacher", str(path), "--steps", "2") == 0
-    assert train.main(["--out", str(split), "--resume", "--steps", "4", "--quiet"]) == 0
-    a, b = final_tensors(straight), final_tensors(split)
-    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(train_main, straight, split, "--teacher", str(path), straight_args=("--plot-every", "2"))
+    assert any(k.startswith("ema.") for k in final_tensors(straight))
     cfg = json.loads((split / "config.json").read_text())
     assert cfg["teacher"] == str(path) and len(cfg["teacher_sha256"]) == 64
     assert cfg["teacher_info"]["arch"]["network"] == kind.split("-")[0].replace("song", "song")

@@ -7,28 +7,19 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from emd_fast import train
 from emd_fast.errors import CheckpointError
 from emd_fast.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from emd_fast.training.distiller import Distiller
 
+from helpers import assert_resumes_exactly, final_tensors, losses, train_cli
+
 SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--depth", "1", "--eval-every", "3",
          "--eval-samples", "200", "--ckpt-every", "4", "--K", "2", "--quiet", "--device", "cpu"]
 
 
-def run(out, *extra):
-    return train.main(["--out", str(out), *SMALL, *extra])
-
-
-def final_tensors(out):
-    return load_file(str(list_checkpoints(out / "checkpoints")[-1].with_suffix(".safetensors")))
-
-
-def losses(out):
-    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss_g"], r["loss_s"]) for r in records if r["step"] > 0]
+run = train_cli(*SMALL)
 
 
 def test_run_directory(tmp_path, capsys):
@@ -61,14 +52,8 @@ def test_phase_timing(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run(straight, "--steps", "8") == 0
-    assert run(split, "--steps", "5") == 0
-    assert run(split, "--resume", "--steps", "8") == 0  # hyperparameters come from the saved config
-    a, b = final_tensors(straight), final_tensors(split)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(straight) == losses(split)
+    # the runtime options given again, the hyperparameters from the saved config
+    assert_resumes_exactly(run, tmp_path / "straight", tmp_path / "split", steps=8, stop=5, resume_args=SMALL)
 
 
 def test_interrupted_run_resumes(tmp_path, monkeypatch):
@@ -150,16 +135,17 @@ def write_mixture(path, **spec):
 def test_user_mixture_run_resume_and_changed_file(tmp_path, capsys):
     mix = write_mixture(tmp_path / "three.json")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run(straight, "--mixture", str(mix), "--steps", "6") == 0
-    assert run(split, "--mixture", str(mix), "--steps", "4") == 0
-    cfg = json.loads((split / "config.json").read_text())
-    assert cfg["mixture"] == str(mix) and len(cfg["mixture_sha256"]) == 64
-    assert cfg["teacher_info"]["weights"] == [0.5, 0.3, 0.2]
-    summary = json.loads((split / "summary.json").read_text())
-    assert summary["final"]["num_modes"] == 3 and summary["problem"] == "MixtureProblem"
-    assert run(split, "--resume", "--steps", "6") == 0  # the mixture comes from the saved config
-    a, b = final_tensors(straight), final_tensors(split)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def the_first_half_recorded_the_mixture():
+        cfg = json.loads((split / "config.json").read_text())
+        assert cfg["mixture"] == str(mix) and len(cfg["mixture_sha256"]) == 64
+        assert cfg["teacher_info"]["weights"] == [0.5, 0.3, 0.2]
+        summary = json.loads((split / "summary.json").read_text())
+        assert summary["final"]["num_modes"] == 3 and summary["problem"] == "MixtureProblem"
+
+    # the mixture comes from the saved config
+    assert_resumes_exactly(run, straight, split, "--mixture", str(mix), steps=6, stop=4, resume_args=SMALL,
+                           before_resume=the_first_half_recorded_the_mixture)
     write_mixture(mix, weights=[0.4, 0.4, 0.2])
     capsys.readouterr()
     assert run(split, "--resume", "--steps", "8") == 2

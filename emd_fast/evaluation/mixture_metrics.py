@@ -37,8 +37,8 @@ def mixture_metrics(samples: torch.Tensor, teacher: GaussianMixtureTeacher, exac
 
     Returns modes_covered (count), mode_tv (total variation between the sample and true weights of the M modes and
     the off-mode bin), off_mode (fraction of samples on no mode), mode_spread (mean squared Mahalanobis distance
-    per dimension of on-mode samples to their mode: ~1 for exact samples, < 1 under-dispersed), energy_distance, mean_loglik (mean log p(x) under
-    the true mixture), and the per-mode weights.
+    per dimension of on-mode samples to their mode: ~1 for exact samples, < 1 under-dispersed), energy_distance,
+    mean_loglik (mean log p(x) under the true mixture), and the per-mode weights.
     """
     if samples.dim() != 2 or samples.shape[1] != teacher.dim:
         raise ValueError(f"samples must have shape (N, {teacher.dim}), got {tuple(samples.shape)}")

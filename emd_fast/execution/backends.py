@@ -1,9 +1,10 @@
 """The fused backend: the elementwise parts of an EMD iteration as Triton kernels (``emd_fast.kernels``).
 
-``TritonOps`` is :class:`emd_fast.emd.ReferenceOps` with the elementwise methods replaced, so the EMD iteration
-is the same code on both paths. Noise: by default the Langevin kernels draw it themselves (Philox, from a seeded ``NoiseStream`` whose counter
-advances on the device: reproducible, never reused, no host sync); with ``kernel_noise=False`` it is drawn from the
-run's torch.Generator exactly as on the reference path, so a fast iteration can be compared element by element.
+``TritonOps`` is :class:`emd_fast.ops.ReferenceOps` with the elementwise methods replaced, so the EMD iteration
+is the same code on both paths. Noise: by default the Langevin kernels draw it themselves (Philox, from a seeded
+``NoiseStream`` whose counter advances on the device: reproducible, never reused, no host sync); with
+``kernel_noise=False`` it is drawn from the run's torch.Generator exactly as on the reference path, so a fast iteration
+can be compared element by element.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ is where the FLOPs of an image-sized problem are. Results equal the eager run up
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
 CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: they would capture each network call on its own;
-``emd_fast.execution.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph instead.
+``emd_fast.execution.graphs.GraphedStep`` captures the whole iteration (compiled networks included) in one graph
+instead.
 
 The backend defaults to inductor; ``EMD_COMPILE_BACKEND=aot_eager`` (or ``backend=``) selects another torch.compile
 backend, e.g. to tell a compiler bug from a model bug, or to exercise the compiled path quickly on the CPU.
@@ -81,7 +82,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
                      dynamic: bool | None = None) -> CompileReport:
     """Apply torch.compile in place to the generator, the student and the teacher's network (where it is one).
 
-    distiller: an ``emd_fast.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
+    distiller: a ``training.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
     $EMD_COMPILE_BACKEND or "inductor"); dynamic: passed to torch.compile (None: torch's automatic dynamic shapes,
     so the evaluation batch recompiles once and then shares a dynamic graph).
     Compilation itself happens lazily at the first call. Never raises for a missing GPU: what cannot be compiled

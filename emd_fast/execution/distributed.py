@@ -67,8 +67,9 @@ class Ranks:
     def per_rank_batch(self, batch: int) -> int:
         """The examples each rank runs per iteration; DistributedError if the global ``batch`` does not divide."""
         if batch % self.world:
+            fits = batch // self.world * self.world or self.world
             raise DistributedError(f"--batch {batch} is the global batch and must divide evenly across the "
-                                   f"{self.world} processes (e.g. --batch {batch // self.world * self.world or self.world})")
+                                   f"{self.world} processes (e.g. --batch {fits})")
         return batch // self.world
 
     def device(self, device: torch.device) -> torch.device:

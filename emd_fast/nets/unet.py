@@ -7,13 +7,13 @@
 Both are written for any Schedule through a preconditioning (``precond.py``; EDM's by default): with s = sigma/alpha
 and x = x_t / alpha,  D(x_t, t, y) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), y), F = ``unet``.
 
-Module and parameter names are EDM's, so that EDM state dicts map key by key (``edm_checkpoint.py``): ``map_noise``,
-``map_label``, ``map_layer0``, ``map_layer1``, ``enc.{R}x{R}_conv | _down | _block{i} | _aux_down | _aux_skip |
-_aux_residual``, ``dec.{R}x{R}_in0 | _in1 | _up | _block{i} | _aux_up | _aux_norm | _aux_conv``, ``out_norm``,
-``out_conv``; inside a block ``norm0``, ``conv0``, ``affine``, ``norm1``, ``conv1``, ``skip``, ``norm2``, ``qkv``,
-``proj``. Module attributes that set the computed function carry EDM's names too (``num_heads``, ``skip_scale``,
-``adaptive_scale``, ``up``, ``down``, ``fused_resample``, ``endpoint``, ``max_positions``; GroupNorm's ``num_groups``,
-``eps``) so that a checkpoint's recorded values can be compared with ours.
+Module and parameter names are EDM's, so that EDM state dicts map key by key (``teachers/edm_pickle.py``):
+``map_noise``, ``map_label``, ``map_layer0``, ``map_layer1``, ``enc.{R}x{R}_conv | _down | _block{i} | _aux_down |
+_aux_skip | _aux_residual``, ``dec.{R}x{R}_in0 | _in1 | _up | _block{i} | _aux_up | _aux_norm | _aux_conv``,
+``out_norm``, ``out_conv``; inside a block ``norm0``, ``conv0``, ``affine``, ``norm1``, ``conv1``, ``skip``, ``norm2``,
+``qkv``, ``proj``. Module attributes that set the computed function carry EDM's names too (``num_heads``,
+``skip_scale``, ``adaptive_scale``, ``up``, ``down``, ``fused_resample``, ``endpoint``, ``max_positions``; GroupNorm's
+``num_groups``, ``eps``) so that a checkpoint's recorded values can be compared with ours.
 
 ``.arch`` is a JSON-able dict of every constructor argument, with ``network`` ("adm" or "song") and ``precond``
 (the preconditioning's config); ``build_network(arch)`` rebuilds the network. Class labels are int64 (N,): label y

@@ -8,7 +8,8 @@ into the run's config) and the random streams it derives from the run's seed.
     DiffusersProblem   a diffusers model or pipeline folder (--teacher DIR)
 
 A teacher format plugs in as a Problem class whose ``claims(path)`` recognises its files, listed once in
-``TEACHER_PROBLEMS`` (docs/adding_a_teacher.md).
+``TEACHER_PROBLEMS``; the options only it takes, its file hashes and its checks are its own
+(docs/adding_a_teacher.md).
 """
 from __future__ import annotations
 
@@ -24,16 +25,23 @@ from ..nets.generator import Generator
 from ..teachers import Teacher
 
 # --teacher PATH: the first of these whose claims(PATH) is true reads it ("module:Class" under emd_fast.problems,
-# imported only when needed: a mixture run never imports diffusers)
+# imported only when needed: a mixture run never imports diffusers). The catch-alls come last: any folder, any file.
 TEACHER_PROBLEMS = ("diffusers_folder:DiffusersProblem", "image:ImageProblem")
 
 
 class Problem(Protocol):
-    """What a run needs from its problem. cfg: the run's options as a dict (see ``emd_fast.training.config``)."""
+    """What a run needs from its problem. cfg: the run's options as a dict (see ``emd_fast.training.config``).
+
+    The problem of a ``--teacher`` format (one of ``TEACHER_PROBLEMS``) also says which paths it reads:
+    ``claims(path) -> bool`` (static, from the path alone: a suffix, a file beside it) and ``reads``, in words.
+    Optional, where samples are not images as they are: ``decode(samples) -> images`` (N, 3, H, W) in [-1, 1], used
+    by ``emd_fast.sample``; ``encode(prompts) -> embeddings`` for ``emd_fast.sample --prompt``.
+    """
 
     teacher: Teacher
     sigma_data: float  # the data's standard deviation: the preconditioning's and the scaled z step's scale
     num_classes: int  # 0: unconditional; else labels y in [0, num_classes) (prompt indices for text-to-image)
+    options: frozenset[str]  # the options only some teacher formats take that this one takes (cfg keys: "prompts")
 
     @classmethod
     def check_options(cls, cfg: dict) -> None:
@@ -76,8 +84,8 @@ def problem_class(cfg: dict) -> type:
         for spec in TEACHER_PROBLEMS:
             if (cls := _load(spec)).claims(teacher):
                 return cls
-        raise ValueError(f"--teacher {teacher}: not a teacher emd_fast reads (an EDM .pkl, an emd_fast .safetensors "
-                         f"or a diffusers folder)")
+        formats = "; ".join(_load(spec).reads for spec in TEACHER_PROBLEMS)
+        raise ValueError(f"--teacher {teacher}: not a teacher emd_fast reads ({formats})")
     if cfg.get("preset") == "digits":
         from .digits import DigitsProblem
 
@@ -85,6 +93,15 @@ def problem_class(cfg: dict) -> type:
     from .mixture import MixtureProblem
 
     return MixtureProblem
+
+
+def check_foreign_options(cfg: dict, problem: type) -> None:
+    """ValueError if ``cfg`` gives an option that only other teacher formats take (each lists its own in
+    ``options``)."""
+    for cls in map(_load, TEACHER_PROBLEMS):
+        for key in sorted(cls.options - problem.options):
+            if cfg.get(key):
+                raise ValueError(f"--{key.replace('_', '-')} applies to {cls.reads}")
 
 
 def make_problem(cfg: dict) -> Problem:

@@ -66,6 +66,7 @@ class DiffusersProblem(ImageProblem):
     """cfg: the run's options (teacher = the folder, prompts, guidance_scale, precision, grad_checkpoint, labels,
     seed, eval_samples, out = the run directory, where the prompt embeddings are cached)."""
 
+    reads = "diffusers teachers (--teacher DIR: a diffusers model or pipeline folder)"
     options = frozenset({"prompts", "grad_checkpoint"})
 
     def __init__(self, teacher: GuidedTeacher, cfg: dict, sigma_data: float, num_classes: int, folder):

@@ -173,7 +173,8 @@ class DigitsProblem:
 
     def floor(self) -> dict:
         """The metrics of an independent set of the teacher's Heun samples (its fd_teacher: the sampling noise)."""
-        return self.metrics(*self.teacher_samples(self.cfg["eval_samples"], seed_for(self.cfg["seed"], Stream.TEACHER_METRICS)))
+        seed = seed_for(self.cfg["seed"], Stream.TEACHER_METRICS)
+        return self.metrics(*self.teacher_samples(self.cfg["eval_samples"], seed))
 
     def plot(self, path, samples, y, metrics, history, title) -> None:
         """One-step samples, the teacher's Heun samples and real digits (a row per class), and the metric curves."""

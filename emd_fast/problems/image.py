@@ -43,6 +43,8 @@ class ImageProblem:
     ``--schedule`` may replace the file's own (by default EDM's sigma range within what the network supports).
     """
 
+    reads = ("teacher network files (--teacher FILE: an NVlabs/EDM network pickle, an emd_fast U-Net "
+             ".safetensors)")
     options = frozenset()
 
     def __init__(self, teacher: NetworkTeacher, cfg: dict, sigma_data: float, num_classes: int):
@@ -83,7 +85,8 @@ class ImageProblem:
         labels cycle through the run's classes."""
         n = min(self.cfg["eval_samples"], REFERENCE_SAMPLES)
         device = next(self.teacher.net.parameters()).device
-        noise = torch.randn((n, *self.teacher.data_shape), generator=torch.Generator().manual_seed(seed_for(self.cfg["seed"], Stream.REFERENCE)))
+        rng = torch.Generator().manual_seed(seed_for(self.cfg["seed"], Stream.REFERENCE))
+        noise = torch.randn((n, *self.teacher.data_shape), generator=rng)
         y = None
         if self.num_classes:
             classes = torch.as_tensor(self.cfg.get("labels") or range(self.num_classes))
@@ -103,7 +106,8 @@ class ImageProblem:
         x = samples.detach().double().cpu()
         if not bool(torch.isfinite(x).all()):
             raise FloatingPointError("generator samples contain nan/inf")
-        return {"pixel_mean": float(x.mean()), "pixel_std": float(x.std()), "saturated": float((x.abs() > 1).double().mean())}
+        return {"pixel_mean": float(x.mean()), "pixel_std": float(x.std()),
+                "saturated": float((x.abs() > 1).double().mean())}
 
     def floor(self) -> dict:
         """The same statistics of the teacher's Heun samples: what the one-step generator should match."""

@@ -101,7 +101,8 @@ class MixtureProblem:
             f"modes covered   {f['modes_covered']}/{f['num_modes']}   (exact samples: {floor['modes_covered']})",
             f"mode-weight TV  {f['mode_tv']:.4f}   (exact samples: {floor['mode_tv']:.4f})",
             f"off-mode        {f['off_mode']:.4f}   (exact samples: {floor['off_mode']:.4f})",
-            f"mode spread     {f['mode_spread']:.3f}    (exact samples: {floor['mode_spread']:.3f}; < 1: under-dispersed)",
+            f"mode spread     {f['mode_spread']:.3f}    (exact samples: {floor['mode_spread']:.3f}; "
+            f"< 1: under-dispersed)",
             f"energy distance {f['energy_distance']:.4f}   (exact samples: {floor['energy_distance']:.4f})",
             f"mean log-lik    {f['mean_loglik']:.3f}   (exact samples: {floor['mean_loglik']:.3f})",
         ]

@@ -51,7 +51,8 @@ SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
               "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
               "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
               "DEISMultistepScheduler", "SASolverScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
-WEIGHT_STEM = "diffusion_pytorch_model"  # diffusers' weight file names; transformers' text encoders: model, pytorch_model
+# diffusers' weight file names (transformers' text encoders: model, pytorch_model)
+WEIGHT_STEM = "diffusion_pytorch_model"
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
 
 
@@ -290,7 +291,8 @@ def check_not_a_folders_file(path) -> None:
                         or p.name.startswith(WEIGHT_STEM)):
         folder = p.parent.parent if (p.parent.parent / "model_index.json").is_file() else p.parent
         if is_diffusers_folder(folder):
-            raise ValueError(f"--teacher {p}: a file of the diffusers folder {folder}: give the folder, --teacher {folder}")
+            raise ValueError(f"--teacher {p}: a file of the diffusers folder {folder}: give the folder, "
+                             f"--teacher {folder}")
 
 
 def inspect_folder(path) -> TeacherFolder:
@@ -300,7 +302,8 @@ def inspect_folder(path) -> TeacherFolder:
     if not root.is_dir():
         raise ValueError(f"--teacher {root}: not a directory")
     parts: dict[str, Path | None] = {}
-    flat = (root / "config.json").is_file() and not (root / "unet").is_dir()  # google/ddpm-*: the UNet's files at the top
+    # google/ddpm-*: the UNet's files at the top
+    flat = (root / "config.json").is_file() and not (root / "unet").is_dir()
     if (root / "model_index.json").is_file() and not flat:
         index = _read_json(root / "model_index.json", "pipeline index")
         for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
@@ -324,11 +327,13 @@ def inspect_folder(path) -> TeacherFolder:
         raise ValueError(f"{root}: the latent model {unet_class} needs a VAE to decode samples: give the pipeline "
                          f"folder (model_index.json with vae/), not the UNet's own folder")
     size = unet_cfg.get("sample_size")
-    if not (isinstance(size, int) or (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size))):
+    pair = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
+    if not (isinstance(size, int) or pair):
         raise ValueError(f"{parts['unet']}: sample_size {size!r} in config.json: need the UNet's input size (an int or "
                          f"[height, width])")
-    if unet_cfg.get("class_embed_type") is not None or (unet_class in LATENT_UNETS and unet_cfg.get("num_class_embeds")):
-        key = "class_embed_type" if unet_cfg.get("class_embed_type") is not None else "num_class_embeds"
+    class_embed = unet_cfg.get("class_embed_type") is not None
+    if class_embed or (unet_class in LATENT_UNETS and unet_cfg.get("num_class_embeds")):
+        key = "class_embed_type" if class_embed else "num_class_embeds"
         raise ValueError(f"{parts['unet']}: {unet_class} with {key} {unet_cfg[key]!r} needs class labels of a kind "
                          f"emd_fast does not give: it conditions UNet2DModel on num_class_embeds labels and "
                          f"UNet2DConditionModel on text only")
@@ -363,8 +368,8 @@ def inspect_folder(path) -> TeacherFolder:
                              f"text embeddings the UNet takes ({wanted}): a text encoder of another model?")
     channels = unet_cfg.get("in_channels", 4 if unet_class in LATENT_UNETS else 3)
     if unet_class in PIXEL_UNETS and channels not in (1, 3):  # e.g. LDM's UNet2DModel in a VQ-VAE's latent space
-        raise ValueError(f"{parts['unet']}: {unet_class} with in_channels {channels}: a pixel UNet's samples are images "
-                         f"of 1 or 3 channels (latent UNet2DModels, with a VQ-VAE, are not supported)")
+        raise ValueError(f"{parts['unet']}: {unet_class} with in_channels {channels}: a pixel UNet's samples are "
+                         f"images of 1 or 3 channels (latent UNet2DModels, with a VQ-VAE, are not supported)")
     if unet_cfg.get("out_channels", channels) not in (channels, 2 * channels):  # 2x: a learned variance besides
         raise ValueError(f"{parts['unet']}: out_channels {unet_cfg['out_channels']} differs from in_channels "
                          f"{channels}: not a denoising UNet emd_fast can read")
@@ -492,7 +497,8 @@ def load_schedule(folder: TeacherFolder) -> DiscreteSchedule:
     try:
         alphas_cumprod = _diffusers().DDPMScheduler(**options).alphas_cumprod
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
-        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: {_reason(e)}") from None
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: "
+                         f"{_reason(e)}") from None
     try:
         return DiscreteSchedule(alphas_cumprod)
     except ValueError as e:

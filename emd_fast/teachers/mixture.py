@@ -215,7 +215,8 @@ def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.
         raise MixtureError(f"{source}: means must have shape (M, D) with M, D >= 1, got {means.shape}")
     m, d = means.shape
     if weights.shape != (m,):
-        raise MixtureError(f"{source}: weights must have shape ({m},) to match means {means.shape}, got {weights.shape}")
+        raise MixtureError(f"{source}: weights must have shape ({m},) to match means {means.shape}, "
+                           f"got {weights.shape}")
     if "covs" in spec:
         covs = spec["covs"]
         if covs.shape != (m, d, d):

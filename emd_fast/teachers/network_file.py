@@ -16,7 +16,8 @@ from ..schedules import make_schedule
 from .edm_pickle import load_edm_pickle
 
 FORMAT = "emd_fast.unet"
-EDM_SUFFIXES = (".pkl", ".pickle")
+# the readers of teacher network files other than ours, by suffix: each returns an ImageDenoiser
+READERS = {".pkl": load_edm_pickle, ".pickle": load_edm_pickle}
 
 
 def save_network(net: ImageDenoiser, path: str | Path, name: str = "custom") -> None:
@@ -42,9 +43,7 @@ def load_network(path: str | Path, device=None) -> ImageDenoiser:
 
 
 def load_teacher_network(path: str | Path, device=None) -> ImageDenoiser:
-    """A teacher network, in eval mode, from our .safetensors file or an NVlabs/EDM network pickle (.pkl, converted
-    in memory by ``edm_checkpoint.load_edm_pickle``: EDM's schedule range within what its preconditioning supports).
-    CheckpointError (one line) for anything unreadable."""
-    if Path(path).suffix.lower() in EDM_SUFFIXES:
-        return load_edm_pickle(path).to(device).eval()
-    return load_network(path, device)
+    """A teacher network, in eval mode, from our .safetensors file or a file of a suffix in ``READERS``: an
+    NVlabs/EDM network pickle (.pkl, converted in memory by ``edm_pickle.load_edm_pickle``: EDM's schedule range
+    within what its preconditioning supports). CheckpointError (one line) for anything unreadable."""
+    return READERS.get(Path(path).suffix.lower(), load_network)(path).to(device).eval()

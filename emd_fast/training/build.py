@@ -80,7 +80,8 @@ class Run:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """The checkpoint JSON ``path`` (or the one beside its .safetensors), or the newest in the run directory ``path``."""
+    """The checkpoint JSON ``path`` (or the one beside its .safetensors), or the newest in the run directory
+    ``path``."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_file():

@@ -11,7 +11,7 @@ import torch
 from ..errors import CheckpointError, RunError
 from ..execution.backends import triton_available
 from ..execution.distributed import Ranks
-from ..problems import problem_class
+from ..problems import check_foreign_options, problem_class
 from ..teachers.mixture import PRESETS as MIXTURES
 
 MIXTURE_PRESETS = tuple(MIXTURES)
@@ -39,10 +39,8 @@ PRESET_DEFAULTS = {
 
 
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
-# options that only some problems take (each Problem lists those it takes in ``options``), and who takes them
-PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)"}
-RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
-                "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
+RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep",
+                "quiet", "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
 
 
@@ -129,9 +127,7 @@ def validate(cfg: dict) -> None:
             raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {what} (emd_fast never downloads it)")
     check_problem_options(cfg)
     problem = problem_class(cfg)
-    for key, applies in PROBLEM_OPTIONS.items():
-        if cfg.get(key) and key not in problem.options:
-            raise RunError(f"--{key.replace('_', '-')} applies to {applies}")
+    check_foreign_options(cfg, problem)
     problem.check_options(cfg)
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")

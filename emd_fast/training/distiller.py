@@ -71,9 +71,9 @@ class Distiller:
     ema_halflife_kimg > 0: an exponential moving average of the generator (``ema``, updated by ``update_ema``)
     whose half-life is that many thousand generator samples, or ``ema_rampup`` times the samples seen so far if
     that is shorter (EDM's schedule: early averages do not hold on to the initial generator).
-    Data-parallel runs (``emd_fast.execution.distributed``): ``batch`` is this process's share, ``global_batch`` the examples
-    of one iteration over all processes (the EMA counts those), ``data_parallel`` wraps generator and student for
-    their training forward so that the losses' gradients are averaged across processes. Sharded runs (``--shard``):
+    Data-parallel runs (``emd_fast.execution.distributed``): ``batch`` is this process's share, ``global_batch`` the
+    examples of one iteration over all processes (the EMA counts those), ``data_parallel`` wraps generator and student
+    for their training forward so that the losses' gradients are averaged across processes. Sharded runs (``--shard``):
     ``shard`` shards generator, student and EMA in place across the processes instead (FSDP2, see
     ``distributed.fully_sharded``; the EMA is copied before, and sharded like the generator: its update stays local
     to each shard); ``state_tensors`` then gathers full tensors on process 0 (the same checkpoint as unsharded).
@@ -121,9 +121,9 @@ class Distiller:
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
         wrap = data_parallel or (lambda net: net)
-        self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, call=NetworkCall(PRECISIONS[execution.precision], check=not self.deferred),
-                       train_generator=wrap(self.generator),
-                       train_student=wrap(self.student))
+        call = NetworkCall(PRECISIONS[execution.precision], check=not self.deferred)
+        self.emd = EMD(teacher, self.generator, self.student, cfg, ops, sigma_data, call=call,
+                       train_generator=wrap(self.generator), train_student=wrap(self.student))
         # deferred checks: fused Adam reads found_inf and skips its update on the device while it is 1;
         # capturable (step counts on the device) where CUDA graphs can capture it
         adam = dict(fused=True, capturable=self.device.type == "cuda") if self.deferred else {}
