@@ -71,7 +71,10 @@ def test_sampling_schedulers_give_their_training_noise_levels(cls, options, tmp_
     levels are that scheduler's own alphas_cumprod."""
     folder = tmp_path / "m"
     tiny_unet().save_pretrained(folder)
-    own = getattr(diffusers, cls)(**options)
+    try:
+        own = getattr(diffusers, cls)(**options)
+    except NotImplementedError as e:  # e.g. 'laplace' betas arrived in a diffusers newer than our lower bound
+        pytest.skip(f"this diffusers ({diffusers.__version__}) lacks it: {e}")
     own.save_pretrained(folder)
     s = load_schedule(inspect_folder(folder))
     steps = own.config.num_train_timesteps

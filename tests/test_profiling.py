@@ -26,7 +26,7 @@ def test_phase_timer_accumulates_per_phase():
 
 
 def test_nvtx_ranges_when_enabled():
-    code = ("from emd_fast import profiling\n"
+    code = ("from emd_fast.execution import profiling\n"
             "assert profiling.NVTX\n"
             "with profiling.phase('teacher forward'):\n    pass\n"
             "t = profiling.PhaseTimer('cpu')\n"
