@@ -69,18 +69,21 @@ def scan(stream) -> None:
 
 
 class DataUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only ``allowed`` globals ((module, name) -> the object to use) and passes persistent
-    ids to ``persistent`` (None: refused). ``load`` scans the pickle first (``scan``)."""
+    """An unpickler that resolves only ``allowed`` globals ((module, name) -> the object to use), or those
+    ``classes(module, name)`` makes (None: refused), and passes persistent ids to ``persistent`` (None: refused).
+    ``load`` scans the pickle first (``scan``)."""
 
-    def __init__(self, stream, allowed: dict, persistent=None, what: str = "this file"):
+    def __init__(self, stream, allowed: dict, persistent=None, what: str = "this file", classes=None):
         super().__init__(stream)
-        self.stream, self.allowed, self.persistent, self.what = stream, allowed, persistent, what
+        self.stream, self.allowed, self.persistent, self.what, self.classes = stream, allowed, persistent, what, classes
 
     def find_class(self, module, name):
         found = self.allowed.get((module, name))
+        if found is None and self.classes is not None:
+            found = self.classes(module, name)
         if found is None:
             raise CheckpointError(f"refuses global {module}.{name} (not part of {self.what})")
-        return found(module, name) if isinstance(found, Factory) else found
+        return found
 
     def persistent_load(self, pid):
         if self.persistent is None:
@@ -92,17 +95,6 @@ class DataUnpickler(pickle.Unpickler):
         scan(self.stream)
         self.stream.seek(start)
         return super().load()
-
-
-class Factory:
-    """An allowed-globals entry that makes the object for (module, name) itself (e.g. one class per TorchScript
-    class name)."""
-
-    def __init__(self, make):
-        self.make = make
-
-    def __call__(self, module: str, name: str):
-        return self.make(module, name)
 
 
 class Storage:
@@ -178,7 +170,7 @@ def storage_id(pid) -> tuple[str, torch.dtype, int]:
     return pid[2], pid[1], pid[4]
 
 
-def legacy_storages(stream, tensors: Tensors, allowed: dict, what: str):
+def legacy_storages(stream, tensors: Tensors, allowed: dict, what: str, classes=None):
     """The object of a torch file in the legacy (pre-zip) format from ``stream``: magic number, protocol, system
     info, the object (storages as persistent ids), the storage keys, then each storage's length and bytes."""
     header = DataUnpickler(stream, {}, what=what)
@@ -195,7 +187,7 @@ def legacy_storages(stream, tensors: Tensors, allowed: dict, what: str):
         return _Pending(key)
 
     deferred = {name: _defer(fn) for name, fn in tensors.globals().items() if name[0] == "torch._utils"}
-    obj = DataUnpickler(stream, allowed | tensors.globals() | deferred, persistent, what).load()
+    obj = DataUnpickler(stream, allowed | tensors.globals() | deferred, persistent, what, classes).load()
     keys = DataUnpickler(stream, {}, what=what).load()
     if not (isinstance(keys, list) and set(keys) == set(pending)):
         raise CheckpointError("its storage keys do not match the storages it uses")
@@ -246,17 +238,18 @@ def _resolve(obj, storages: dict[str, Storage], done: dict):
     return out
 
 
-def load_torch_file(path: str | Path, what: str, allowed: dict | None = None):
+def load_torch_file(path: str | Path, what: str, allowed: dict | None = None, classes=None):
     """The object a torch file holds, read as data: ``torch.save``'s zip format (and TorchScript archives, which
     share it) or the legacy format; tensors as non-overlapping views of the storages the file holds (see
-    ``Tensors``), only ``allowed`` globals besides tensors. CheckpointError (one line, naming the file) otherwise."""
+    ``Tensors``), only ``allowed`` globals (or those ``classes`` makes, see DataUnpickler) besides tensors.
+    CheckpointError (one line, naming the file) otherwise."""
     try:
         with open_regular(path, what) as f:
             if f.read(4) == b"PK\x03\x04":
                 f.seek(0)
-                return _load_zip(f, Tensors(), allowed or {}, what)
+                return _load_zip(f, Tensors(), allowed or {}, what, classes)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return legacy_storages(data, Tensors(), allowed or {}, what)
+                return legacy_storages(data, Tensors(), allowed or {}, what, classes)
     except FileRefused:
         raise
     except Malformed as e:
@@ -275,7 +268,7 @@ def load_torch_file(path: str | Path, what: str, allowed: dict | None = None):
                               f"{_first_line(e)})") from None
 
 
-def _load_zip(file, tensors: Tensors, allowed: dict, what: str):
+def _load_zip(file, tensors: Tensors, allowed: dict, what: str, classes=None):
     """The zip format: <prefix>/data.pkl (the object; storages as persistent ids) and <prefix>/data/<key> (each
     storage's bytes, stored uncompressed)."""
     with zipfile.ZipFile(file) as zf:
@@ -296,7 +289,8 @@ def _load_zip(file, tensors: Tensors, allowed: dict, what: str):
                                       f"for {numel} {dtype} elements")
             return tensors.storage(zf.read(info), dtype, numel)
 
-        return DataUnpickler(io.BytesIO(zf.read(pickled)), allowed | tensors.globals(), persistent, what).load()
+        return DataUnpickler(io.BytesIO(zf.read(pickled)), allowed | tensors.globals(), persistent, what,
+                             classes).load()
 
 
 def _member(zf: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
