@@ -12,6 +12,10 @@ from typing import Callable, NoReturn
 from .errors import STOP_SIGNALS, CheckpointError, Stopped, out_of_memory
 from .optional import third_party_import_error
 
+INCEPTION_TORCHSCRIPT_HELP = (
+    "load --inception as TorchScript, i.e. run the file as a program instead of reading its weights: TorchScript can "
+    "read, write and overwrite any file this process may (a crafted file has done so); only for a file you trust "
+    "that is not NVlabs' Inception-v3 (whose weights are read without it)")
 _whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
 
 
@@ -41,7 +45,18 @@ def _interrupt(signum, frame):
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What every command's parser shares: --debug, and usage errors in one line (``one_line_errors``)."""
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    return one_line_errors(parser)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A bad command line is one line on stderr and exit 2 (argparse's own usage block runs to dozens of lines)."""
+    def error(message: str) -> NoReturn:
+        print(f"error: {message} ({parser.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Convert an NVlabs/EDM network pickle to our safetensors file (no EDM code needed; see ``edm_checkpoint.py``).
+"""Convert an NVlabs/EDM network pickle to our safetensors file (no EDM code needed; see ``teachers/edm_pickle.py``).
 
     python -m emd_fast.edm_import edm-imagenet-64x64-cond-adm.pkl imagenet64.safetensors
 """
@@ -8,11 +8,13 @@ import argparse
 from pathlib import Path
 
 from .cli import add_debug_flag, run_as_process, run_command
+from .files import refuse_same_file
 from .teachers.edm_pickle import load_edm_pickle
 from .teachers.network_file import save_network
 
 
 def convert(args: argparse.Namespace) -> None:
+    refuse_same_file(args.src, args.dst)
     net = load_edm_pickle(args.src, dropout=None if args.keep_dropout else 0.0)
     save_network(net, args.dst, Path(args.src).stem)
     a, sch = net.arch, net.schedule

@@ -1,5 +1,5 @@
-"""The errors a command turns into its exit code (see ``cli``): a problem with the input or the machine (one line, exit 2),
-a stop on a signal (128 + its number). Light: no torch at import (the commands' early signal handlers import it)."""
+"""The errors a command turns into its exit code (see ``cli``): a problem with the input or the machine (one line,
+exit 2), a stop on a signal (128 + its number). Light: no torch at import (the early signal handlers use it)."""
 from __future__ import annotations
 
 import signal

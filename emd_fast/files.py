@@ -186,6 +186,17 @@ def refuse_link(path: str | os.PathLike) -> None:
                           f"remove it")
 
 
+def refuse_same_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """FileRefused if writing ``dst`` would replace ``src`` (the same file, also through links or another path)."""
+    try:
+        same = os.path.samefile(src, dst)
+    except OSError:  # one of them does not exist
+        same = False
+    if same or Path(os.path.realpath(src)) == Path(os.path.realpath(dst)):
+        raise FileRefused(f"{dst} is the source file {src}: the output would replace its own input; choose another "
+                          f"output path")
+
+
 def _cannot_write(path, e: OSError) -> OSError:
     return OSError(f"cannot write {path}: {e.strerror or e}")
 

@@ -165,7 +165,8 @@ class Tensors:
 def storage_id(pid) -> tuple[str, torch.dtype, int]:
     """(key, dtype, numel) of torch's persistent id ('storage', <dtype>, key, location, numel[, view metadata])."""
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-            and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None)):
+            and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0
+            and (len(pid) == 5 or pid[5] is None)):
         raise CheckpointError(f"a persistent id that is not a plain storage: {str(pid)[:80]}")
     return pid[2], pid[1], pid[4]
 

@@ -69,7 +69,8 @@ class MixedC(nn.Module):
         self.tower = seq(conv=Conv2dLayer(c, t, 1, 1), conv_1=Conv2dLayer(t, t, 1, 7, padding=[0, 3]),
                          conv_2=Conv2dLayer(t, 192, 7, 1, padding=[3, 0]))
         self.tower_1 = seq(conv=Conv2dLayer(c, t, 1, 1), conv_1=Conv2dLayer(t, t, 7, 1, padding=[3, 0]),
-                           conv_2=Conv2dLayer(t, t, 1, 7, padding=[0, 3]), conv_3=Conv2dLayer(t, t, 7, 1, padding=[3, 0]),
+                           conv_2=Conv2dLayer(t, t, 1, 7, padding=[0, 3]),
+                           conv_3=Conv2dLayer(t, t, 7, 1, padding=[3, 0]),
                            conv_4=Conv2dLayer(t, 192, 1, 7, padding=[0, 3]))
         self.tower_2 = seq(pool=avg(), conv=Conv2dLayer(c, 192, 1, 1))
 

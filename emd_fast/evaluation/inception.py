@@ -35,7 +35,7 @@ TORCHSCRIPT_GLOBALS[("torch.jit._pickle", "restore_type_tag")] = lambda value, t
 
 
 class ConvBN(nn.Module):
-    """Convolution (no bias), batch normalisation without scale (eps 1e-3), ReLU: (N, cin, H, W) -> (N, cout, H', W')."""
+    """Convolution (no bias), batch norm without scale (eps 1e-3), ReLU: (N, cin, H, W) -> (N, cout, H', W')."""
 
     def __init__(self, cin: int, cout: int, kernel, stride: int = 1, padding=0):
         super().__init__()
