@@ -71,6 +71,14 @@ def check_regular(path: str | os.PathLike, what: str) -> os.stat_result:
     return st
 
 
+def check_size(path: str | os.PathLike, what: str, limit: int) -> None:
+    """FileRefused unless ``path`` is a regular file of at most ``limit`` bytes (from its stat: nothing is read)."""
+    size = check_regular(path, what).st_size
+    if size > limit:
+        raise FileRefused(f"{what} {path}: {size / MiB:.1f} MiB, more than the {limit / MiB:g} MiB such a file may "
+                          f"hold")
+
+
 def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
     """``path`` opened for reading if it is a regular file (checked on the opened file: O_NONBLOCK keeps a FIFO from
     blocking the open). FileRefused otherwise."""

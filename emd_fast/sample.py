@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .cli import add_debug_flag, run_as_process, run_command
 from .evaluation.images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
-from .files import atomic_write, make_dirs
+from .files import atomic_write, make_dirs, run_subdir
 from .training.build import load_run
 from .training.config import check_seed
 
@@ -105,8 +105,8 @@ def write_samples(args: argparse.Namespace) -> None:
     else:
         labels, n, per_class = choose_labels(args, distiller.num_classes)
     image = is_image_shape(distiller.shape) or decode is not None
-    outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
-                                                             f"{'.png' if image else '.npz'}")]
+    outs = args.out or [str(run_subdir(ckpt.parent.parent / "samples") / f"onestep_step{step}_seed{args.seed}"
+                                                                         f"{'.png' if image else '.npz'}")]
     kinds = kinds or [output_kind(outs[0])]
     outs = [Path(p) for p in outs]
     if not image and any(k != "npz" for k in kinds):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, RunError, Stopped
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
-from ..files import read_bytes, write_json_atomic, write_text_atomic
+from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
@@ -255,7 +255,7 @@ class Maintenance:
         source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
                  f"step {self.distiller.step_count}")
-        self.run.problem.plot(self.out / "samples" / name, samples, y, metrics, history, title)
+        self.run.problem.plot(run_subdir(self.out / "samples") / name, samples, y, metrics, history, title)
 
     def stop(self, signum: int) -> None:
         """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""
