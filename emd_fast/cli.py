@@ -7,6 +7,7 @@ import argparse
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, NoReturn
 
 from .errors import STOP_SIGNALS, CheckpointError, Stopped, out_of_memory
@@ -63,9 +64,23 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
     """Run ``body(args)`` and turn how it ends into an exit code (see the module docstring). SIGINT, SIGTERM and
     SIGUSR1 raise Interrupted wherever the training loop's handlers are not active (so they unwind and clean up);
-    ``oom_hint`` says which options lower the memory needed."""
+    ``oom_hint`` says which options lower the memory needed. Python warnings raised on the way are shown when the
+    command has succeeded (or with --debug): a failure is its one line, not warnings before it."""
     previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS
                 if threading.current_thread() is threading.main_thread() and signal.getsignal(s) is not signal.SIG_IGN}
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = _exit_code(body, args, oom_hint)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_IGN if _whole_process else handler)
+    if code == 0 or args.debug:
+        for w in caught:
+            print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno), end="", file=sys.stderr)
+    return code
+
+
+def _exit_code(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
     try:
         body(args)
         return 0
@@ -95,9 +110,6 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
         print(f"internal error: {type(e).__name__}: {first_line(e)} (a bug in emd_fast: --debug shows the "
               f"traceback)", file=sys.stderr)
         return 1
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if _whole_process else handler)
 
 
 def _stop_in_chain(e: BaseException) -> int | None:

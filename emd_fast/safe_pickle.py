@@ -10,8 +10,8 @@ storages inside NVlabs pickles) are pickles plus raw tensor bytes. Here:
 * ``Tensors`` builds every tensor from a storage that lies in the file: a storage's bytes are read only when the file
   holds them (a zip record stored, not compressed, of exactly the declared size; a legacy record whose length header
   matches), each tensor is a non-overlapping view inside its storage (a stride-0 or overlapping view, which could
-  materialise far more than the file holds, is refused), and all tensors together hold no more bytes than the
-  storages read. Nothing is allocated from a size the file merely claims.
+  materialise far more than the file holds, is refused), and all tensors together hold at most SHARED_VIEWS times
+  the bytes of the storages read. Nothing is allocated from a size the file merely claims.
 
 Every refusal is a ``CheckpointError`` (one line). Readers: ``load_torch_file`` (zip or legacy torch files, TorchScript
 archives: tensors and objects as data), ``emd_fast.teachers.edm_pickle`` (NVlabs pickles).
@@ -39,6 +39,7 @@ STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
     ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8), ("Byte", torch.uint8),
     ("Bool", torch.bool))}
 MAX_DIMS = 16
+SHARED_VIEWS = 4  # all tensors together hold at most this many times the storage bytes (tied weights share one)
 MEMO_WRITES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 REFUSED_OPCODES = {"EXT1", "EXT2", "EXT4"}  # copyreg's extension registry: globals by number
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -144,9 +145,9 @@ class Tensors:
             raise CheckpointError(f"a tensor of size {tuple(size)} at offset {offset} reaches past its storage of "
                                   f"{flat.numel()} elements")
         self.tensor_bytes += numel * flat.element_size()
-        if self.tensor_bytes > self.storage_bytes:
-            raise CheckpointError(f"its tensors hold {self.tensor_bytes} bytes, more than the {self.storage_bytes} "
-                                  f"bytes of storage in the file")
+        if self.tensor_bytes > SHARED_VIEWS * self.storage_bytes + (1 << 20):
+            raise CheckpointError(f"its tensors hold {self.tensor_bytes} bytes, more than {SHARED_VIEWS} x the "
+                                  f"{self.storage_bytes} bytes of storage in the file (views of views)")
         return flat.as_strided(tuple(size), tuple(stride), offset)
 
     def parameter(self, data, requires_grad=False, backward_hooks=None, state=None):
@@ -162,6 +163,33 @@ class Tensors:
                 **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
 
 
+def check_nesting(obj, limit: int = 64) -> None:
+    """CheckpointError if the objects below ``obj`` (containers, and the ``state`` of objects read as data) nest
+    deeper than ``limit``: nothing that walks, prints or compares them afterwards can then recurse too deeply. Each
+    object is visited once (a cycle or shared subtree costs nothing)."""
+    seen, level = {id(obj)}, [obj]
+    for _ in range(limit):
+        below = [child for node in level for child in _children(node) if id(child) not in seen
+                 and (isinstance(child, CONTAINERS) or isinstance(getattr(child, "state", None), dict))]
+        if not below:
+            return
+        seen.update(id(child) for child in below)
+        level = list({id(child): child for child in below}.values())
+    raise CheckpointError(f"objects nested more than {limit} deep")
+
+
+CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(node):
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, CONTAINERS):
+        return node
+    state = getattr(node, "state", None)
+    return [*state.keys(), *state.values()] if isinstance(state, dict) else ()
+
+
 def storage_id(pid) -> tuple[str, torch.dtype, int]:
     """(key, dtype, numel) of torch's persistent id ('storage', <dtype>, key, location, numel[, view metadata])."""
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
@@ -174,6 +202,10 @@ def storage_id(pid) -> tuple[str, torch.dtype, int]:
 def legacy_storages(stream, tensors: Tensors, allowed: dict, what: str, classes=None):
     """The object of a torch file in the legacy (pre-zip) format from ``stream``: magic number, protocol, system
     info, the object (storages as persistent ids), the storage keys, then each storage's length and bytes."""
+    start = stream.tell()
+    if stream.read(2) != b"\x80\x02":  # torch writes the legacy format with pickle protocol 2
+        raise CheckpointError("not a torch legacy record (no legacy magic number)")
+    stream.seek(start)
     header = DataUnpickler(stream, {}, what=what)
     if header.load() != LEGACY_MAGIC or DataUnpickler(stream, {}, what=what).load() != LEGACY_PROTOCOL:
         raise CheckpointError("not a torch file (no legacy magic number)")
@@ -248,9 +280,12 @@ def load_torch_file(path: str | Path, what: str, allowed: dict | None = None, cl
         with open_regular(path, what) as f:
             if f.read(4) == b"PK\x03\x04":
                 f.seek(0)
-                return _load_zip(f, Tensors(), allowed or {}, what, classes)
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return legacy_storages(data, Tensors(), allowed or {}, what, classes)
+                obj = _load_zip(f, Tensors(), allowed or {}, what, classes)
+            else:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    obj = legacy_storages(data, Tensors(), allowed or {}, what, classes)
+        check_nesting(obj)
+        return obj
     except FileRefused:
         raise
     except Malformed as e:

@@ -516,13 +516,18 @@ def check_arch(arch) -> None:
         if key == "precond" and isinstance(v, dict):
             bad = [k for k, x in v.items() if not plain(k, x)]
             if bad:
-                raise ValueError(f"precond {bad[0]} = {v[bad[0]]!r} is not a plain number, string or flag")
+                raise ValueError(f"precond {bad[0]}: a {_shown(v[bad[0]])}, not a plain number, string or flag")
         elif isinstance(v, list):
             if len(v) > 64 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= ARCH_INT_MAX
                                       for x in v):
-                raise ValueError(f"{key} = {str(v)[:60]} is not a short list of counts in [0, {ARCH_INT_MAX}]")
+                raise ValueError(f"{key}: not a short list of counts in [0, {ARCH_INT_MAX}]")
         elif not (key != "precond" and plain(key, v)):
-            raise ValueError(f"{key} = {str(v)[:60]} is not a number in range, a string or a flag")
+            raise ValueError(f"{key}: {_shown(v)}, not a number in [0, {ARCH_INT_MAX}], a string or a flag")
+
+
+def _shown(v) -> str:
+    """A value from a file, for a message: numbers and short strings as they are, anything else by its type."""
+    return repr(v) if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40) else type(v).__name__
 
 
 def build_network(arch: dict, schedule: Schedule | None = None, tensors: dict[str, torch.Tensor] | None = None,

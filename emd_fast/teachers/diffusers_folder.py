@@ -55,6 +55,7 @@ SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
               "DEISMultistepScheduler", "SASolverScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")  # concrete classes: no Auto*, no code from the folder
 PROMPTS_BYTES = 4 << 20  # a --prompts file
+MAX_TIMESTEPS = 100_000  # a scheduler's num_train_timesteps (Stable Diffusion's: 1000)
 WEIGHT_STEM = "diffusion_pytorch_model"  # diffusers' weight file names; transformers' text encoders: model, pytorch_model
 
 
@@ -407,6 +408,10 @@ def inspect_folder(path) -> TeacherFolder:
         if sched.get(key, plain) != plain:  # EDM-style continuous timesteps (CosXL), flow matching
             raise ValueError(f"{parts['scheduler']}: {scheduler_class} with {key} {sched[key]!r} is not supported "
                              f"(only discrete-timestep noise levels of a beta schedule)")
+    steps = sched.get("num_train_timesteps", 1000)
+    if not (_positive_int(steps) and steps <= MAX_TIMESTEPS):
+        raise ValueError(f"{parts['scheduler']}: num_train_timesteps {steps!r}: must be an integer in [1, "
+                         f"{MAX_TIMESTEPS}]")
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{parts['scheduler']}: prediction type {prediction!r} is not supported; choose one of "

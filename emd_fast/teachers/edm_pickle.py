@@ -59,7 +59,7 @@ from ..nets.unet import (
     check_keys,
     resample_kernel,
 )
-from ..safe_pickle import DataUnpickler, Malformed, Storage, Tensors, legacy_storages
+from ..safe_pickle import DataUnpickler, Malformed, Storage, Tensors, check_nesting, legacy_storages
 from ..schedules import EDMSchedule
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampler defaults (sigma_min, sigma_max)
@@ -88,7 +88,6 @@ VERIFIED_ATTRS = {  # EDM class -> (our module classes, attributes compared with
     "ModuleDict": (nn.ModuleDict, ()),
 }
 PLAIN_CONV = {"up": False, "down": False, "fused_resample": False}  # what a plain nn.Conv2d does
-MAX_DEPTH = 64  # module nesting (EDM's networks: 4)
 
 
 class Captured:
@@ -165,7 +164,9 @@ def read_edm_pickle(path: str | Path):
     what = "an EDM network pickle"
     try:
         with open_regular(path, "EDM pickle") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return DataUnpickler(data, safe_globals(Tensors(), what), what=what).load()
+            tree = DataUnpickler(data, safe_globals(Tensors(), what), what=what).load()
+        check_nesting(tree)
+        return tree
     except Malformed as e:
         raise CheckpointError(f"{path} is not a readable EDM network pickle ({e})") from None
     except CheckpointError as e:
@@ -266,12 +267,10 @@ def convert_edm_network(precond_class: str, init_kwargs: dict, state_dict: dict[
 
 def edm_modules(node: Captured) -> dict[str, Captured]:
     """Every module below a captured module, by its dotted name (breadth first); CheckpointError where the modules
-    are not a tree (a module reached twice: a cycle or shared subtrees, which would make every walk exponential) or
-    nest more than MAX_DEPTH deep."""
+    are not a tree (a module reached twice: a cycle or shared subtrees, which would make every walk exponential;
+    read_edm_pickle has bounded the depth)."""
     out, seen, level = {}, {id(node)}, [("", node)]
-    for depth in range(MAX_DEPTH + 1):
-        if not level:
-            return out
+    while level:
         below = []
         for prefix, parent in level:
             for name, child in parent.children().items():
@@ -282,7 +281,7 @@ def edm_modules(node: Captured) -> dict[str, Captured]:
                 out[prefix + name] = child
                 below.append((f"{prefix}{name}.", child))
         level = below
-    raise CheckpointError(f"modules nested more than {MAX_DEPTH} deep")
+    return out
 
 
 def edm_state_dict(node: Captured) -> dict[str, torch.Tensor]:
