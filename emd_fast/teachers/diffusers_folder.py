@@ -313,6 +313,7 @@ def inspect_folder(path) -> TeacherFolder:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"--teacher {root}: not a directory")
+    check_model_files(root)
     parts: dict[str, Path | None] = {}
     flat = (root / "config.json").is_file() and not (root / "unet").is_dir()  # google/ddpm-*: the UNet's files at the top
     if (root / "model_index.json").is_file() and not flat:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, FileRefused, RunError
-from ..files import describe, make_dirs, open_append, read_bytes, refuse_link, write_text_atomic
+from ..files import describe, make_dirs, open_append, read_bytes, refuse_link, run_subdir, write_text_atomic
 from .checkpoint import list_checkpoints, remove_orphans, resume_checkpoint
 from .distiller import Distiller
 
@@ -93,6 +93,8 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
     lock.enter_context(RunLock(out))
     owned = made and {p.name for p in out.iterdir()} == {".lock"}
     ckpt_dir = out / "checkpoints"
+    if os.path.lexists(ckpt_dir):
+        run_subdir(ckpt_dir)  # a link there would put (and clean) checkpoints elsewhere
     if not cfg["resume"] and list_checkpoints(ckpt_dir):
         raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     remove_orphans(ckpt_dir)
