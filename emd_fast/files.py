@@ -114,20 +114,22 @@ def read_text(path: str | os.PathLike, what: str, limit: int) -> str:
         raise FileRefused(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def parse_json(text: str | bytes, what: str):
-    """A JSON document nested at most JSON_DEPTH deep; FileRefused (one line, starting with ``what``) otherwise."""
+def parse_json(text: str | bytes, what: str, source: str | os.PathLike = ""):
+    """A JSON document nested at most JSON_DEPTH deep; FileRefused otherwise, in one line: '<source>: unreadable
+    <what> (<why>)'."""
+    where = f"{source}: " if str(source) else ""
     try:
         value = json.loads(text)
     except RecursionError:
-        raise FileRefused(f"{what}: JSON nested too deeply") from None
+        raise FileRefused(f"{where}unreadable {what} (JSON nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise FileRefused(f"{what}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+        raise FileRefused(f"{where}unreadable {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
     level, todo = 0, [value]
     while todo:
         level += 1
         if level > JSON_DEPTH:
-            raise FileRefused(f"{what}: JSON nested more than {JSON_DEPTH} deep")
+            raise FileRefused(f"{where}unreadable {what} (JSON nested more than {JSON_DEPTH} deep)")
         todo = [v for node in todo for v in (node.values() if isinstance(node, dict) else node)
                 if isinstance(v, (dict, list))]
     return value
@@ -135,7 +137,7 @@ def parse_json(text: str | bytes, what: str):
 
 def read_json(path: str | os.PathLike, what: str, limit: int = JSON_BYTES):
     """A JSON file (regular, at most ``limit`` bytes, JSON_DEPTH deep); FileRefused naming it otherwise."""
-    return parse_json(read_bytes(path, what, limit), f"{what} {path}")
+    return parse_json(read_bytes(path, what, limit), what, path)
 
 
 def read_npz(path: str | os.PathLike, what: str, limit: int = NPZ_BYTES) -> dict[str, np.ndarray]:

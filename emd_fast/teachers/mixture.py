@@ -13,6 +13,7 @@ Everything is validated when the file is read, with one-line errors (``MixtureEr
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,8 @@ def data_std(teacher: GaussianMixtureTeacher) -> float:
 
 def _read(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a mixture file, read as files.read_json / read_npz do (a regular file, capped)."""
+    if not os.path.lexists(path):
+        raise MixtureError(f"mixture file {path} does not exist")
     if path.suffix not in (".json", ".npz"):
         raise MixtureError(f"mixture file {path}: the suffix must be .json or .npz")
     try:

@@ -33,7 +33,7 @@ def load_network(path: str | Path, device=None) -> ImageDenoiser:
     """
     meta, tensors = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net")
     try:
-        arch, sched = parse_json(meta["arch"], "arch"), parse_json(meta["schedule"], "schedule")
+        arch, sched = parse_json(meta["arch"], "arch metadata"), parse_json(meta["schedule"], "schedule metadata")
         if not isinstance(sched, dict):
             raise ValueError(f"schedule is a {type(sched).__name__}, not an object")
         schedule = make_schedule(sched.pop("name"), **sched)
