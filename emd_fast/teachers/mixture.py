@@ -146,7 +146,7 @@ class GaussianMixtureTeacher:
 
 
 MAX_MODES = 10_000
-MAX_COV_ENTRIES = 1 << 24  # M x D x D (128 MiB of float64)
+MAX_COV_ENTRIES = 1 << 22  # M x D x D (32 MiB of float64; ~90 MB in the run's config.json)
 MIN_RELATIVE_VARIANCE = 1e-10  # of the data's variance, per mode and direction
 MIXTURE_JSON_BYTES = 256 << 20
 

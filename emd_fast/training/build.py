@@ -12,7 +12,7 @@ from ..files import read_json
 from ..problems import init_networks, make_problem
 from ..seeds import Stream, seed_for
 from .checkpoint import checkpoint_record, list_checkpoints, load_checkpoint, load_state_dict_strict
-from .config import parse_device
+from .config import RUN_CONFIG_BYTES, parse_device
 from .distiller import Distiller, Execution, checkpoint_bytes
 
 
@@ -107,7 +107,7 @@ def load_run(path: str | Path, device, training_state: bool = False) -> tuple[Ru
     tensors, state = load_checkpoint(ckpt)
     config_path = ckpt.parent.parent / "config.json"
     try:
-        cfg = read_json(config_path, "the run's config")
+        cfg = read_json(config_path, "the run's config", RUN_CONFIG_BYTES)
     except FileRefused as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(cfg, dict) or not isinstance(state.get("config"), dict) or \

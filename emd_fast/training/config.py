@@ -50,6 +50,7 @@ RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every",
 
 
 MAX_K = 1000  # --K: Langevin steps per iteration
+RUN_CONFIG_BYTES = 512 << 20  # a run's config.json (a mixture teacher's means and covariances are in it)
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
 
 
@@ -204,7 +205,7 @@ def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
     if not os.path.lexists(saved_path):
         raise CheckpointError(f"--resume: {saved_path} does not exist")
     try:
-        saved = read_json(saved_path, "--resume: the run's config")
+        saved = read_json(saved_path, "--resume: the run's config", RUN_CONFIG_BYTES)
     except FileRefused as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(saved, dict):

@@ -80,7 +80,8 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
     The lock comes first: nothing that can fail happens before it is held. A new run owns the directory only if its
     own mkdir made it and the directory holds nothing but the lock once the lock is held (another run may have taken
     the lock in between and used the directory); only an owned directory may be removed, by the owner, while it holds
-    the lock (``remove_new_run``)."""
+    the lock (``remove_new_run``). A process that made the directory but cannot take its lock removes it only while
+    it is empty."""
     out = cfg["out"]
     made = False
     if not cfg["resume"]:
@@ -90,7 +91,13 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
             raise RunError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from None
     if not out.is_dir():
         raise CheckpointError(f"--resume: {out} is not a run directory ({describe(out)})")
-    lock.enter_context(RunLock(out))
+    try:
+        lock.enter_context(RunLock(out))
+    except BaseException:
+        if made:  # only if still empty: another run that took the lock meanwhile has its .lock in it
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
     owned = made and {p.name for p in out.iterdir()} == {".lock"}
     ckpt_dir = out / "checkpoints"
     if os.path.lexists(ckpt_dir):
