@@ -28,7 +28,8 @@ setup(
         "diffusers": ["diffusers>=0.33", "transformers>=4.40"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.40"],
     },
-    # every command also as a console script: emd-train == python -m emd_fast.train, ...
-    entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.{name}:console"
+    # every command also as a console script: emd-train == python -m emd_fast.train, ... (through emd_fast.entry:
+    # stop signals handled before the command imports torch)
+    entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.entry:{name}"
                                       for name in ("train", "sample", "fid", "pretrain", "edm_import")]},
 )

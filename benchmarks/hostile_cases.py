@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,10 +26,12 @@ SMALL = ["--teacher-fit-steps", "20", "--batch", "32", "--hidden", "16", "--dept
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after: Path | None = None):
-    """(exit code, first stderr line, seconds) of ``python -m emd_fast.<module> args``; optionally with file writes
-    capped at ``limit_file_size`` bytes (a full disk: writes fail with EFBIG) or a SIGINT once the run directory
-    ``stop_after`` trains."""
+def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after: Path | None = None,
+        stdin: str | None = None, timeout: float = 900, argv: list[str] | None = None):
+    """(exit code, first stderr line, seconds, peak resident memory in MB) of ``python -m emd_fast.<module> args``
+    (or of ``python argv``); optionally with file writes capped at ``limit_file_size`` bytes (a full disk: writes
+    fail with EFBIG), a SIGINT once the run directory ``stop_after`` trains, ``stdin`` piped in. A process still
+    running after ``timeout`` s is killed (exit -9)."""
     def cap():
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job's shell ignores it: undo that for the child
         if limit_file_size is not None:
@@ -36,17 +39,26 @@ def cli(module: str, *args: str, limit_file_size: int | None = None, stop_after:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"emd_fast.{module}", *args], env=ENV, preexec_fn=cap,
+    proc = subprocess.Popen([sys.executable, *(argv or ["-m", f"emd_fast.{module}", *args])], env=ENV,
+                            preexec_fn=cap, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if stop_after is not None:  # a run directory: SIGINT 2 s after its metrics.jsonl appears (training started)
         while not (stop_after / "metrics.jsonl").exists() and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=900)[1]
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    if stdin is not None:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory (ru_maxrss)
+    killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
     lines = [line for line in err.splitlines() if line.strip()]
     first = "Traceback ... " + lines[-1] if "Traceback" in err else (lines[0] if lines else "")
-    return proc.returncode, first, time.perf_counter() - t0
+    return proc.returncode, first, time.perf_counter() - t0, usage.ru_maxrss / 1024
 
 
 def cases(tmp: Path):
@@ -113,10 +125,10 @@ def second_run(tmp: Path):
 
 def interrupted(tmp: Path):
     out = tmp / "ctrl-c"
-    code, line, s = cli("train", "--out", str(out), *SMALL, "--steps", "2000", "--ckpt-every", "500",
-                        stop_after=out)
+    code, line, s, _ = cli("train", "--out", str(out), *SMALL, "--steps", "2000", "--ckpt-every", "500",
+                           stop_after=out)
     again = cli("train", "--out", str(out), "--resume", "--steps", "2000", "--quiet")
-    return f"{code}, then {again[0]}", line, s + again[2]
+    return f"{code}, then {again[0]}", line, s + again[2], again[3]
 
 
 def stray_files(run: Path):
@@ -124,7 +136,7 @@ def stray_files(run: Path):
     orphan = run / "checkpoints" / "step_0000099.safetensors"
     orphan.write_bytes(b"half")
     result = cli("train", "--out", str(run), "--resume", "--steps", "35", "--quiet")
-    return result[0], f"{result[1] or '(nothing on stderr)'}; orphan left: {orphan.exists()}", result[2]
+    return result[0], f"{result[1] or '(nothing on stderr)'}; orphan left: {orphan.exists()}", *result[2:]
 
 
 def torn_metrics(run: Path):
@@ -137,16 +149,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="markdown file (default: print only)")
     args = p.parse_args()
-    rows = ["| case | expected | exit | first line of stderr | s |", "|---|---|---|---|---|"]
+    print_table(cases, args.out)
+
+
+def print_table(cases, out: Path | None, peak: bool = False) -> None:
+    """Run each (case, expected, thunk) of ``cases(tmp)`` and print (and write to ``out``) the markdown table; with
+    ``peak`` a column of each process's peak resident memory."""
+    rows = ["| case | expected | exit | first line of stderr | s |" + (" peak MB |" if peak else ""),
+            "|---|---|---|---|---|" + ("---|" if peak else "")]
     with tempfile.TemporaryDirectory() as d:
         for case, expected, thunk in cases(Path(d)):
-            code, line, seconds = thunk()
+            code, line, seconds, mb = thunk()
             line = line.replace(d, "<tmp>").replace("|", "/")
-            rows.append(f"| {case} | {expected} | {code} | {line[:160]} | {seconds:.1f} |")
+            rows.append(f"| {case} | {expected} | {code} | {line[:160]} | {seconds:.1f} |" +
+                        (f" {mb:.0f} |" if peak else ""))
             print(rows[-1], flush=True)
         shutil.rmtree(d, ignore_errors=True)
-    if args.out:
-        args.out.write_text("\n".join(rows) + "\n")
+    if out:
+        out.write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ def _find_kernels_in_a_source_tree() -> None:
 
 _find_kernels_in_a_source_tree()
 
+from .entry import stop_signals_if_a_command_starts as _stop_signals  # noqa: E402 (light: signal, sys)
+
+_stop_signals()  # python -m emd_fast.<command>: stop signals handled from the first instant (see entry.py)
+
 # The public names, imported on first use (``import emd_fast`` stays light: no networks, diffusers or matplotlib)
 _EXPORTS = {
     "EMD": "emd", "EMDConfig": "emd", "EStep": "emd", "VARIANTS": "emd", "ReferenceOps": "ops", "Ops": "ops",

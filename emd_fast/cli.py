@@ -7,11 +7,16 @@ import argparse
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable, NoReturn
 
 from .errors import STOP_SIGNALS, CheckpointError, Stopped, out_of_memory
 from .optional import third_party_import_error
 
+INCEPTION_TORCHSCRIPT_HELP = (
+    "load --inception as TorchScript, i.e. run the file as a program instead of reading its weights: TorchScript can "
+    "read, write and overwrite any file this process may (a crafted file has done so); only for a file you trust "
+    "that is not NVlabs' Inception-v3 (whose weights are read without it)")
 _whole_process = False  # set by run_as_process: the command is the process, its end is the process's end
 
 
@@ -41,16 +46,41 @@ def _interrupt(signum, frame):
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What every command's parser shares: --debug, and usage errors in one line (``one_line_errors``)."""
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    return one_line_errors(parser)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A bad command line is one line on stderr and exit 2 (argparse's own usage block runs to dozens of lines)."""
+    def error(message: str) -> NoReturn:
+        print(f"error: {message} ({parser.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
     return parser
 
 
 def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
     """Run ``body(args)`` and turn how it ends into an exit code (see the module docstring). SIGINT, SIGTERM and
     SIGUSR1 raise Interrupted wherever the training loop's handlers are not active (so they unwind and clean up);
-    ``oom_hint`` says which options lower the memory needed."""
+    ``oom_hint`` says which options lower the memory needed. Python warnings raised on the way are shown when the
+    command has succeeded (or with --debug): a failure is its one line, not warnings before it."""
     previous = {s: signal.signal(s, _interrupt) for s in STOP_SIGNALS
                 if threading.current_thread() is threading.main_thread() and signal.getsignal(s) is not signal.SIG_IGN}
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = _exit_code(body, args, oom_hint)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_IGN if _whole_process else handler)
+    if code == 0 or args.debug:
+        for w in caught:
+            print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno), end="", file=sys.stderr)
+    return code
+
+
+def _exit_code(body: Callable[[argparse.Namespace], None], args: argparse.Namespace, oom_hint: str) -> int:
     try:
         body(args)
         return 0
@@ -80,9 +110,6 @@ def run_command(body: Callable[[argparse.Namespace], None], args: argparse.Names
         print(f"internal error: {type(e).__name__}: {first_line(e)} (a bug in emd_fast: --debug shows the "
               f"traceback)", file=sys.stderr)
         return 1
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if _whole_process else handler)
 
 
 def _stop_in_chain(e: BaseException) -> int | None:

@@ -9,11 +9,13 @@ import argparse
 from pathlib import Path
 
 from .cli import add_debug_flag, run_as_process, run_command
+from .files import refuse_same_file
 from .teachers.edm_pickle import load_edm_pickle
 from .teachers.network_file import save_network
 
 
 def convert(args: argparse.Namespace) -> None:
+    refuse_same_file(args.src, args.dst)
     net = load_edm_pickle(args.src, dropout=None if args.keep_dropout else 0.0)
     save_network(net, args.dst, Path(args.src).stem)
     a, sch = net.arch, net.schedule

@@ -25,12 +25,13 @@ from tqdm import tqdm
 from .cli import add_debug_flag, run_as_process, run_command
 from .evaluation.image_metrics import DigitsClassifier
 from .evaluation.images import class_rows, save_grid
+from .files import make_dirs, write_text_atomic
 from .nets.unet import UNET_CONFIGS, build_network
 from .problems import digits
 from .schedules import EDMSchedule, expand_like
 from .seeds import Stream, seed_for
 from .teachers.network_file import save_network
-from .training.config import parse_device
+from .training.config import check_seed, parse_device
 
 # UNET_CONFIGS["tiny"] at half the width (209k parameters): 2.5x faster on a CPU, where teacher, student and
 # generator all run it; its 18-step Heun samples are recognisable digits of every class (digits_info.json).
@@ -155,9 +156,10 @@ def pretrain(args: argparse.Namespace) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive number, got {getattr(args, key)}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
+    check_seed(args.seed)
     device = parse_device(args.device)
     x, y = (v.to(device) for v in digits.load_digits_data())
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_dirs(args.out)
     t0 = time.perf_counter()
     classifier, cls_info = train_classifier(x, y, args.classifier_steps, args.classifier_batch, args.classifier_lr,
                                             args.seed, quiet=args.quiet)
@@ -188,7 +190,7 @@ def pretrain(args: argparse.Namespace) -> None:
                        **cls_info, "train_s": round(t1 - t0, 1)},
         "device": str(device), "torch": torch.__version__,
     }
-    (args.out / digits.INFO_FILE.name).write_text(json.dumps(info, indent=1) + "\n")
+    write_text_atomic(args.out / digits.INFO_FILE.name, json.dumps(info, indent=1) + "\n")
     print(f"teacher: EDM loss {losses['ema_loss_all_digits']:.4f} (EMA), Heun samples: class accuracy "
           f"{heun['class_accuracy']:.3f}, FD to real {heun['fd_real']:.2f}\n"
           f"classifier: held-out accuracy {cls_info['held_out_accuracy']:.4f}\nwrote {teacher_file}, "

@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from .cli import add_debug_flag, run_as_process, run_command
 from .evaluation.images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
+from .files import atomic_write, make_dirs, run_subdir
 from .training.build import load_run
+from .training.config import check_seed
 
 
 def choose_labels(args, num_classes: int) -> tuple[torch.Tensor | None, int, int | None]:
@@ -87,6 +89,7 @@ def write_samples(args: argparse.Namespace) -> None:
     kinds = [output_kind(path) for path in args.out or ()]
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    check_seed(args.seed)
     run, step, ckpt = load_run(args.run, args.device)
     distiller = run.distiller
     decode = getattr(run.problem, "decode", None)  # diffusers runs: latents -> images by the VAE
@@ -102,21 +105,25 @@ def write_samples(args: argparse.Namespace) -> None:
     else:
         labels, n, per_class = choose_labels(args, distiller.num_classes)
     image = is_image_shape(distiller.shape) or decode is not None
-    outs = args.out or [str(ckpt.parent.parent / "samples" / f"onestep_step{step}_seed{args.seed}"
-                                                             f"{'.png' if image else '.npz'}")]
+    outs = args.out or [str(run_subdir(ckpt.parent.parent / "samples") / f"onestep_step{step}_seed{args.seed}"
+                                                                         f"{'.png' if image else '.npz'}")]
     kinds = kinds or [output_kind(outs[0])]
     outs = [Path(p) for p in outs]
     if not image and any(k != "npz" for k in kinds):
         raise ValueError(f"PNG output needs 1- or 3-channel images; this run's samples have shape {distiller.shape}: "
                          f"use .npz")
+    if args.uint8 and not image:
+        raise ValueError(f"--uint8 writes images as 8-bit pixels; this run's samples have shape {distiller.shape}: "
+                         f"leave it out")
     x, y = distiller.sample(n, torch.Generator(distiller.device).manual_seed(args.seed), labels, chunk=args.batch)
     x = x.cpu() if decode is None else decode(x)
     y = torch.full((n,), -1) if y is None or args.prompt is not None else y.cpu()
     for path, kind in zip(outs, kinds):
         if kind == "npz":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {"arr_0": to_uint8(x)} if args.uint8 and image else {"images": x.numpy()}
-            np.savez(path, **arrays, labels=y.numpy())
+            make_dirs(path.parent)
+            arrays = {"arr_0": to_uint8(x)} if args.uint8 else {"images": x.numpy()}
+            with atomic_write(path) as f:
+                np.savez(f, **arrays, labels=y.numpy())
         elif kind == "folder":
             for i in tqdm(range(0, n, 1000), desc="PNG", unit="k", disable=n <= 1000):
                 save_png_folder(path, x[i:i + 1000], start=i)

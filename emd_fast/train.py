@@ -11,7 +11,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from .cli import add_debug_flag, run_as_process, run_command
+from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, run_as_process, run_command
 from .emd import VARIANTS, Z_STEPS
 from .execution.backends import BACKENDS
 from .schedules import SCHEDULES, WEIGHTINGS
@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--inception", type=Path, default=None,
-                   help="image runs: Inception-v3 TorchScript file (inception-2015-12-05.pt, never downloaded); "
-                        "digits: adds FID to the real digits to the metrics; with --fid-ref: FID")
+                   help="image runs: Inception-v3 weights (NVlabs' inception-2015-12-05.pt: its tensors are read as "
+                        "data, its code never runs; or its .safetensors from python -m emd_fast.fid convert; never "
+                        "downloaded); digits: adds FID to the real digits to the metrics; with --fid-ref: FID")
     r.add_argument("--fid-ref", type=Path, default=None,
                    help="FID reference statistics in EDM's format (.npz with mu, sigma; e.g. EDM's "
                         "fid-refs/imagenet-64x64.npz): FID of --fid-samples EMA samples every --fid-every steps and "
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", action="store_true",
                    help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
                         "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
+    x = p.add_argument_group("files run as code (only for files you trust)")
+    x.add_argument("--inception-torchscript", action="store_true", help=INCEPTION_TORCHSCRIPT_HELP)
     return add_debug_flag(p)
 
 

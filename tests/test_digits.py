@@ -101,7 +101,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_inception_fid_when_weights_are_supplied(tmp_path, capsys):
     out = tmp_path / "run"
     inception = fake_inception_file(tmp_path)
-    assert train.main(["--out", str(out), *SMALL, "--inception", str(inception)]) == 0
+    assert train.main(["--out", str(out), *SMALL, "--inception", str(inception), "--inception-torchscript"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["fid_inception"] > 0 and "fid_inception" in summary["exact_sample_floor"]
     assert "FID (Inception)" in capsys.readouterr().out

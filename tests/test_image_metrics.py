@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from emd_fast.errors import CheckpointError, FileRefused
 from emd_fast.evaluation.image_metrics import (
     FID,
     DigitsClassifier,
@@ -49,10 +50,11 @@ def test_digits_classifier_shapes():
 
 
 def test_inception_features_convention(tmp_path):
-    feats = InceptionFeatures(fake_inception_file(tmp_path))(torch.rand(4, 1, 8, 8) * 2 - 1)
+    feats = InceptionFeatures(fake_inception_file(tmp_path), torchscript=True)(torch.rand(4, 1, 8, 8) * 2 - 1)
     assert feats.shape == (4, 2048) and feats.dtype == torch.float64
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        InceptionFeatures(tmp_path / "missing.pt")
+    for torchscript in (False, True):
+        with pytest.raises(FileRefused, match="missing.pt: no such file"):
+            InceptionFeatures(tmp_path / "missing.pt", torchscript=torchscript)
 
 
 def test_feature_stats_match_numpy_in_batches():
@@ -89,17 +91,17 @@ def test_fid_pipeline_with_a_stand_in_inception(tmp_path):
     def images(n, shift):
         return (0.3 * torch.randn(n, 3, 8, 8, generator=g) + shift).clamp(-1, 1)
 
-    feats = InceptionFeatures(inception)(images(2000, 0.0))
+    feats = InceptionFeatures(inception, torchscript=True)(images(2000, 0.0))
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=feats.mean(0).numpy(), sigma=np.cov(feats.numpy(), rowvar=False))
-    fid = FID(inception, ref)
+    fid = FID(inception, ref, torchscript=True)
     same, n = fid(images(500, 0.0) for _ in range(4))
     other, _ = fid(images(500, 0.4) for _ in range(4))
     assert n == 2000 and same < 0.05 * other and other > 1000
 
 
 def test_fid_reference_errors(tmp_path):
-    with pytest.raises(ValueError, match="never downloads"):
+    with pytest.raises(ValueError, match="none.npz: no such file"):
         load_fid_reference(tmp_path / "none.npz")
     np.savez(tmp_path / "no_sigma.npz", mu=np.zeros(4))
     with pytest.raises(ValueError, match="no 'sigma' array"):
@@ -108,8 +110,10 @@ def test_fid_reference_errors(tmp_path):
     with pytest.raises(ValueError, match=r"mu must be \(F,\) and sigma \(F, F\)"):
         load_fid_reference(tmp_path / "shape.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot read FID reference statistics"):
+    with pytest.raises(ValueError, match="FID reference statistics .*junk.npz: not a readable .npz"):
         load_fid_reference(tmp_path / "junk.npz")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="is not a TorchScript Inception network"):
+    with pytest.raises(CheckpointError, match="junk.pt is not a readable torch file"):
         InceptionFeatures(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="is not a TorchScript Inception network"):
+        InceptionFeatures(tmp_path / "junk.pt", torchscript=True)

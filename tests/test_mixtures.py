@@ -73,11 +73,11 @@ def test_unreadable_mixture_files(tmp_path):
             load_mixture(path, VPCosine())
     broken = tmp_path / "b.json"
     broken.write_text('{"means": [[0, 1]]')
-    with pytest.raises(MixtureError, match="cannot read mixture file"):
+    with pytest.raises(MixtureError, match="b.json: unreadable mixture file"):
         load_mixture(broken, VPCosine())
     garbage = tmp_path / "g.npz"
     garbage.write_bytes(b"not a zip file")
-    with pytest.raises(MixtureError, match="cannot read mixture file"):
+    with pytest.raises(MixtureError, match="g.npz: not a readable .npz"):
         load_mixture(garbage, VPCosine())
 
 

@@ -90,12 +90,12 @@ def test_labels_restrict_the_classes(tmp_path, capsys):
 def test_fid_during_training_and_from_the_command(tmp_path):
     inception = fake_inception_file(tmp_path)
     real = torch.rand(64, 1, 8, 8) * 2 - 1
-    feats = InceptionFeatures(inception)(real)
+    feats = InceptionFeatures(inception, torchscript=True)(real)
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=feats.mean(0).numpy(), sigma=np.cov(feats.numpy(), rowvar=False))
     out = tmp_path / "r"
     assert train_main(out, "--teacher", str(teacher_file(tmp_path)), "--inception", str(inception), "--fid-ref",
-                      str(ref), "--fid-samples", "16", "--fid-every", "2") == 0
+                      str(ref), "--fid-samples", "16", "--fid-every", "2", "--inception-torchscript") == 0
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "fid" in r] == [2]
     summary = json.loads((out / "summary.json").read_text())
@@ -103,7 +103,7 @@ def test_fid_during_training_and_from_the_command(tmp_path):
     from emd_fast import fid
 
     assert fid.main(["calc", str(out), "--inception", str(inception), "--ref", str(ref), "--n", "16",
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--inception-torchscript"]) == 0
     record = json.loads((out / "fid_step4.json").read_text())
     assert record["samples"] == 16 and record["fid"] == pytest.approx(summary["final"]["fid"], rel=1e-6)
     folder = tmp_path / "real"
@@ -111,7 +111,7 @@ def test_fid_during_training_and_from_the_command(tmp_path):
 
     save_png_folder(folder, real)
     assert fid.main(["ref", str(folder), str(tmp_path / "mine.npz"), "--inception", str(inception),
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--inception-torchscript"]) == 0
     with np.load(tmp_path / "mine.npz") as f:
         np.testing.assert_allclose(f["mu"], feats.mean(0).numpy(), atol=0.6)  # PNGs round to 8 bits: close
 

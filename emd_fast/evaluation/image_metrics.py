@@ -1,9 +1,10 @@
 """Image-quality metrics on features: Frechet distance, k-NN precision/recall, class coverage, Inception features.
 
 Features come from a feature network: the small digits classifier the project trains itself (an honest "FID on
-digits"), or Inception-v3 when the user supplies its TorchScript weights file (the ``inception-2015-12-05.pt``
-convention of clean-fid / StyleGAN / NVlabs-edm: called as ``net(uint8 NCHW RGB, return_features=True)`` -> (N, 2048)).
-Nothing is downloaded.
+digits"), or Inception-v3 (``emd_fast.evaluation.inception``: the network defined here, its weights read as data from
+the file the user supplies: NVlabs' ``inception-2015-12-05.pt`` or its safetensors conversion). Only with
+``torchscript=True`` (``--inception-torchscript``) is the file loaded as TorchScript, i.e. run as code: called as
+``net(uint8 NCHW RGB, return_features=True)`` -> (N, 2048). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..files import check_regular, read_npz
 
 
 def frechet_distance_stats(mu_a: torch.Tensor, ca: torch.Tensor, mu_b: torch.Tensor, cb: torch.Tensor) -> float:
@@ -57,13 +60,8 @@ def load_fid_reference(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu (F,), sigma (F, F)) float64 from a reference statistics file in EDM's format (.npz with ``mu`` and
     ``sigma``, e.g. EDM's fid-refs/imagenet-64x64.npz); ValueError (one line) for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"FID reference statistics {path} not found (emd_fast never downloads them)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k], dtype=np.float64) for k in ("mu", "sigma") if k in f.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read FID reference statistics {path}: {e}") from None
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in read_npz(path, "FID reference statistics").items()
+              if k in ("mu", "sigma")}
     for key in ("mu", "sigma"):
         if key not in arrays:
             raise ValueError(f"{path}: no '{key}' array: FID reference statistics are an .npz with 'mu' and 'sigma'")
@@ -77,13 +75,13 @@ def load_fid_reference(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 class FID:
     """FID of generated images against reference statistics, on a user-supplied Inception network.
 
-    inception: the TorchScript file (InceptionFeatures); reference: EDM-format .npz (``load_fid_reference``).
-    Both are read and checked when constructed, before any sample is generated.
+    inception: its weights file (InceptionFeatures; ``torchscript``: run it as TorchScript); reference: EDM-format
+    .npz (``load_fid_reference``). Both are read and checked when constructed, before any sample is generated.
     """
 
-    def __init__(self, inception: str | Path, reference: str | Path, device="cpu"):
+    def __init__(self, inception: str | Path, reference: str | Path, device="cpu", torchscript: bool = False):
         self.mu, self.sigma = load_fid_reference(reference)
-        self.features = InceptionFeatures(inception, device)
+        self.features = InceptionFeatures(inception, device, torchscript)
 
     def __call__(self, batches) -> tuple[float, int]:
         """(FID, number of images) of the images yielded by ``batches`` ((B, C, H, W) in [-1, 1] each)."""
@@ -137,15 +135,20 @@ class DigitsClassifier(nn.Module):
 
 
 class InceptionFeatures:
-    """Inception-v3 pool features from a user-supplied TorchScript file; images (N, C, H, W) in [-1, 1] -> (N, 2048)."""
+    """Inception-v3 pool features, images (N, C, H, W) in [-1, 1] -> (N, 2048) float64: our network with the weights
+    of ``path`` (``inception.load_inception``), or with ``torchscript`` the file loaded as TorchScript (code: it can
+    read and write any file the process can; only for a file one trusts)."""
 
-    def __init__(self, path: str | Path, device="cpu"):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path} not found (supply inception-2015-12-05.pt; "
-                                    f"emd_fast never downloads it)")
+    def __init__(self, path: str | Path, device="cpu", torchscript: bool = False):
+        path, self.device = Path(path), device
+        if not torchscript:
+            from .inception import load_inception
+
+            self.net = load_inception(path, device)
+            return
+        check_regular(path, "Inception TorchScript file")
         try:
-            self.net, self.device = torch.jit.load(str(path), map_location=device).eval(), device
+            self.net = torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as e:
             raise ValueError(f"{path} is not a TorchScript Inception network: {str(e).splitlines()[0]}") from None
 
@@ -156,4 +159,6 @@ class InceptionFeatures:
         x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        return self.net(x.to(self.device), return_features=True).double()
+        if isinstance(self.net, torch.jit.ScriptModule):
+            return self.net(x.to(self.device), return_features=True).double()
+        return self.net(x.to(self.device)).double()

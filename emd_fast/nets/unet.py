@@ -496,12 +496,47 @@ def check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], sou
                                   f"{tuple(shape)}")
 
 
+ARCH_INT_MAX = 1 << 20  # any count or size in an arch (channels, resolution, blocks, labels)
+
+
+def check_arch(arch) -> None:
+    """ValueError (one line) unless ``arch`` is an arch's shape: a dict of numbers (ints in [0, ARCH_INT_MAX], floats
+    finite), strings, booleans, None, flat lists of such ints, and ``precond`` a flat dict of the same (an arch read
+    from a file reaches the constructors only so)."""
+    def plain(key, v) -> bool:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return True
+        if isinstance(v, int):
+            return 0 <= v <= ARCH_INT_MAX
+        return isinstance(v, float) and (math.isfinite(v) or (key == "sigma_max" and v == math.inf))
+
+    if not isinstance(arch, dict):
+        raise ValueError(f"an architecture is a JSON object, got {type(arch).__name__}")
+    for key, v in arch.items():
+        if key == "precond" and isinstance(v, dict):
+            bad = [k for k, x in v.items() if not plain(k, x)]
+            if bad:
+                raise ValueError(f"precond {bad[0]}: a {_shown(v[bad[0]])}, not a plain number, string or flag")
+        elif isinstance(v, list):
+            if len(v) > 64 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= ARCH_INT_MAX
+                                      for x in v):
+                raise ValueError(f"{key}: not a short list of counts in [0, {ARCH_INT_MAX}]")
+        elif not (key != "precond" and plain(key, v)):
+            raise ValueError(f"{key}: {_shown(v)}, not a number in [0, {ARCH_INT_MAX}], a string or a flag")
+
+
+def _shown(v) -> str:
+    """A value from a file, for a message: numbers and short strings as they are, anything else by its type."""
+    return repr(v) if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 40) else type(v).__name__
+
+
 def build_network(arch: dict, schedule: Schedule | None = None, tensors: dict[str, torch.Tensor] | None = None,
                   source: str = "state dict") -> ImageDenoiser:
     """The network ``arch`` describes (no "network" key: ADM, as in files written before SongUNet support), in the
     EDM schedule unless one is given. With ``tensors`` (its whole state dict, fp32) it is built without initialising
     weights and takes them (CheckpointError from ``source`` for missing/unexpected keys or shapes).
-    ValueError for an unknown network or argument."""
+    ValueError for an unknown network or argument, or numbers no network is built with (``check_arch``)."""
+    check_arch(arch)
     kind = arch.get("network", "adm")
     if kind not in NETWORKS:
         raise ValueError(f"unknown network {kind!r}; choose one of {tuple(NETWORKS)}")
@@ -509,8 +544,9 @@ def build_network(arch: dict, schedule: Schedule | None = None, tensors: dict[st
     try:
         with torch.device("meta") if tensors is not None else contextlib.nullcontext():
             net = NETWORKS[kind](schedule=schedule, **arch)
-    except TypeError as e:
-        raise ValueError(f"bad {kind} architecture: {e}") from None
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as e:  # e.g. 0 channels
+        raise ValueError(f"bad {kind} architecture: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
     if tensors is None:
         return net
     check_keys(tensors, {k: v.shape for k, v in net.state_dict().items()}, source)

@@ -57,7 +57,9 @@ class Problem(Protocol):
 
     def teacher_network(self, device: torch.device, fit: bool) -> tuple[nn.Module, dict]:
         """The denoiser network generator and student start from (fit to the teacher first where that is needed
-        and ``fit``), and what to record about it in config.json."""
+        and ``fit``), and what to record about it in config.json. A problem that fits one (an analytic teacher has
+        no network) also has ``fit_teacher_network(net) -> dict``: a run builds the network unfitted, checks what
+        it can (the disk), then fits it."""
 
     def metrics(self, samples: torch.Tensor, y: torch.Tensor | None) -> dict: ...
 

@@ -150,7 +150,7 @@ class DigitsProblem:
         """The user's Inception network (--inception) and the real digits' Inception features, or None."""
         if not self.cfg.get("inception"):
             return None
-        net = InceptionFeatures(self.cfg["inception"])
+        net = InceptionFeatures(self.cfg["inception"], torchscript=self.cfg.get("inception_torchscript", False))
         return net, net(self.real[0])
 
     @torch.no_grad()

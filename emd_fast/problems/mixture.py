@@ -75,10 +75,13 @@ class MixtureProblem:
         cfg = self.cfg
         net = MLPDenoiser(self.teacher.dim, self.teacher.schedule, cfg["hidden"], cfg["depth"],
                           sigma_data=self.sigma_data).to(device)
-        if not fit:
-            return net, {}
-        rng = torch.Generator(device).manual_seed(seed_for(cfg["seed"], Stream.TEACHER_FIT))
-        return net, {"teacher_fit_loss": fit_denoiser(net, self.teacher, cfg["teacher_fit_steps"], 512, rng)}
+        return net, self.fit_teacher_network(net) if fit else {}
+
+    def fit_teacher_network(self, net: MLPDenoiser) -> dict:
+        """Regress ``net`` onto the exact teacher denoiser (--teacher-fit-steps); returns what config.json records."""
+        device = next(net.parameters()).device
+        rng = torch.Generator(device).manual_seed(seed_for(self.cfg["seed"], Stream.TEACHER_FIT))
+        return {"teacher_fit_loss": fit_denoiser(net, self.teacher, self.cfg["teacher_fit_steps"], 512, rng)}
 
     def metrics(self, samples: torch.Tensor, y=None) -> dict:
         return mixture_metrics(samples, self.teacher, self.exact)

@@ -23,17 +23,19 @@ and transformers are imported only when weights are loaded (``pip install -e ".[
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from ..checks import check_per_example
+from ..errors import FileRefused, out_of_memory
+from ..files import JSON_BYTES, check_size, describe, read_json, read_text
 from ..optional import require
 from ..schedules import Schedule, expand_like
 from . import NetworkTeacher
@@ -51,9 +53,11 @@ SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
               "DPMSolverSDEScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
               "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
               "DEISMultistepScheduler", "SASolverScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler")
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")  # concrete classes: no Auto*, no code from the folder
+PROMPTS_BYTES = 4 << 20  # a --prompts file
+MAX_TIMESTEPS = 100_000  # a scheduler's num_train_timesteps (Stable Diffusion's: 1000)
 # diffusers' weight file names (transformers' text encoders: model, pytorch_model)
 WEIGHT_STEM = "diffusion_pytorch_model"
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
 
 
 # --- the schedule ------------------------------------------------------------------------------------------------
@@ -238,12 +242,9 @@ class TeacherFolder:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path.parent}: incomplete diffusers folder, no {path.name} ({what})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable {what} ({e})") from None
+    if not os.path.lexists(path):
+        raise ValueError(f"{path.parent}: incomplete diffusers folder, no {path.name} ({what})")
+    data = read_json(path, what)  # a regular file, capped: a link to /dev/zero or a FIFO is refused
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a {what}")
     return data
@@ -277,6 +278,19 @@ def weight_files(directory: Path, stems=(WEIGHT_STEM,)) -> tuple[str | None, lis
                      f"({' or '.join(f'{stem}.safetensors / .bin' for stem in stems)})")
 
 
+def check_model_files(directory: Path) -> None:
+    """FileRefused unless every entry of a model folder is a regular file or a folder (links to them are fine: the
+    Hugging Face cache is made of links), its JSON and text files no larger than JSON_BYTES: diffusers and
+    transformers read them all, and a FIFO or a link to /dev/zero would block or fill memory there."""
+    for entry in directory.iterdir():
+        kind = describe(entry)
+        if kind.endswith(("a regular file", "a directory")):
+            if entry.suffix in (".json", ".txt", ".model") and kind.endswith("file"):
+                check_size(entry, "diffusers folder file", JSON_BYTES)
+            continue
+        raise FileRefused(f"{entry}: {kind}, not a regular file: diffusers and transformers would read it")
+
+
 def is_diffusers_folder(path) -> bool:
     """True if ``path`` is a directory with a diffusers pipeline or model config (model_index.json / config.json)."""
     p = Path(path)
@@ -301,6 +315,7 @@ def inspect_folder(path) -> TeacherFolder:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"--teacher {root}: not a directory")
+    check_model_files(root)
     parts: dict[str, Path | None] = {}
     # google/ddpm-*: the UNet's files at the top
     flat = (root / "config.json").is_file() and not (root / "unet").is_dir()
@@ -327,8 +342,7 @@ def inspect_folder(path) -> TeacherFolder:
         raise ValueError(f"{root}: the latent model {unet_class} needs a VAE to decode samples: give the pipeline "
                          f"folder (model_index.json with vae/), not the UNet's own folder")
     size = unet_cfg.get("sample_size")
-    pair = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
-    if not (isinstance(size, int) or pair):
+    if not (_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_positive_int, size)))):
         raise ValueError(f"{parts['unet']}: sample_size {size!r} in config.json: need the UNet's input size (an int or "
                          f"[height, width])")
     class_embed = unet_cfg.get("class_embed_type") is not None
@@ -373,6 +387,17 @@ def inspect_folder(path) -> TeacherFolder:
     if unet_cfg.get("out_channels", channels) not in (channels, 2 * channels):  # 2x: a learned variance besides
         raise ValueError(f"{parts['unet']}: out_channels {unet_cfg['out_channels']} differs from in_channels "
                          f"{channels}: not a denoising UNet emd_fast can read")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if parts[name] is not None and parts[name].is_dir():
+            check_model_files(parts[name])
+    for name, cfg in (("unet", unet_cfg), *((("vae", vae_cfg),) if unet_class in LATENT_UNETS else ())):
+        if cfg.get("quantization_config") is not None:
+            raise ValueError(f"{parts[name]}: a quantized model (quantization_config): emd_fast distills from "
+                             f"full-precision weights")
+        bad = [k for k in ("layers_per_block", "norm_num_groups", "in_channels", "out_channels")
+               if k in cfg and not _positive_int(cfg[k]) and not isinstance(cfg[k], list)]
+        if bad:
+            raise ValueError(f"{parts[name]}/config.json: {bad[0]} {cfg[bad[0]]!r}: must be a positive integer")
     weight_files(parts["unet"])
     if unet_class in LATENT_UNETS:
         weight_files(parts["vae"])
@@ -388,6 +413,9 @@ def inspect_folder(path) -> TeacherFolder:
         if sched.get(key, plain) != plain:  # EDM-style continuous timesteps (CosXL), flow matching
             raise ValueError(f"{parts['scheduler']}: {scheduler_class} with {key} {sched[key]!r} is not supported "
                              f"(only discrete-timestep noise levels of a beta schedule)")
+    steps = sched.get("num_train_timesteps", 1000)
+    if isinstance(steps, (int, float)) and steps > MAX_TIMESTEPS:  # diffusers would allocate a table that long
+        raise ValueError(f"{parts['scheduler']}: num_train_timesteps {steps!r}: at most {MAX_TIMESTEPS}")
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{parts['scheduler']}: prediction type {prediction!r} is not supported; choose one of "
@@ -397,6 +425,10 @@ def inspect_folder(path) -> TeacherFolder:
                          f"choose one of {BETA_SCHEDULES}")
     return TeacherFolder(root, parts["unet"], parts["scheduler"], unet_class, sched, parts["vae"],
                          parts["text_encoder"], parts["tokenizer"])
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def folder_sha256(path) -> str:
@@ -427,14 +459,35 @@ def text_encoder_sha256(folder: TeacherFolder) -> str | None:
 
 def read_prompts(path) -> list[str]:
     """The prompts of a text file, one per line (blank lines skipped); ValueError if there are none."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompts {path}: cannot read it ({e})") from None
+    lines = read_text(path, "--prompts", PROMPTS_BYTES).splitlines()
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts (one per line)")
     return prompts
+
+
+def check_prompt_budget(folder: TeacherFolder, n: int, out) -> None:
+    """ValueError unless the embeddings of ``n`` prompts (n x L x E fp32: L tokens, E the text encoder's width, from
+    its config) fit in a quarter of the machine's memory and on the disk of the run directory ``out``: they are
+    computed before training, held in memory and cached there."""
+    text = {}
+    if folder.text_encoder is not None and (folder.text_encoder / "config.json").is_file():
+        text = _read_json(folder.text_encoder / "config.json", "text encoder config")
+    length, width = text.get("max_position_embeddings", 77), text.get("hidden_size", 768)
+    if not (_positive_int(length) and _positive_int(width)):
+        raise ValueError(f"{folder.text_encoder}/config.json: max_position_embeddings {length!r} and hidden_size "
+                         f"{width!r} must be positive integers")
+    need = n * length * width * 4
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    where = Path(out) if out else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > memory / 4 or need > free:
+        room = "a quarter of this machine's memory" if need > memory / 4 else f"the free disk of {where}"
+        raise ValueError(f"--prompts: {n} prompts make {need / 2**30:.1f} GiB of text embeddings ({length} x "
+                         f"{width} fp32 each), more than {room} ({min(memory / 4, free) / 2**30:.1f} GiB): use fewer "
+                         f"prompts")
 
 
 def check_guidance(scale: float) -> None:
@@ -452,7 +505,7 @@ def check_options(cfg: dict) -> TeacherFolder:
     if folder.latent:
         if not cfg.get("prompts"):
             raise ValueError(f"{folder.path}: {folder.unet_class} is text-conditioned: pass --prompts FILE")
-        read_prompts(cfg["prompts"])
+        check_prompt_budget(folder, len(read_prompts(cfg["prompts"])), cfg.get("out"))
     elif cfg.get("prompts"):
         raise ValueError(f"--prompts: the teacher {folder.unet_class} in {folder.path} is not text-conditioned")
     return folder
@@ -480,7 +533,9 @@ def _load_model(cls, directory: Path, what: str, stems=(WEIGHT_STEM,)) -> nn.Mod
     try:  # use_safetensors: no error logged for the .safetensors file a .bin-only folder lacks
         return cls.from_pretrained(directory, local_files_only=True, torch_dtype=torch.float32, variant=variant,
                                    use_safetensors=".safetensors" in files[0].name, low_cpu_mem_usage=False).eval()
-    except LOAD_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - a config or weight file no model is built from (0 groups, a hostile
+        if out_of_memory(e):  # .bin, ...) is the folder's problem, said in one line; running out of memory is not
+            raise
         raise ValueError(f"{directory}: cannot load {what}: {_reason(e)}") from None
 
 
@@ -516,12 +571,19 @@ def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> t
     if not all(part is not None and part.is_dir() for part in (folder.text_encoder, folder.tokenizer)):
         raise ValueError(f"{folder.path}: no text_encoder/ or tokenizer/ in the pipeline folder: prompts cannot be "
                          f"encoded")
-    transformers = require("transformers", "text-to-image diffusers teachers", names=("AutoTokenizer", "CLIPTextModel"))
-    AutoTokenizer, CLIPTextModel = transformers.AutoTokenizer, transformers.CLIPTextModel
+    transformers = require("transformers", "text-to-image diffusers teachers", names=(*TOKENIZERS, "CLIPTextModel"))
+    CLIPTextModel = transformers.CLIPTextModel
     transformers.utils.logging.disable_progress_bar()  # a bar per weight file read; the run has its own
+    config = folder.tokenizer / "tokenizer_config.json"
+    name = _read_json(config, "tokenizer config").get("tokenizer_class", "CLIPTokenizer") if config.exists() else \
+        "CLIPTokenizer"
+    if name not in TOKENIZERS:  # never Auto*: a config's auto_map would name code in the folder to run
+        raise ValueError(f"{config}: tokenizer_class {name!r} is not supported (emd_fast reads "
+                         f"{', '.join(TOKENIZERS)})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer, local_files_only=True)
-    except LOAD_ERRORS as e:
+        tokenizer = getattr(transformers, name).from_pretrained(folder.tokenizer, local_files_only=True,
+                                                                trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever a broken or hostile tokenizer folder makes transformers raise
         raise ValueError(f"{folder.tokenizer}: cannot load the tokenizer: {_reason(e)}") from None
     encoder = _load_model(CLIPTextModel, folder.text_encoder, "the text encoder", ("model", "pytorch_model"))
     encoder = encoder.to(device)

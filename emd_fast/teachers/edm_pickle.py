@@ -3,10 +3,13 @@
 Reading (``read_edm_pickle``). EDM pickles each network object as a call ``torch_utils.persistence.
 _reconstruct_persistent_obj(meta)``, meta = {class_name, module_src (the source of EDM's networks.py), state (the
 object's __dict__: _parameters, _buffers, _modules, _init_kwargs and attributes such as num_heads)}. A restricted
-unpickler resolves only the globals such a pickle needs: that call (it captures class_name and state; module_src is
-never executed), dnnlib.util.EasyDict (as dict), collections.OrderedDict, torch's tensor and parameter rebuilds,
-torch.storage._load_from_bytes (as torch.load with weights_only=True), torch.nn.ModuleDict (captured state) and numpy
-scalars/dtypes. Any other global is refused: CheckpointError naming it.
+unpickler (``emd_fast.safe_pickle``) resolves only the globals such a pickle needs: that call (it captures class_name
+and state; module_src is never executed), dnnlib.util.EasyDict (as dict), collections.OrderedDict, torch's tensor and
+parameter rebuilds, torch.storage._load_from_bytes (each storage's legacy torch record, parsed as data), torch.nn.
+ModuleDict (captured state) and numpy scalars/dtypes. Any other global is refused: CheckpointError naming it. The
+file's work and memory are bounded by its size: memo indices in order, every tensor a non-overlapping view of a
+storage the file holds (no stride-0 views), the module tree a tree (no module reached twice, no cycle, at most
+``MAX_DEPTH`` deep).
 
 Conversion (``load_edm_pickle``, ``convert_edm_network``). The network is ``data['ema']`` (EDM's snapshots are dicts
 of ema, loss_fn, augment_pipe, dataset_kwargs) or the pickled object itself. Its constructor arguments, with EDM's
@@ -32,7 +35,7 @@ from __future__ import annotations
 import collections
 import io
 import math
-import pickle
+import mmap
 import types
 from pathlib import Path
 
@@ -40,7 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FileRefused
+from ..files import open_regular
 from ..nets.precond import Precond, make_precond
 from ..nets.unet import (
     NETWORKS,
@@ -51,9 +55,11 @@ from ..nets.unet import (
     Resampling,
     UNetBlock,
     build_network,
+    check_arch,
     check_keys,
     resample_kernel,
 )
+from ..safe_pickle import DataUnpickler, Malformed, Storage, Tensors, check_nesting, legacy_storages
 from ..schedules import EDMSchedule
 
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampler defaults (sigma_min, sigma_max)
@@ -120,48 +126,59 @@ def _persistent(meta) -> Captured:
     return Captured(meta["class_name"], meta.get("state"))
 
 
-def _storage(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
 def _numpy_scalar(dtype, data: bytes):
+    if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and isinstance(data, bytes)
+            and len(data) == dtype.itemsize):
+        raise CheckpointError(f"a numpy scalar that is not a plain number ({dtype!r})")
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
-SAFE_GLOBALS = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
-    ("dnnlib.util", "EasyDict"): dict,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch.storage", "_load_from_bytes"): _storage,
-    ("torch.nn.modules.container", "ModuleDict"): CapturedModuleDict,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-}
+def safe_globals(tensors: Tensors, what: str) -> dict:
+    """The globals an EDM pickle may use, tensors built by ``tensors`` (see the module docstring)."""
+    def storage(data: bytes) -> Storage:
+        if not isinstance(data, bytes):
+            raise CheckpointError("a storage that is not a byte string")
+        found = legacy_storages(io.BytesIO(data), tensors, {}, what)
+        if not isinstance(found, Storage):
+            raise CheckpointError("a storage record that holds something else")
+        return found
 
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in SAFE_GLOBALS:
-            raise CheckpointError(f"refuses global {module}.{name} (not part of an EDM network pickle)")
-        return SAFE_GLOBALS[module, name]
+    return {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
+        ("dnnlib.util", "EasyDict"): dict,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): tensors.rebuild,
+        ("torch._utils", "_rebuild_parameter"): tensors.parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): tensors.parameter,
+        ("torch.storage", "_load_from_bytes"): storage,
+        ("torch.nn.modules.container", "ModuleDict"): CapturedModuleDict,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    }
 
 
 def read_edm_pickle(path: str | Path):
     """The object tree of an EDM pickle, EDM's objects as ``Captured``; CheckpointError (one line) for a missing,
-    truncated or foreign file or a refused global. Nothing in the file is executed."""
+    truncated, foreign or hostile file (see the module docstring). Nothing in the file is executed."""
+    what = "an EDM network pickle"
     try:
-        with open(path, "rb") as f:
-            return _Unpickler(f).load()
+        with open_regular(path, "EDM pickle") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            tree = DataUnpickler(data, safe_globals(Tensors(), what), what=what).load()
+        check_nesting(tree)
+        return tree
+    except Malformed as e:
+        raise CheckpointError(f"{path} is not a readable EDM network pickle ({e})") from None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except FileRefused as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"cannot read EDM pickle {path}: {e}") from None
     except Exception as e:  # a corrupt pickle raises whatever pickle, torch or numpy meet first
         first = (str(e).splitlines() or [""])[0]
+        if isinstance(e, ValueError) and "empty file" in first:  # mmap of an empty file
+            raise CheckpointError(f"{path} is not a readable EDM network pickle (an empty file)") from None
         raise CheckpointError(f"{path} is not a readable EDM network pickle ({type(e).__name__}: {first})") from None
 
 
@@ -179,6 +196,10 @@ def edm_arch(precond_class: str, init_kwargs: dict, dropout: float | None = 0.0,
     if precond_class not in PRECONDS:
         what = "not supported" if precond_class.endswith("Precond") else "not an EDM network"
         raise CheckpointError(f"{source}: {what}: {precond_class} (convertible: {', '.join(PRECONDS)})")
+    try:
+        check_arch(init_kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the {precond_class} arguments: {e}") from None
     kw = EDM_DEFAULTS[precond_class] | dict(init_kwargs)
     missing = [k for k in ("img_resolution", "img_channels") if k not in kw]
     if missing:
@@ -239,28 +260,35 @@ def convert_edm_network(precond_class: str, init_kwargs: dict, state_dict: dict[
         tensors = edm_tensors_to_ours(state_dict, arch, source)
         schedule = teacher_schedule(make_precond(arch["precond"]), source)
         return build_network(arch, schedule, tensors, source).eval()
-    except ValueError as e:
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:  # numbers no network is built with
         model_type = (EDM_DEFAULTS[precond_class] | init_kwargs)["model_type"]
         raise CheckpointError(f"{source}: cannot build its {model_type}: {e}") from None
 
 
-def edm_state_dict(node: Captured, prefix: str = "") -> dict[str, torch.Tensor]:
+def edm_modules(node: Captured) -> dict[str, Captured]:
+    """Every module below a captured module, by its dotted name (breadth first); CheckpointError where the modules
+    are not a tree (a module reached twice: a cycle or shared subtrees, which would make every walk exponential;
+    read_edm_pickle has bounded the depth)."""
+    out, seen, level = {}, {id(node)}, [("", node)]
+    while level:
+        below = []
+        for prefix, parent in level:
+            for name, child in parent.children().items():
+                if id(child) in seen:
+                    raise CheckpointError(f"module {prefix}{name} appears twice in the module tree (a cycle or a "
+                                          f"shared module: not a network EDM pickles)")
+                seen.add(id(child))
+                out[prefix + name] = child
+                below.append((f"{prefix}{name}.", child))
+        level = below
+    return out
+
+
+def edm_state_dict(node: Captured) -> dict[str, torch.Tensor]:
     """The state dict of a captured module tree (parameters and buffers; EDM's modules have no non-persistent
     buffers), in EDM's key names."""
-    sd = {prefix + k: v for part in ("_parameters", "_buffers") for k, v in node.state.get(part, {}).items()
-          if v is not None}
-    for name, child in node.children().items():
-        sd |= edm_state_dict(child, f"{prefix}{name}.")
-    return sd
-
-
-def edm_modules(node: Captured, prefix: str = "") -> dict[str, Captured]:
-    """Every module below a captured module, by its dotted name."""
-    out = {}
-    for name, child in node.children().items():
-        out[prefix + name] = child
-        out |= edm_modules(child, f"{prefix}{name}.")
-    return out
+    return {f"{prefix}{k}": v for prefix, m in [("", node), *((f"{n}.", m) for n, m in edm_modules(node).items())]
+            for part in ("_parameters", "_buffers") for k, v in m.state.get(part, {}).items() if v is not None}
 
 
 def verify_modules(node: Captured, net: ImageDenoiser, source: str) -> None:

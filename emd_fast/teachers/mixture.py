@@ -12,14 +12,16 @@ Everything is validated when the file is read, with one-line errors (``MixtureEr
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checks import check_per_example
+from ..errors import FileRefused
+from ..files import read_json, read_npz
 from ..schedules import Schedule, expand_like
 
 
@@ -143,6 +145,12 @@ class GaussianMixtureTeacher:
         return alpha * x + sigma * torch.randn(x.shape, generator=generator, device=t.device)
 
 
+MAX_MODES = 10_000
+MAX_COV_ENTRIES = 1 << 22  # M x D x D (32 MiB of float64; ~90 MB in the run's config.json)
+MIN_RELATIVE_VARIANCE = 1e-10  # of the data's variance, per mode and direction
+MIXTURE_JSON_BYTES = 256 << 20
+
+
 class MixtureError(ValueError):
     """A mixture file or specification is unreadable or invalid."""
 
@@ -180,25 +188,27 @@ def data_std(teacher: GaussianMixtureTeacher) -> float:
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
+    """The arrays of a mixture file, read as files.read_json / read_npz do (a regular file, capped)."""
+    if not os.path.lexists(path):
         raise MixtureError(f"mixture file {path} does not exist")
+    if path.suffix not in (".json", ".npz"):
+        raise MixtureError(f"mixture file {path}: the suffix must be .json or .npz")
     try:
-        if path.suffix == ".json":
-            raw = json.loads(path.read_text())
-            if not isinstance(raw, dict):
-                raise MixtureError(f"{path}: expected a JSON object with means, weights and covs or variances, "
-                                   f"got {type(raw).__name__}")
-            return {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                return {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
-    except MixtureError:
-        raise
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise MixtureError(f"cannot read mixture file {path}: {e}") from None
-    raise MixtureError(f"mixture file {path}: the suffix must be .json or .npz")
+            return {k: np.asarray(v, dtype=np.float64) for k, v in read_npz(path, "mixture file").items()}
+        raw = read_json(path, "mixture file", MIXTURE_JSON_BYTES)
+        if not isinstance(raw, dict):
+            raise MixtureError(f"{path}: expected a JSON object with means, weights and covs or variances, "
+                               f"got {type(raw).__name__}")
+        with np.errstate(all="ignore"):
+            return {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
+    except FileRefused as e:
+        raise MixtureError(str(e)) from None
+    except (ValueError, TypeError) as e:  # ragged lists, strings where numbers belong
+        raise MixtureError(f"cannot read mixture file {path}: {str(e).splitlines()[0]}") from None
 
 
+@np.errstate(all="ignore")  # an overflow is reported as a MixtureError, not as a warning before it
 def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated (means (M, D), covs (M, D, D), weights (M,)) float64 from a dict with means, weights and covs or
     variances; MixtureError (one line, prefixed with ``source``) for anything malformed."""
@@ -214,6 +224,10 @@ def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.
     if means.ndim != 2 or 0 in means.shape:
         raise MixtureError(f"{source}: means must have shape (M, D) with M, D >= 1, got {means.shape}")
     m, d = means.shape
+    if m > MAX_MODES or m * d * d > MAX_COV_ENTRIES:
+        raise MixtureError(f"{source}: {m} modes in {d} dimensions: emd_fast's exact teacher takes at most "
+                           f"{MAX_MODES} modes and M x D x D <= {MAX_COV_ENTRIES} covariance entries (each teacher "
+                           f"call costs batch x M x D^2)")
     if weights.shape != (m,):
         raise MixtureError(f"{source}: weights must have shape ({m},) to match means {means.shape}, "
                            f"got {weights.shape}")
@@ -240,6 +254,15 @@ def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.
     if (low <= 0).any():
         k = int(low.argmin())
         raise MixtureError(f"{source}: covs[{k}] is not positive definite (smallest eigenvalue {low[k]:.4g})")
+    mean = weights @ means
+    variance = float((weights @ (means**2 + np.diagonal(covs, axis1=1, axis2=2)) - mean**2).mean())
+    if not math.isfinite(variance):
+        raise MixtureError(f"{source}: means and covariances so large that the data's variance overflows")
+    if (low < MIN_RELATIVE_VARIANCE * variance).any():
+        k = int(low.argmin())
+        raise MixtureError(f"{source}: covs[{k}] has variance {low[k]:.4g} along one direction, below "
+                           f"{MIN_RELATIVE_VARIANCE:g} x the data's variance {variance:.4g}: a mode that narrow is a "
+                           f"point float32 cannot resolve")
     return means, covs, weights
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..files import read_safetensors, save_safetensors_atomic
+from ..files import parse_json, read_safetensors, save_safetensors_atomic
 from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
 from .edm_pickle import load_edm_pickle
@@ -34,11 +34,13 @@ def load_network(path: str | Path, device=None) -> ImageDenoiser:
     """
     meta, tensors = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net")
     try:
-        arch, sched = json.loads(meta["arch"]), json.loads(meta["schedule"])
+        arch, sched = parse_json(meta["arch"], "arch metadata"), parse_json(meta["schedule"], "schedule metadata")
+        if not isinstance(sched, dict):
+            raise ValueError(f"schedule is a {type(sched).__name__}, not an object")
         schedule = make_schedule(sched.pop("name"), **sched)
         net = build_network(arch, schedule, {k: v.float() for k, v in tensors.items()}, str(path))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable U-Net metadata ({e})") from None
+        raise CheckpointError(f"{path}: unreadable U-Net metadata ({str(e).splitlines()[0]})") from None
     return net.to(device).eval()
 
 

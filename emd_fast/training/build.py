@@ -1,19 +1,19 @@
 """The objects of a run built from its config: problem, networks and Distiller; a saved run loaded back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..emd import EMDConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FileRefused
 from ..execution.distributed import Ranks, data_parallel, fully_sharded, rank_seed
+from ..files import read_json
 from ..problems import init_networks, make_problem
 from ..seeds import Stream, seed_for
-from .checkpoint import list_checkpoints, load_checkpoint, load_state_dict_strict
-from .config import parse_device
-from .distiller import Distiller, Execution
+from .checkpoint import checkpoint_record, list_checkpoints, load_checkpoint, load_state_dict_strict
+from .config import RUN_CONFIG_BYTES, parse_device
+from .distiller import Distiller, Execution, checkpoint_bytes
 
 
 class Run:
@@ -21,7 +21,10 @@ class Run:
     ``ranks``: this process's place in a distributed run (default: the only process): its share of the batch, its
     own random streams, data-parallel networks."""
 
-    def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool, ranks: Ranks = Ranks()):
+    def __init__(self, cfg: dict, device: torch.device, fit_teacher: bool, ranks: Ranks = Ranks(), before_fit=None):
+        """``before_fit(checkpoint_bytes)``: called with the estimated size of one checkpoint once the teacher's
+        network is built, before a problem fits it to the teacher (the one expensive set-up: e.g. the free-disk
+        check)."""
         self.cfg, self.ranks, self.problem = cfg, ranks, make_problem(cfg)
         self.teacher = self.problem.teacher
         emd_cfg = EMDConfig(K=cfg["K"], gamma_eps=cfg["gamma_eps"], gamma_z=cfg["gamma_z"], z_step=cfg["z_step"],
@@ -30,7 +33,11 @@ class Run:
                             t_min=cfg["t_min"], t_max=cfg["t_max"]).validate(self.teacher.schedule)  # before the fit
         self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
         torch.manual_seed(cfg["seed"])  # network initialisation
-        net, self.init_info = self.problem.teacher_network(device, fit=fit_teacher)
+        net, self.init_info = self.problem.teacher_network(device, fit=False)
+        if before_fit is not None:  # generator, student (and EMA) copies of net, Adam on generator and student
+            before_fit(checkpoint_bytes([net] * (3 if cfg["ema"] else 2), [net, net]))
+        if fit_teacher and hasattr(self.problem, "fit_teacher_network"):
+            self.init_info = self.problem.fit_teacher_network(net)
         generator, student = init_networks(net, self.t_star)
         # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
         shard = cfg.get("shard") and ranks.distributed
@@ -84,8 +91,8 @@ def find_checkpoint(path: Path) -> Path:
     ``path``."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if path.is_file():
-        return path.with_suffix(".json")
+    if not path.is_dir():
+        return checkpoint_record(path, "run")
     found = list_checkpoints(path / "checkpoints")
     if not found:
         raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
@@ -101,9 +108,9 @@ def load_run(path: str | Path, device, training_state: bool = False) -> tuple[Ru
     tensors, state = load_checkpoint(ckpt)
     config_path = ckpt.parent.parent / "config.json"
     try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the run's config {config_path}: {e}") from None
+        cfg = read_json(config_path, "the run's config", RUN_CONFIG_BYTES)
+    except FileRefused as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(cfg, dict) or not isinstance(state.get("config"), dict) or \
             {k: cfg.get(k) for k in state["config"]} != state["config"]:
         raise CheckpointError(f"{ckpt} was written by another config than {config_path}")

@@ -4,20 +4,23 @@
 SHA-256 and a SHA-256 of its own content (step and config included); each is written to a temporary file, fsync-ed
 and renamed, so a checkpoint is either complete (its JSON exists and both hashes match) or invisible. An interrupted
 write never replaces a good checkpoint; what it leaves (temporary files, a tensors file without its JSON) is removed
-by ``remove_orphans``. Files get the usual permissions of the user's umask.
+by ``remove_orphans``. Files get the usual permissions of the user's umask and are never written through a link
+(``emd_fast.files``); a checkpoint is read only from regular files (a FIFO or device named like one is refused).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
-from ..files import save_safetensors_atomic, sha256_file, write_json_atomic
+from ..errors import CheckpointError, FileRefused
+from ..files import read_json, run_subdir, save_safetensors_atomic, sha256_file, write_json_atomic
 
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})\.json")
 
@@ -30,8 +33,7 @@ def _state_hash(state: dict) -> str:
 
 def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 3) -> Path:
     """Write one checkpoint atomically; keep the newest ``keep`` (0 = all). Returns the JSON path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = run_subdir(directory)
     stem = f"step_{step:07d}"
     weights = directory / f"{stem}.safetensors"
     save_safetensors_atomic(tensors, weights)
@@ -60,8 +62,11 @@ def remove_orphans(directory: Path) -> list[Path]:
     complete = {p.stem for p in list_checkpoints(directory)}
     orphans = [p for p in directory.glob("*.tmp")] + [p for p in directory.glob("step_*.safetensors")
                                                      if p.stem not in complete]
-    for p in orphans:
-        p.unlink(missing_ok=True)
+    for p in orphans:  # a link is removed itself, never followed; a private write folder with what it holds
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return orphans
 
 
@@ -70,9 +75,9 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     wrong."""
     meta_path = Path(meta_path)
     try:
-        state = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {e}") from None
+        state = read_json(meta_path, "checkpoint record")
+    except FileRefused as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(state, dict) or not {"step", "tensors_file", "sha256", "state_sha256"} <= set(state):
         raise CheckpointError(f"{meta_path} is not an emd_fast checkpoint record (an object with step, tensors_file, "
                               f"sha256 and state_sha256)")
@@ -81,11 +86,17 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     match = CHECKPOINT_NAME.fullmatch(meta_path.name)
     if match and int(match.group(1)) != state["step"]:
         raise CheckpointError(f"checkpoint {meta_path} holds step {state['step']}, not the step of its name")
-    weights = meta_path.with_name(str(state["tensors_file"]))
-    if not weights.is_file():
+    name = state["tensors_file"]
+    if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+        raise CheckpointError(f"checkpoint {meta_path} names tensors file {str(name)[:80]!r}, not a file beside it")
+    weights = meta_path.with_name(name)
+    if not os.path.lexists(weights):
         raise CheckpointError(f"checkpoint {meta_path} refers to missing tensors file {weights.name}")
-    if sha256_file(weights) != state["sha256"]:
-        raise CheckpointError(f"checkpoint {weights} is corrupt: its SHA-256 does not match {meta_path.name}")
+    try:
+        if sha256_file(weights, "checkpoint tensors file") != state["sha256"]:
+            raise CheckpointError(f"checkpoint {weights} is corrupt: its SHA-256 does not match {meta_path.name}")
+    except FileRefused as e:
+        raise CheckpointError(str(e)) from None
     return load_file(str(weights)), state
 
 
@@ -119,11 +130,19 @@ def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: --resume-from, else the newest one in ``ckpt_dir``
     (CheckpointError if there is none)."""
     if cfg.get("resume_from"):
-        return Path(cfg["resume_from"]).with_suffix(".json")
+        return checkpoint_record(Path(cfg["resume_from"]), "--resume-from")
     found = list_checkpoints(ckpt_dir)
     if not found:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}")
     return found[-1]
+
+
+def checkpoint_record(path: Path, what: str) -> Path:
+    """The record (.json) of the checkpoint ``path`` names: a step_*.json, or the .safetensors beside one;
+    CheckpointError for anything else (e.g. a run's metrics.jsonl)."""
+    if path.suffix not in (".json", ".safetensors") or not CHECKPOINT_NAME.fullmatch(path.with_suffix(".json").name):
+        raise CheckpointError(f"{what} {path}: not a checkpoint (checkpoints/step_<step>.json or its .safetensors)")
+    return path.with_suffix(".json")
 
 
 def load_resume_checkpoint(cfg: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -2,16 +2,18 @@
 run's own settings, checked before any expensive work."""
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, RunError
+from ..errors import CheckpointError, FileRefused, RunError
 from ..execution.backends import triton_available
 from ..execution.distributed import Ranks
+from ..files import describe, read_json
 from ..problems import check_foreign_options, problem_class
+from ..teachers.diffusers_folder import check_guidance
 from ..teachers.mixture import PRESETS as MIXTURES
 
 MIXTURE_PRESETS = tuple(MIXTURES)
@@ -41,9 +43,12 @@ PRESET_DEFAULTS = {
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep",
                 "quiet", "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
+                "inception_torchscript"}
 
 
+MAX_K = 1000  # --K: Langevin steps per iteration
+RUN_CONFIG_BYTES = 512 << 20  # a run's config.json (a mixture teacher's means and covariances are in it)
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
 
 
@@ -90,8 +95,10 @@ def parse_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise RunError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise RunError(f"--device {name}: there is one cpu device (cpu or cpu:0)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__})")
@@ -100,6 +107,12 @@ def parse_device(name: str | None) -> torch.device:
     elif device.type != "cpu":
         raise RunError(f"--device {name}: emd_fast runs on cpu or cuda devices")
     return device
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """RunError unless ``seed`` is a seed torch takes: an integer in [0, 2**63)."""
+    if not 0 <= seed < 2**63:
+        raise RunError(f"{option} must be in [0, 2**63), got {seed}")
 
 
 def validate(cfg: dict) -> None:
@@ -115,25 +128,39 @@ def validate(cfg: dict) -> None:
             raise RunError(f"--{key.replace('_', '-')} must be a positive number, got {cfg[key]}")
     if not cfg.get("dist_timeout", DIST_TIMEOUT_S) > 0:
         raise RunError(f"--dist-timeout must be a positive number of seconds, got {cfg['dist_timeout']}")
-    if not 0 <= cfg["seed"] < 2**63:
-        raise RunError(f"--seed must be in [0, 2**63), got {cfg['seed']}")
+    check_seed(cfg["seed"])
+    if cfg["K"] > MAX_K:
+        raise RunError(f"--K must be at most {MAX_K} (Langevin steps per iteration, each a teacher call; the EMD "
+                       f"paper uses up to 16), got {cfg['K']}")
+    for key in ("gamma_eps", "gamma_z", "lambda_star"):  # finite even where the variant leaves one unused
+        if not math.isfinite(cfg[key]):
+            raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {cfg[key]}")
+    check_guidance(cfg.get("guidance_scale", 1.0))
     for key in ("ema", "ema_rampup"):
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
     folder_teacher = bool(cfg.get("teacher")) and Path(cfg["teacher"]).is_dir()
     for key in ("teacher", "mixture", "inception", "fid_ref", "prompts"):
-        if cfg.get(key) and not Path(cfg[key]).is_file() and not (key == "teacher" and folder_teacher):
-            what = "a directory, not a file" if Path(cfg[key]).is_dir() else "no such file"
-            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {what} (emd_fast never downloads it)")
+        if cfg.get(key) and not (key == "teacher" and folder_teacher):
+            kind = describe(cfg[key])
+            if kind not in ("a regular file", "a symbolic link to a regular file"):
+                never = " (emd_fast never downloads it)" if kind == "no such file" else ", not a regular file"
+                raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {kind}{never}")
     check_problem_options(cfg)
     problem = problem_class(cfg)
     check_foreign_options(cfg, problem)
     problem.check_options(cfg)
     if cfg.get("fid_ref") and not cfg.get("inception"):
-        raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
+        raise RunError("--fid-ref needs --inception (the Inception-v3 weights the statistics were made with)")
+    image_run = bool(cfg.get("teacher")) or cfg["preset"] == "digits"
+    for key in ("inception", "fid_ref"):
+        if cfg.get(key) and not image_run:
+            raise RunError(f"--{key.replace('_', '-')}: FID is for image runs (--teacher, --preset digits); a "
+                           f"mixture run is measured against its exact teacher")
     out = Path(cfg["out"])
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
+    kind = describe(out)  # never raises (a path too long to stat reads as missing: creating it says why)
+    if kind not in ("no such file", "a directory", "a symbolic link to a directory"):
+        raise RunError(f"--out {out} exists and is not a directory ({kind})")
 
 
 def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
@@ -171,12 +198,12 @@ def with_fast_defaults(cfg: dict, explicit: set[str], device: torch.device,
 def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
     """The saved run's config, with the runtime options given now; a conflicting hyperparameter is an error."""
     saved_path = out / "config.json"
-    if not saved_path.is_file():
+    if not os.path.lexists(saved_path):
         raise CheckpointError(f"--resume: {saved_path} does not exist")
     try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"--resume: cannot read {saved_path}: {e}") from None
+        saved = read_json(saved_path, "--resume: the run's config", RUN_CONFIG_BYTES)
+    except FileRefused as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"--resume: {saved_path} does not hold a run config")
     clash = {k: (saved.get(k), cfg[k]) for k in explicit - RUNTIME_KEYS

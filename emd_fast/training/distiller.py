@@ -282,15 +282,9 @@ class Distiller:
         self.emd.ops.load_state_tensors(fresh.state_tensors())
 
     def checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint file, from the shapes alone (nothing is gathered or copied): the
-        networks' state, two Adam moments and a step count per parameter, the random state, and ~100 bytes of
-        safetensors header per tensor."""
-        tensors = [v for net in self._networks().values() for v in net.state_dict().values()]
-        size = sum(t.numel() * t.element_size() + 100 for t in tensors + list(self.random_state().values()))
-        for opt in (self.opt_g, self.opt_s):
-            size += sum(2 * p.numel() * p.element_size() + 4 + 300 for group in opt.param_groups
-                        for p in group["params"])
-        return size
+        """About the size of one checkpoint file (``checkpoint_bytes``)."""
+        return checkpoint_bytes(self._networks().values(), (self.generator, self.student),
+                                self.random_state().values())
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         """Continue from ``state_tensors`` (sharded or not, whatever wrote them); sharded, every process holds all
@@ -360,3 +354,12 @@ def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: fl
     x_max, i = dx.max(0)  # index_select, not t[i]: indexing by a tensor reads it on the host (capture forbids it)
     return {"z_move": rms(es.z - z0).mean(), "eps_move": rms(es.eps - eps0).mean(), "x_move": dx.mean(),
             "x_move_max": x_max, "t_move_max": es.t.index_select(0, i.view(1)).squeeze(0).float()}
+
+
+def checkpoint_bytes(networks, trained, extra=()) -> int:
+    """About the size of one checkpoint file, from the shapes alone (nothing is gathered or copied): the state of
+    ``networks``, two Adam moments and a step count per parameter of the ``trained`` ones, the ``extra`` tensors, and
+    ~100 bytes of safetensors header per tensor (~300 per Adam state)."""
+    tensors = [v for net in networks for v in net.state_dict().values()] + list(extra)
+    size = sum(t.numel() * t.element_size() + 100 for t in tensors)
+    return size + sum(2 * p.numel() * p.element_size() + 4 + 300 for net in trained for p in net.parameters())

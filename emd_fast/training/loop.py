@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import signal
 import sys
 import time
@@ -20,12 +19,19 @@ from tqdm import tqdm
 from ..errors import CheckpointError, RunError, Stopped
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
-from ..files import write_json_atomic
+from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
 from .lifecycle import StopSignals, check_batch_memory, first_step
-from .rundir import MetricsLog, check_free_space, open_run_directory, truncate_metrics
+from .rundir import (
+    METRICS_BYTES,
+    MetricsLog,
+    check_free_space,
+    open_run_directory,
+    remove_new_run,
+    truncate_metrics,
+)
 
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
 WARM_ITERS = 10  # first iterations of a (re)started run left out of the steady throughput: compilation, graph capture
@@ -46,13 +52,13 @@ def train(cfg: dict, explicit: set[str] = frozenset()) -> dict | None:
     check_shard(cfg, ranks)
     device = ranks.device(device)
     with ranks.process_group(device, cfg.get("dist_timeout", DIST_TIMEOUT_S)), contextlib.ExitStack() as lock:
-        created = False
+        owned = False
         try:
-            created, latest = ranks.on_main(open_run_directory, cfg, lock)
+            owned, latest = ranks.on_main(open_run_directory, cfg, lock)
             return _train(cfg, device, notes, latest, ranks)
         except BaseException as e:
-            if created and ranks.main and not list_checkpoints(cfg["out"] / "checkpoints"):
-                shutil.rmtree(cfg["out"], ignore_errors=True)
+            if owned and ranks.main and not list_checkpoints(cfg["out"] / "checkpoints"):
+                remove_new_run(cfg["out"])  # still holding its lock
             if ranks.distributed and communication_failed(e):
                 raise RunError(f"process {ranks.rank} of {ranks.world} stopped: another process of the run failed, "
                                f"died or hung past --dist-timeout ({str(e).splitlines()[0][:200]})") from None
@@ -64,9 +70,14 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     t0 = time.perf_counter()
     saved_cfg = {k: v for k, v in jsonable(cfg).items() if k not in RUNTIME_KEYS} | file_hashes(cfg)
     resumed = latest and load_resume_point(cfg, latest, saved_cfg)
-    run = Run(cfg, device, fit_teacher=latest is None, ranks=ranks)
+    if resumed and resumed[1]["step"] > cfg["steps"]:
+        if ranks.main:
+            print(f"nothing left to do: the run in {cfg['out']} is at step {resumed[1]['step']}, past --steps "
+                  f"{cfg['steps']} (a larger --steps continues it)", file=sys.stderr)
+        return None
+    run = Run(cfg, device, fit_teacher=latest is None, ranks=ranks,
+              before_fit=lambda size: check_free_space(cfg["out"], size))
     distiller = run.distiller
-    check_free_space(cfg["out"], distiller.checkpoint_bytes())
     check_batch_memory(distiller, device)
     step = fastest_step(run, cfg, ranks, notes)
     if notes and ranks.main:
@@ -163,7 +174,7 @@ def record_start(run: Run, saved_cfg: dict) -> None:
         write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
                                                 "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
         rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
-        (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+        write_text_atomic(out / "metrics.jsonl", json.dumps(rec) + "\n")
 
 
 # --- between iterations --------------------------------------------------------------------------------------------
@@ -180,7 +191,8 @@ class Maintenance:
         if self.cfg.get("fid_ref") and self.ranks.main:
             from ..evaluation.image_metrics import FID
 
-            self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device)
+            self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device,
+                           torchscript=self.cfg.get("inception_torchscript", False))
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller)
         self.bar = tqdm(total=self.cfg["steps"], initial=self.distiller.step_count, desc="EMD", unit="it",
                         disable=self.cfg["quiet"] or not self.ranks.main, dynamic_ncols=True)
@@ -238,11 +250,12 @@ class Maintenance:
         if not self.ranks.main:
             return
         cfg = self.cfg
-        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
+        history = [json.loads(line) for line in read_bytes(self.out / "metrics.jsonl", "metrics log",
+                                                            METRICS_BYTES).splitlines() if line]
         source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
                  f"step {self.distiller.step_count}")
-        self.run.problem.plot(self.out / "samples" / name, samples, y, metrics, history, title)
+        self.run.problem.plot(run_subdir(self.out / "samples") / name, samples, y, metrics, history, title)
 
     def stop(self, signum: int) -> None:
         """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""

@@ -1,6 +1,8 @@
 """The run directory: its lock, its creation, the metrics log.
 
     config.json  metrics.jsonl  checkpoints/step_*.{safetensors,json}  samples/*.png  summary.json
+
+Every file of it is written without following a link (``emd_fast.files``); a planted link is refused in one line.
 """
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, RunError
-from ..files import write_text_atomic
+from ..errors import CheckpointError, FileRefused, RunError
+from ..files import describe, make_dirs, open_append, read_bytes, refuse_link, run_subdir, write_text_atomic
 from .checkpoint import list_checkpoints, remove_orphans, resume_checkpoint
 from .distiller import Distiller
 
@@ -22,13 +25,23 @@ from .distiller import Distiller
 class RunLock:
     """An exclusive OS lock (flock) on ``<run directory>/.lock`` while a run uses the directory. The kernel releases it
     when the process ends, however it ends, so a killed run never leaves a stale lock; a second run on the same
-    directory gets a RunError naming the holder's pid."""
+    directory gets a RunError naming the holder's pid. The lock file is opened without following a link (a planted
+    link is refused) and created with the umask's mode."""
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / ".lock"
 
     def __enter__(self) -> "RunLock":
-        self.file = open(self.path, "a+")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            refuse_link(self.path)
+            raise RunError(f"--out {self.path.parent}: cannot create its lock file ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileRefused(f"{self.path}: {describe(self.path)}, not the run's lock file; remove it")
+        os.set_blocking(fd, True)
+        self.file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,6 +60,9 @@ class RunLock:
         self.file.close()
 
 
+METRICS_BYTES = 1 << 30  # metrics.jsonl read back on a resume: a line per step, ~300 bytes each
+
+
 def check_free_space(out: Path, checkpoint_bytes: int) -> None:
     """RunError unless the file system of ``out`` has room for one more checkpoint (with a 10% margin): a new
     checkpoint is written in full before the oldest kept one is deleted."""
@@ -58,31 +74,44 @@ def check_free_space(out: Path, checkpoint_bytes: int) -> None:
 
 def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Path | None]:
     """Create (a new run) and lock the run directory (RunLock, held until ``lock`` closes), remove what a killed
-    checkpoint write left behind. Returns (whether this call created the directory, the checkpoint to resume from or
-    None); a directory it created is removed again if it fails."""
+    checkpoint write left behind. Returns (whether this run owns a directory it created, the checkpoint to resume from
+    or None).
+
+    The lock comes first: nothing that can fail happens before it is held. A new run owns the directory only if its
+    own mkdir made it and the directory holds nothing but the lock once the lock is held (another run may have taken
+    the lock in between and used the directory); only an owned directory may be removed, by the owner, while it holds
+    the lock (``remove_new_run``). A process that made the directory but cannot take its lock removes it only while
+    it is empty."""
     out = cfg["out"]
-    ckpt_dir = out / "checkpoints"
-    created = False
+    made = False
     if not cfg["resume"]:
         try:
-            out.mkdir(parents=True)
-            created = True
-        except FileExistsError:
-            pass
+            made = make_dirs(out)
         except OSError as e:
-            raise RunError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
+            raise RunError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from None
+    if not out.is_dir():
+        raise CheckpointError(f"--resume: {out} is not a run directory ({describe(out)})")
     try:
-        if out.is_dir():
-            lock.enter_context(RunLock(out))
-        if not cfg["resume"] and list_checkpoints(ckpt_dir):
-            raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
-                                  f"--out")
-        remove_orphans(ckpt_dir)
-        return created, resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
+        lock.enter_context(RunLock(out))
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if made:  # only if still empty: another run that took the lock meanwhile has its .lock in it
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
         raise
+    owned = made and {p.name for p in out.iterdir()} == {".lock"}
+    ckpt_dir = out / "checkpoints"
+    if os.path.lexists(ckpt_dir):
+        run_subdir(ckpt_dir)  # a link there would put (and clean) checkpoints elsewhere
+    if not cfg["resume"] and list_checkpoints(ckpt_dir):
+        raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    remove_orphans(ckpt_dir)
+    return owned, resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
+
+
+def remove_new_run(out: Path) -> None:
+    """Remove a run directory this process created and has held the lock on since (see open_run_directory); links
+    inside are removed, never followed."""
+    shutil.rmtree(out, ignore_errors=True)
 
 
 class MetricsLog:
@@ -91,7 +120,7 @@ class MetricsLog:
     to the last one. path None (ranks other than 0): the values are checked, nothing is written."""
 
     def __init__(self, path: Path | None, distiller: Distiller):
-        self.file, self.distiller = open(path, "a") if path else None, distiller
+        self.path, self.file, self.distiller = path, open_append(path) if path else None, distiller
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.ready: list[dict] = []
         self.last: dict = {}
@@ -115,8 +144,11 @@ class MetricsLog:
         if metrics and self.ready:
             self.ready[-1] |= metrics
         if self.file:
-            self.file.writelines(json.dumps(rec) + "\n" for rec in self.ready)
-            self.file.flush()
+            try:
+                self.file.writelines(json.dumps(rec) + "\n" for rec in self.ready)
+                self.file.flush()
+            except OSError as e:
+                raise OSError(f"cannot write {self.path}: {e.strerror or e}") from None
         self.last = self.ready[-1] if self.ready else self.last
         self.ready.clear()
 
@@ -132,10 +164,10 @@ class MetricsLog:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (and a line torn by a kill), so the log matches an
     uninterrupted run; the shortened log replaces the old one atomically (a kill meanwhile loses nothing)."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         return
     kept = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_bytes(path, "metrics log", METRICS_BYTES).decode(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
