@@ -1,0 +1,73 @@
+"""Loading a folder's models with diffusers / transformers: from disk only (``local_files_only``), in fp32, eval mode,
+with the variant its weights are saved in; a broken file is a one-line ``ValueError``. diffusers and transformers
+are imported here, when weights are loaded (``pip install -e ".[diffusers]"``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from ...optional import require
+from .folder import TEXT_STEMS, WEIGHT_STEM, TeacherFolder, TextEncoder, weight_files
+
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
+FLOW_DIFFUSERS = "0.31"  # SD3.5's dual attention and qk norm, FLUX's 2-D position ids
+
+
+def diffusers_module(family: str | None = None):
+    """diffusers, checked to have what ``family`` needs (flow transformers need a newer one)."""
+    flow = family in ("sd3", "flux")
+    names = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler")
+    diffusers = require("diffusers", "SD3 / FLUX teachers" if flow else "diffusers teachers",
+                        minimum=FLOW_DIFFUSERS if flow else None,
+                        names=names + (("SD3Transformer2DModel", "FluxTransformer2DModel") if flow else ()))
+    diffusers.utils.logging.disable_progress_bar()  # a bar per sharded weight file read; the run has its own
+    return diffusers
+
+
+def transformers_module(classes: tuple[str, ...]):
+    transformers = require("transformers", "text-to-image diffusers teachers", names=("AutoTokenizer", *classes))
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight file read; the run has its own
+    return transformers
+
+
+def first_lines(e: Exception) -> str:
+    """The first line of a loading error (and the next where the first only announces a list)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
+def load_model(cls, directory: Path, what: str, stems=(WEIGHT_STEM,)) -> nn.Module:
+    """``cls.from_pretrained`` of a model folder in fp32, eval mode, from disk only, with the variant of its weights;
+    ValueError (one line) for a broken file."""
+    variant, files = weight_files(directory, stems)
+    try:  # use_safetensors: no error logged for the .safetensors file a .bin-only folder lacks
+        return cls.from_pretrained(directory, local_files_only=True, torch_dtype=torch.float32, variant=variant,
+                                   use_safetensors=".safetensors" in files[0].name, low_cpu_mem_usage=False).eval()
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{directory}: cannot load {what}: {first_lines(e)}") from None
+
+
+def load_network(folder: TeacherFolder) -> nn.Module:
+    """The denoising network (UNet or transformer) in fp32, eval mode."""
+    return load_model(getattr(diffusers_module(folder.family), folder.model_class), folder.model, folder.model_class)
+
+
+def load_vae(folder: TeacherFolder) -> nn.Module:
+    return load_model(diffusers_module().AutoencoderKL, folder.vae, "the VAE").requires_grad_(False)
+
+
+def load_text_encoder(folder: TeacherFolder, text: TextEncoder, device) -> tuple[object, nn.Module]:
+    """(tokenizer, text encoder on ``device``) of one of the pipeline's text encoders."""
+    if not text.present:
+        raise ValueError(f"{folder.path}: no {text.key}/ or {text.key.replace('text_encoder', 'tokenizer')}/ in the "
+                         f"pipeline folder: prompts cannot be encoded")
+    transformers = transformers_module((text.cls,))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(text.tokenizer, local_files_only=True)
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{text.tokenizer}: cannot load the tokenizer: {first_lines(e)}") from None
+    encoder = load_model(getattr(transformers, text.cls), text.encoder, "the text encoder", TEXT_STEMS)
+    return tokenizer, encoder.requires_grad_(False).to(device)
