@@ -207,3 +207,82 @@ def one_line_error(capsys, rc: int) -> str:
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def trains_resumes_and_samples(folder: Path, tmp_path: Path, *args) -> dict:
+    """The CLI on a tiny pipeline: 2 steps straight, and 1 step then a resume to 2 with every text encoder moved
+    away (the run's cached conditioning is all a resume reads: T5 is never loaded again) end bit for bit equal;
+    the cached prompts (a row each) and a new prompt sample decoded images. Returns the straight run's summary."""
+    import numpy as np
+
+    from emd_fast import sample
+
+    folder = copy_folder(folder, tmp_path / "pipe")
+    args = ["--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS), *args]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_main(straight, *args) == 0
+    assert train_main(split, *args, "--steps", "1") == 0
+    away = tmp_path / "away"
+    away.mkdir()
+    for encoder in folder.glob("text_encoder*"):
+        encoder.rename(away / encoder.name)
+    assert train.main(["--out", str(split), "--resume", "--steps", "2", "--quiet"]) == 0
+    a, b = final_tensors(straight), final_tensors(split)
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    names = {part for k in a for part in k.split(".")}  # the conditioning, time ids and VAE are not checkpointed
+    assert not names & {"prompts", "embeddings", "pooled", "uncond", "time_ids", "vae", "text_encoder"}
+    assert sample.main([str(split), "--prompt", "a cat"]) == 2  # a new prompt needs the text encoders
+    for encoder in away.iterdir():
+        encoder.rename(folder / encoder.name)
+    arrays = tmp_path / "s.npz"
+    assert sample.main([str(straight), "--per-class", "2", "--out", str(arrays)]) == 0
+    with np.load(arrays) as f:
+        assert f["images"].shape == (4, 3, PIXELS, PIXELS) and f["labels"].tolist() == [0, 0, 1, 1]
+        assert np.isfinite(f["images"]).all()
+    grid = tmp_path / "cat.png"
+    assert sample.main([str(straight), "--prompt", "a cat", "--n", "2", "--out", str(grid), str(arrays)]) == 0
+    assert grid.read_bytes()[:4] == b"\x89PNG" and (straight / "samples" / "final.png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(arrays) as f:
+        assert f["images"].shape == (2, 3, PIXELS, PIXELS) and f["labels"].tolist() == [-1, -1]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["problem"] == "DiffusersProblem" and np.isfinite(summary["final"]["pixel_std"])
+    return summary
+
+
+def bf16_checkpointed_step_makes_no_host_sync(folder: Path, tmp_path: Path, *args):
+    """A --precision bf16 --grad-checkpoint --finite-check deferred --channels-last run: the frozen teacher in bf16,
+    generator and student fp32 with activation checkpointing (the same gradients as without), and an iteration that
+    reads no tensor value on the host (it can be captured in a CUDA graph). Returns the Run."""
+    import copy
+
+    from emd_fast.training.build import Run
+    from helpers import NoHostRead
+
+    out = tmp_path / "run"
+    out.mkdir()  # the run directory the command would make: the prompt conditioning is cached there
+    run = Run(run_config("--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS),
+                         "--precision", "bf16", "--grad-checkpoint", "--finite-check", "deferred", "--channels-last",
+                         "--batch", "2", "--K", "1", "--out", str(out), *args), torch.device("cpu"), fit_teacher=False)
+    distiller = run.distiller
+    dtypes = {name: {p.dtype for p in net.parameters()} for name, net in
+              (("teacher", run.teacher.net), ("generator", distiller.generator), ("student", distiller.student))}
+    assert dtypes == {"teacher": {torch.bfloat16}, "generator": {torch.float32}, "student": {torch.float32}}
+    assert not any(p.requires_grad for p in run.teacher.net.parameters())
+    assert distiller.generator.denoiser.model.is_gradient_checkpointing and distiller.student.model.is_gradient_checkpointing
+    student, plain = distiller.student, copy.deepcopy(distiller.student)
+    plain.model.disable_gradient_checkpointing()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, *run.teacher.data_shape, generator=g), torch.tensor([1, 0])
+    t = run.teacher.schedule.sample_t(2, g, "cpu")
+    grads = []
+    for net in (student, plain):
+        net.zero_grad()
+        net(x, t, y).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert distiller.deferred
+    distiller.step()  # lazy state (optimizer moments) first
+    with NoHostRead():
+        distiller.step()
+    assert torch.isfinite(run.teacher.denoise(x, t, y)).all()
+    return run
