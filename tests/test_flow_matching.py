@@ -98,7 +98,8 @@ def test_noise_levels_timesteps_and_denoiser_are_the_schedulers(name, options, t
                 ours = d
             want = scheduler.step(v, timestep, x, return_dict=False)[0]
             worst["sigma"] = max(worst["sigma"], abs(s - float(sigma)) / float(sigma))
-            worst["timestep"] = max(worst["timestep"], float((stub.timesteps[0] - timestep).abs().max()) / float(timestep))
+            called = float((stub.timesteps[0] - timestep).abs().max()) / float(timestep)
+            worst["timestep"] = max(worst["timestep"], called)
             worst["step"] = max(worst["step"], float((ours.float() - want).abs().max()))
             x = want
     print(f"{name}: worst relative sigma {worst['sigma']:.1e}, relative timestep {worst['timestep']:.1e}, "

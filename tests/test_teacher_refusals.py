@@ -8,8 +8,6 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from emd_fast import train  # noqa: E402
-
 from tiny_pipelines import (  # noqa: E402
     PIXELS,
     SMALL,
@@ -22,11 +20,14 @@ from tiny_pipelines import (  # noqa: E402
     sdxl_pipeline,
 )
 
+from emd_fast import train  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {"sd3": sd3_pipeline(root / "sd3"), "flux": flux_pipeline(root / "flux"), "sdxl": sdxl_pipeline(root / "sdxl")}
+    return {"sd3": sd3_pipeline(root / "sd3"), "flux": flux_pipeline(root / "flux"),
+            "sdxl": sdxl_pipeline(root / "sdxl")}
 
 
 def index(**changes):

@@ -114,7 +114,8 @@ def vae(scaling_factor: float, shift_factor: float | None, seed: int, quant_conv
 def sd3_pipeline(path: Path, sd35: bool = False, t5: bool = True, seed: int = 0, **scheduler) -> Path:
     """SD3 (sd35: SD3.5's dual attention and RMS qk-norm), FlowMatchEuler shift 3 unless ``scheduler`` says
     otherwise, SD3's VAE scaling and shift without quant convs; t5=False: a folder without text_encoder_3."""
-    tok1, tok2 = clip_tokenizer(path.parent / f"{path.name}-tok1"), clip_tokenizer(path.parent / f"{path.name}-tok2", "!")
+    tok1 = clip_tokenizer(path.parent / f"{path.name}-tok1")
+    tok2 = clip_tokenizer(path.parent / f"{path.name}-tok2", "!")
     tok3 = t5_tokenizer(path.parent / f"{path.name}-tok3")
     torch.manual_seed(seed)
     extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}
@@ -154,7 +155,8 @@ SDXL_TIME_DIM = 4  # addition_time_embed_dim (256 in SDXL)
 def sdxl_pipeline(path: Path, force_zeros: bool = True, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """SDXL base: CLIPTextModel (12 wide) + CLIPTextModelWithProjection (20), text_time added conditions, SDXL's
     EulerDiscreteScheduler ("leading" spacing) and VAE scaling."""
-    tok1, tok2 = clip_tokenizer(path.parent / f"{path.name}-tok1"), clip_tokenizer(path.parent / f"{path.name}-tok2", "!")
+    tok1 = clip_tokenizer(path.parent / f"{path.name}-tok1")
+    tok2 = clip_tokenizer(path.parent / f"{path.name}-tok2", "!")
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -256,19 +258,21 @@ def bf16_checkpointed_step_makes_no_host_sync(folder: Path, tmp_path: Path, *arg
     import copy
 
     from emd_fast.training.build import Run
+
     from helpers import NoHostRead
 
     out = tmp_path / "run"
     out.mkdir()  # the run directory the command would make: the prompt conditioning is cached there
-    run = Run(run_config("--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS),
-                         "--precision", "bf16", "--grad-checkpoint", "--finite-check", "deferred", "--channels-last",
-                         "--batch", "2", "--K", "1", "--out", str(out), *args), torch.device("cpu"), fit_teacher=False)
+    cfg = run_config("--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS),
+                     "--precision", "bf16", "--grad-checkpoint", "--finite-check", "deferred", "--channels-last",
+                     "--batch", "2", "--K", "1", "--out", str(out), *args)
+    run = Run(cfg, torch.device("cpu"), fit_teacher=False)
     distiller = run.distiller
     dtypes = {name: {p.dtype for p in net.parameters()} for name, net in
               (("teacher", run.teacher.net), ("generator", distiller.generator), ("student", distiller.student))}
     assert dtypes == {"teacher": {torch.bfloat16}, "generator": {torch.float32}, "student": {torch.float32}}
     assert not any(p.requires_grad for p in run.teacher.net.parameters())
-    assert distiller.generator.denoiser.model.is_gradient_checkpointing and distiller.student.model.is_gradient_checkpointing
+    assert all(net.model.is_gradient_checkpointing for net in (distiller.generator.denoiser, distiller.student))
     student, plain = distiller.student, copy.deepcopy(distiller.student)
     plain.model.disable_gradient_checkpointing()
     g = torch.Generator().manual_seed(3)

@@ -221,7 +221,7 @@ class GuidedTeacher(NetworkTeacher):
             raise ValueError("classifier-free guidance needs the empty prompt's embedding (uncond)")
         self.guidance_scale = float(guidance_scale) if guided else getattr(net, "guidance", None)
         self.classifier_free = guided and guidance_scale != 1
-        uncond = Prompts(uncond) if isinstance(uncond, torch.Tensor) else uncond or Prompts(None)
+        uncond = Prompts(uncond) if isinstance(uncond, torch.Tensor) else Prompts(None) if uncond is None else uncond
         self.register_buffer("uncond", uncond.embeds, persistent=False)  # moves with the teacher: no copy per call
         self.register_buffer("uncond_pooled", uncond.pooled, persistent=False)
 

@@ -28,6 +28,7 @@ from .loading import load_text_encoder
 T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
 T5_MAX_LENGTH = 512  # the largest the pipelines accept
 CHUNK = 64  # prompts encoded at a time
+OUTPUTS = {"last": "last_hidden_state", "text_embeds": "text_embeds", "pooler": "pooler_output"}  # + "penultimate"
 
 
 class Prompts(NamedTuple):
@@ -128,10 +129,9 @@ def _run(folder: TeacherFolder, key: str, prompts: list[str], device, length=Non
     for i in range(0, len(prompts), CHUNK):
         out = encoder(_tokens(tokenizer, prompts[i:i + CHUNK], length, device),
                       output_hidden_states="penultimate" in outputs)
-        values = {"last": lambda: out.last_hidden_state, "penultimate": lambda: out.hidden_states[-2],
-                  "text_embeds": lambda: out.text_embeds, "pooler": lambda: out.pooler_output}
         for name in outputs:
-            found[name].append(values[name]().float().cpu())
+            value = out.hidden_states[-2] if name == "penultimate" else getattr(out, OUTPUTS[name])
+            found[name].append(value.float().cpu())
     return length, [torch.cat(found[name]) for name in outputs]
 
 
