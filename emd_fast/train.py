@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--labels", type=int, nargs="+", default=None,
                    help="class-conditional teacher: train on these class labels only (default: all, uniformly)")
     a.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
-                   help="noise schedule (default: a teacher file's own; vp_cosine for mixtures; edm for digits)")
+                   help="noise schedule (default: a teacher file's own; vp_cosine for mixtures; edm for digits); flow: "
+                        "rectified flow, x_t = (1 - s) x + s eps (docs/teachers.md)")
     a.add_argument("--hidden", type=int, default=128, help="MLP width of the generator / student")
     a.add_argument("--depth", type=int, default=3, help="residual blocks of the generator / student MLP")
     a.add_argument("--teacher-fit-steps", type=int, default=1500,

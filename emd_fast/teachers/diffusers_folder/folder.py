@@ -48,7 +48,7 @@ TEXT_STEMS = ("model", "pytorch_model")  # transformers' (text encoders)
 # pipelines refused by their class name, checked in this order: (words in the name, why)
 REFUSED_PIPELINES = (
     (("Video", "AnimateDiff", "Mochi", "Wan", "LTX", "Latte", "Allegro", "CogVideoX", "SkyReels", "Cosmos"),
-     "a video pipeline: emd_fast distils image models"),
+     "is a video pipeline: emd_fast distils image models"),
     (("ControlNet", "Adapter"), "needs control images (ControlNet / T2I-Adapter): emd_fast distils text-to-image"),
     (("Inpaint", "Fill", "Kontext", "Redux", "Control", "Depth", "Upscale", "InstructPix2Pix"),
      "conditions on input images: emd_fast distils text-to-image"),
@@ -249,8 +249,7 @@ def _check_pipeline_class(root: Path, index: dict) -> str:
     cls = str(index.get("_class_name"))
     for words, why in REFUSED_PIPELINES:
         if any(word in cls for word in words):
-            raise ValueError(f"{root}: pipeline {cls} is {why}" if why.startswith("a ") else
-                             f"{root}: pipeline {cls} {why}")
+            raise ValueError(f"{root}: pipeline {cls} {why}")
     for key, what in REFUSED_COMPONENTS.items():
         if _entry(index, key) is not None:
             raise ValueError(f"{root}: model_index.json has a {key} ({_entry(index, key)}): {what} are not supported")
