@@ -13,16 +13,12 @@ from ...optional import require
 from .folder import TEXT_STEMS, WEIGHT_STEM, TeacherFolder, TextEncoder, weight_files
 
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)  # what from_pretrained raises for a broken file
-FLOW_DIFFUSERS = "0.31"  # SD3.5's dual attention and qk norm, FLUX's 2-D position ids
+MODELS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKL",
+          "DDPMScheduler")
 
 
-def diffusers_module(family: str | None = None):
-    """diffusers, checked to have what ``family`` needs (flow transformers need a newer one)."""
-    flow = family in ("sd3", "flux")
-    names = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "DDPMScheduler")
-    diffusers = require("diffusers", "SD3 / FLUX teachers" if flow else "diffusers teachers",
-                        minimum=FLOW_DIFFUSERS if flow else None,
-                        names=names + (("SD3Transformer2DModel", "FluxTransformer2DModel") if flow else ()))
+def diffusers_module():
+    diffusers = require("diffusers", "diffusers teachers", names=MODELS)
     diffusers.utils.logging.disable_progress_bar()  # a bar per sharded weight file read; the run has its own
     return diffusers
 
@@ -52,7 +48,7 @@ def load_model(cls, directory: Path, what: str, stems=(WEIGHT_STEM,)) -> nn.Modu
 
 def load_network(folder: TeacherFolder) -> nn.Module:
     """The denoising network (UNet or transformer) in fp32, eval mode."""
-    return load_model(getattr(diffusers_module(folder.family), folder.model_class), folder.model, folder.model_class)
+    return load_model(getattr(diffusers_module(), folder.model_class), folder.model, folder.model_class)
 
 
 def load_vae(folder: TeacherFolder) -> nn.Module:
