@@ -96,12 +96,12 @@ def write_samples(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         if args.labels is not None or args.per_class is not None:
             raise ValueError("--prompt gives every sample's prompt: leave out --labels/--per-class")
-        if not hasattr(run.problem, "encode"):
+        if not hasattr(run.problem, "add_prompts"):
             raise ValueError("--prompt needs a text-to-image run (a diffusers teacher with --prompts)")
         n, per_class = 16 if args.n is None else args.n, None
         if n < 1:
             raise ValueError(f"--n must be >= 1, got {n}")
-        labels = run.problem.encode([args.prompt]).expand(n, -1, -1)
+        labels = run.problem.add_prompts([args.prompt]).expand(n)
     else:
         labels, n, per_class = choose_labels(args, distiller.num_classes)
     image = is_image_shape(distiller.shape) or decode is not None

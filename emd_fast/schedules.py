@@ -132,7 +132,52 @@ class EDMSchedule(Schedule):
         return {**super().config(), "p_mean": self.p_mean, "p_std": self.p_std}
 
 
-SCHEDULES = {"vp_cosine": VPCosine, "edm": EDMSchedule}
+class FlowMatching(Schedule):
+    """Rectified flow (flow matching): x_t = (1 - s) x + s eps, alpha = 1 - s, sigma = s (not variance preserving).
+
+    s(t) = k t / (1 + (k - 1) t) is the noise level at time t in (0, 1) for a time ``shift`` k (diffusers'
+    FlowMatchEulerDiscreteScheduler ``shift``; k = 1: s = t). t is the unshifted time, so uniform t sampling and
+    ``--t-min/--t-max`` follow the spacing the teacher's sampler uses; the noise level of a log-SNR is the same for
+    every k: s = sigmoid(-lambda / 2). A network predicting the velocity v = eps - x has the denoiser D = x_t - s v.
+    s = 1 (lambda = -inf, pure noise) is left out of the range: t_max < 1.
+    """
+
+    name = "flow"
+
+    def __init__(self, shift: float = 1.0, t_min: float = 1e-3, t_max: float = 1 - 1e-3):
+        if not (math.isfinite(shift) and shift > 0 and 0 < t_min < t_max < 1):
+            raise ValueError(f"flow needs shift > 0 and 0 < t_min < t_max < 1, got shift={shift}, t_min={t_min}, "
+                             f"t_max={t_max}")
+        self.shift, self.t_min, self.t_max = float(shift), t_min, t_max
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """s(t) in float64, (N,)."""
+        t64 = t.to(torch.float64)
+        return self.shift * t64 / (1 + (self.shift - 1) * t64)
+
+    def alpha(self, t):
+        return (1 - self.noise_level(t)).to(t.dtype)
+
+    def sigma(self, t):
+        return self.noise_level(t).to(t.dtype)
+
+    def lam(self, t):
+        s = self.noise_level(t)
+        return (2 * (torch.log1p(-s) - torch.log(s))).to(t.dtype)
+
+    def t_from_sigma(self, s: torch.Tensor) -> torch.Tensor:
+        """The time whose noise level is s (inverse of ``sigma``): t = s / (k - (k - 1) s)."""
+        s64 = s.to(torch.float64)
+        return (s64 / (self.shift - (self.shift - 1) * s64)).to(s.dtype)
+
+    def t_from_lambda(self, lam):
+        return self.t_from_sigma(torch.sigmoid(-0.5 * lam.to(torch.float64))).to(lam.dtype)
+
+    def config(self):
+        return {**super().config(), "shift": self.shift}
+
+
+SCHEDULES = {"vp_cosine": VPCosine, "edm": EDMSchedule, "flow": FlowMatching}
 
 
 def make_schedule(name: str, **kwargs) -> Schedule:

@@ -15,7 +15,7 @@ from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, run_as_process, run
 from .emd import VARIANTS, Z_STEPS
 from .execution.backends import BACKENDS
 from .schedules import SCHEDULES, WEIGHTINGS
-from .teachers.diffusers_folder import DEFAULT_GUIDANCE
+from .teachers.diffusers_folder import DEFAULT_GUIDANCE, FLUX_GUIDANCE
 from .training.config import DIST_TIMEOUT_S, PRESET_DEFAULTS, PRESETS
 from .training.distiller import FINITE_CHECKS, PRECISIONS
 from .training.loop import LOG_EVERY, WARM_ITERS, train
@@ -44,21 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompts", type=Path, default=None,
                    help="text-to-image diffusers teacher: a text file of prompts, one per line; their embeddings "
                         "are computed once and cached in the run directory (prompt_embeddings.safetensors)")
-    a.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
-                   help="classifier-free guidance scale of a text-to-image teacher (1: conditional, 0: "
-                        "unconditional; this project's default, the EMD paper's value could not be read)")
+    a.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"guidance scale of a text-to-image teacher: classifier-free for SD, SDXL and SD3 (1: "
+                        f"conditional, 0: unconditional; default {DEFAULT_GUIDANCE}, this project's choice: the EMD "
+                        f"paper's value could not be read); FLUX.1-dev's embedded guidance (default {FLUX_GUIDANCE}, "
+                        f"the pipeline's), given to generator and student too; none for FLUX.1-schnell")
     a.add_argument("--mixture", type=Path, default=None,
                    help="your own Gaussian mixture: .json or .npz with means (M, D), weights (M,) and covs (M, D, D) "
                         "or variances (M,) / (M, D); exact teacher, MLP networks")
     a.add_argument("--labels", type=int, nargs="+", default=None,
                    help="class-conditional teacher: train on these class labels only (default: all, uniformly)")
     a.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
-                   help="noise schedule (default: a teacher file's own; vp_cosine for mixtures; edm for digits)")
+                   help="noise schedule (default: a teacher file's own; vp_cosine for mixtures; edm for digits); flow: "
+                        "rectified flow, x_t = (1 - s) x + s eps (docs/teachers.md)")
     a.add_argument("--hidden", type=int, default=128, help="MLP width of the generator / student")
     a.add_argument("--depth", type=int, default=3, help="residual blocks of the generator / student MLP")
     a.add_argument("--teacher-fit-steps", type=int, default=1500,
                    help="steps regressing an MLP onto the exact teacher denoiser; generator and student start "
                         "as copies of it (the paper initialises both from the teacher network)")
+    d = p.add_argument_group("text-to-image diffusers teachers (SD, SDXL, SD3 / SD3.5, FLUX.1: docs/teachers.md)")
+    d.add_argument("--resolution", type=int, nargs="+", default=None, metavar="PIXELS",
+                   help="image size the generator makes: one number (square) or height width, a multiple of the VAE "
+                        "factor (x 2 for SD3 and FLUX); default the pipeline's (e.g. 1024 for SDXL, SD3, FLUX)")
+    d.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens of each prompt for SD3 (default 256) and FLUX (default 512), as the pipelines' "
+                        "max_sequence_length: part of the teacher's condition")
     e = p.add_argument_group("EMD")
     e.add_argument("--K", type=int, default=8, help="Langevin steps per E-step (EMD-K); 0 = no MCMC")
     e.add_argument("--gamma-eps", type=float, default=0.3, help="Langevin step size on eps")
