@@ -318,7 +318,7 @@ def latent_folder(tmp: Path) -> Path:
     """test_diffusers' tiny Stable-Diffusion-style pipeline, its tokenizer and text encoder pointing (auto_map) at
     Python files of the folder that would leave a marker if they ever ran."""
     sys.path.insert(0, str(TESTS))
-    from test_diffusers import latent_pipeline
+    from diffusers_models import latent_pipeline
 
     folder = latent_pipeline(tmp / "latent")
     code = f"import pathlib\npathlib.Path({str(tmp / 'folder_code_ran')!r}).touch()\nclass Evil: pass\n"

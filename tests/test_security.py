@@ -60,9 +60,9 @@ def test_auto_map_tokenizer_runs_nothing_even_when_stdin_says_yes(tmp_path, monk
     on stdin, the CLIP classes emd_fast names load the folder and never import those files; a tokenizer class of
     the folder's own is refused in one line."""
     pytest.importorskip("diffusers")
-    from test_diffusers import latent_pipeline
-
     from emd_fast.teachers.diffusers_folder import encode_prompts, inspect_folder
+
+    from diffusers_models import latent_pipeline
 
     folder = latent_pipeline(tmp_path / "pipe")
     marker = tmp_path / "folder_code_ran"

@@ -15,10 +15,12 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from emd_fast import train
-from emd_fast.training.checkpoint import list_checkpoints
+
+import diffusers_models
+from diffusers_models import SD_BETAS, edit_json  # noqa: F401 - shared with the family tests
+from helpers import final_tensors, one_line_error, train_cli  # noqa: F401 - shared with the family tests
 
 WORDS = ["a", "cat", "dog", "red", "photo", "of"]
 PROMPTS = ["a red cat", "a photo of a dog"]
@@ -27,7 +29,6 @@ T5_LENGTH = 8  # --max-sequence-length of the tiny SD3 / FLUX runs (256 / 512 by
 PIXELS = 16  # image size of the tiny runs (--resolution)
 SMALL = ["--steps", "2", "--batch", "2", "--K", "1", "--eval-every", "2", "--eval-samples", "4", "--ckpt-every", "1",
          "--quiet", "--device", "cpu", "--phase-every", "0"]
-SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def quiet() -> None:
@@ -176,17 +177,10 @@ def sdxl_pipeline(path: Path, force_zeros: bool = True, prediction_type: str = "
 # --- runs --------------------------------------------------------------------------------------------------------
 
 def prompts_file(directory: Path, text: str = "\n".join(PROMPTS) + "\n") -> Path:
-    path = directory / "prompts.txt"
-    path.write_text(text)
-    return path
+    return diffusers_models.prompts_file(directory, text)
 
 
-def train_main(out: Path, *args) -> int:
-    return train.main(["--out", str(out), *SMALL, *args])
-
-
-def final_tensors(out: Path) -> dict:
-    return load_file(str(list_checkpoints(out / "checkpoints")[-1].with_suffix(".safetensors")))
+train_main = train_cli(*SMALL)
 
 
 def run_config(*args) -> dict:
@@ -194,21 +188,9 @@ def run_config(*args) -> dict:
     return vars(train.build_parser().parse_args(list(args)))
 
 
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
 def copy_folder(folder: Path, to: Path) -> Path:
     shutil.copytree(folder, to)
     return to
-
-
-def one_line_error(capsys, rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def trains_resumes_and_samples(folder: Path, tmp_path: Path, *args) -> dict:
