@@ -77,7 +77,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         restore(run, *resumed, latest, saved_cfg)
     else:
         record_start(run, saved_cfg)
-    clock = Clock(cfg, device, distiller.step_count, setup_s=time.perf_counter() - t0)
+    clock = Clock(cfg, device, distiller.step_count, started=t0, before=resumed and resumed[1].get("clock"))
     upkeep = Maintenance(run, saved_cfg, clock)
 
     # --- iterate ---------------------------------------------------------------------------------------------------
@@ -104,6 +104,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         "execution": {**dataclasses.asdict(distiller.execution), "compile": cfg["compile"],
                       "cuda_graph": cfg["cuda_graph"]},
         **clock.summary(distiller.step_count, cfg["batch"]),
+        "cost": clock.cost(distiller.step_count, cfg["batch"], ranks.world),
         "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                                 if device.type == "cuda" else None),
         "final": final, "exact_sample_floor": floor, "summary_lines": run.problem.summary_lines(final, floor),
@@ -162,7 +163,8 @@ def record_start(run: Run, saved_cfg: dict) -> None:
         out = run.cfg["out"]
         write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
                                                 "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
-        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}, "time_s": 0.0,
+               "wall_s": 0.0}
         (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
 
 
@@ -192,7 +194,7 @@ class Maintenance:
         cfg = self.cfg
         evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
         fid_due = cfg.get("fid_ref") and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
-        self.log.add(n, losses)
+        self.log.add(n, losses, self.clock.stamp())
         if evaluate or fid_due or self.checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
             self.log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
             with self.clock.maintenance():
@@ -220,7 +222,8 @@ class Maintenance:
         random_states = ranks.gather_random_state(distiller.random_state())
         tensors = distiller.state_tensors() if ranks.main or distiller.sharded else None  # sharded: all ranks gather
         if ranks.main:
-            state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world}
+            state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world,
+                     "clock": self.clock.totals()}
             save_checkpoint(self.out / "checkpoints", distiller.step_count, tensors | random_states, state,
                             keep=self.cfg["keep"])
 
@@ -285,14 +288,23 @@ class Maintenance:
 class Clock:
     """Throughput of the iterations with the maintenance between them left out: over the whole loop and after the
     first WARM_ITERS iterations (compilation, graph capture), and phase times of every --phase-every-th iteration
-    (the device synchronised at each phase boundary; none under a CUDA graph: one launch)."""
+    (the device synchronised at each phase boundary; none under a CUDA graph: one launch).
 
-    def __init__(self, cfg: dict, device: torch.device, start_step: int, setup_s: float):
-        self.device, self.start_step, self.setup_s = device, start_step, setup_s
+    It also keeps the run's cost over all its sessions (``before``: the totals a resumed run's checkpoint recorded):
+    wall seconds split into set-up (building the run, the first evaluation), training (the iterations) and
+    evaluation (everything else: evaluations, FID, plots, checkpoints, the final evaluation). Work redone after an
+    interruption (the steps after the last checkpoint) is not counted twice: each session adds what it kept."""
+
+    def __init__(self, cfg: dict, device: torch.device, start_step: int, started: float, before: dict | None = None):
+        self.device, self.start_step, self.started = device, start_step, started
+        self.t0 = self.warm_t0 = time.perf_counter()
+        self.setup_s = self.t0 - started
+        self.before = {k: float((before or {}).get(k, 0.0)) for k in ("setup_s", "train_s", "wall_s")}
+        self.sessions = int((before or {}).get("sessions", 0)) + 1
         self.phase_every, self.graphed = cfg["phase_every"], cfg["cuda_graph"]
         self.timer, self.timed_iters = PhaseTimer(device), 0
         self.other_s = self.warm_other_s = 0.0
-        self.t0 = self.warm_t0 = time.perf_counter()
+        self.end = None
 
     def first(self, step_count: int) -> bool:
         return step_count == self.start_step
@@ -319,7 +331,38 @@ class Clock:
     def stop(self) -> None:
         self.end = time.perf_counter()
 
+    def stamp(self) -> dict[str, float]:
+        """{"time_s": training seconds, "wall_s": wall seconds} of the run so far (all sessions), for a metrics
+        line. On a GPU the host runs ahead of the device by the queued work until the next log write syncs it."""
+        totals = self.totals()
+        return {"time_s": round(totals["train_s"], 3), "wall_s": round(totals["wall_s"], 3)}
+
+    def totals(self) -> dict:
+        """The run's seconds so far over all its sessions (what a checkpoint records): set-up, training, wall."""
+        now = time.perf_counter()
+        train = (self.end or now) - self.t0 - self.other_s
+        return {"setup_s": self.before["setup_s"] + self.setup_s, "train_s": self.before["train_s"] + train,
+                "wall_s": self.before["wall_s"] + now - self.started, "sessions": self.sessions}
+
+    def cost(self, step_count: int, batch: int, processes: int) -> dict:
+        """What the run cost, over all its sessions, as papers quote it: device-hours (processes x wall time) split
+        into set-up, training and evaluation, samples seen (global batch x steps), iterations/s by phase."""
+        t = self.totals()
+        evaluation = t["wall_s"] - t["setup_s"] - t["train_s"]
+        hours = {"setup": t["setup_s"], "training": t["train_s"], "evaluation": evaluation}
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "device": name, "processes": processes, "sessions": t["sessions"],
+            "device_hours": round(processes * t["wall_s"] / 3600, 4),
+            "device_hours_by_phase": {k: round(processes * v / 3600, 4) for k, v in hours.items()},
+            "wall_s": round(t["wall_s"], 2), "setup_s": round(t["setup_s"], 2), "train_s": round(t["train_s"], 2),
+            "evaluation_s": round(evaluation, 2), "samples_seen": step_count * batch,
+            "iters_per_s": {"training": round(step_count / t["train_s"], 3) if t["train_s"] else None,
+                            "overall": round(step_count / t["wall_s"], 3) if t["wall_s"] else None},
+        }
+
     def summary(self, step_count: int, batch: int) -> dict:
+        """This session's throughput and phase times."""
         steps = step_count - self.start_step
         train_s = self.end - self.t0 - self.other_s
         steady_s = self.end - self.warm_t0 - (self.other_s - self.warm_other_s)

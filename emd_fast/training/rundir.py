@@ -92,20 +92,22 @@ class MetricsLog:
 
     def __init__(self, path: Path | None, distiller: Distiller):
         self.file, self.distiller = open(path, "a") if path else None, distiller
-        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, float]]] = []
         self.ready: list[dict] = []
         self.last: dict = {}
 
-    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        self.pending.append((step, losses))
+    def add(self, step: int, losses: dict[str, torch.Tensor], times: dict[str, float] | None = None) -> None:
+        """Iteration ``step``'s values (device tensors) and ``times`` (host floats: when it ended)."""
+        self.pending.append((step, losses, times or {}))
 
     def sync(self, check: bool = True) -> None:
         """Read the pending values (one host sync); with ``check``, raise if the deferred finite flag is set or
         (deferred checks: the Distiller checked the sync path itself) a value shows divergence."""
         records = []
         if self.pending:
-            values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
-            records = [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
+            values = torch.stack([torch.stack(list(v.values())) for _, v, _ in self.pending]).tolist()
+            records = [{"step": step, **dict(zip(losses, row)), **times}
+                       for (step, losses, times), row in zip(self.pending, values)]
             self.pending.clear()
             self.ready += records
         if check and self.distiller.deferred:  # sync checks: the Distiller checked each iteration itself
