@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..errors import CheckpointError, RunError, Stopped
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
 from ..files import write_json_atomic
+from ..progress import Progress
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
@@ -184,8 +184,8 @@ class Maintenance:
 
             self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device)
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller)
-        self.bar = tqdm(total=self.cfg["steps"], initial=self.distiller.step_count, desc="EMD", unit="it",
-                        disable=self.cfg["quiet"] or not self.ranks.main, dynamic_ncols=True)
+        self.bar = Progress(self.cfg["steps"], "EMD", initial=self.distiller.step_count, quiet=self.cfg["quiet"],
+                            enabled=self.ranks.main)
         self.last: dict = {}
 
     def after_step(self, n: int, losses: dict[str, torch.Tensor]) -> None:
@@ -209,8 +209,7 @@ class Maintenance:
                     self.plot(f"step_{n:07d}.png", metrics, samples, y)
                 if self.checkpoint_due():
                     self.checkpoint()
-            self.bar.set_postfix(**self.log.postfix(), **(self.run.problem.progress(self.last) if self.last else {}),
-                                 refresh=False)
+            self.bar.figures(**self.log.postfix(), **(self.run.problem.progress(self.last) if self.last else {}))
         self.bar.update(1)
 
     def checkpoint_due(self) -> bool:
@@ -249,7 +248,7 @@ class Maintenance:
 
     def stop(self, signum: int) -> None:
         """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""
-        self.bar.close()
+        self.bar.close(done=False)
         self.log.sync()
         if not self.checkpoint_due():
             self.checkpoint()
@@ -272,7 +271,7 @@ class Maintenance:
     def __exit__(self, kind, error, traceback) -> None:
         try:
             if kind is KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
-                self.bar.close()
+                self.bar.close(done=False)
                 self.log.sync()
                 if not self.ranks.distributed:  # other ranks are not at a boundary: no consistent checkpoint then
                     self.checkpoint()
@@ -282,7 +281,7 @@ class Maintenance:
                 self.log.sync(check=False)  # keep the losses logged before the failure
         finally:
             self.log.close()
-            self.bar.close()  # before the error message, if any
+            self.bar.close(done=kind is None)  # before the error message, if any
 
 
 class Clock:
