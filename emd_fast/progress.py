@@ -23,8 +23,9 @@ class Progress:
     nothing at all when not ``enabled`` (ranks other than 0). Use it as a context manager or ``close()`` it."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, quiet: bool = False,
-                 enabled: bool = True, bar: bool | None = None, leave: bool = True, every_s: float = LINE_EVERY_S):
-        self.total, self.desc, self.unit, self.enabled, self.every_s = total, desc, unit, enabled, every_s
+                 enabled: bool = True, bar: bool | None = None, leave: bool = True, every_s: float | None = None):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.every_s = LINE_EVERY_S if every_s is None else every_s
         self.n = self.start_n = initial
         self.t0 = self.last_line = time.perf_counter()
         self.lines = 0

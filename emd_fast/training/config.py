@@ -13,6 +13,7 @@ from ..execution.backends import triton_available
 from ..execution.distributed import Ranks
 from ..problems import problem_class
 from ..teachers.mixture import PRESETS as MIXTURES
+from .loggers import check_loggers
 
 MIXTURE_PRESETS = tuple(MIXTURES)
 # Hyperparameter presets for a teacher file (--teacher): see docs/presets.md for every value's source.
@@ -43,7 +44,7 @@ PRESET_DEFAULTS = {
 PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)"}
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard", "log"}
 
 
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
@@ -133,6 +134,7 @@ def validate(cfg: dict) -> None:
         if cfg.get(key) and key not in problem.options:
             raise RunError(f"--{key.replace('_', '-')} applies to {applies}")
     problem.check_options(cfg)
+    check_loggers(cfg.get("log"))
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
     out = Path(cfg["out"])

@@ -25,6 +25,7 @@ from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
 from .lifecycle import StopSignals, check_batch_memory, first_step
+from .loggers import Loggers
 from .rundir import MetricsLog, check_free_space, open_run_directory, truncate_metrics
 
 LOG_EVERY = 25  # iterations between writes of metrics.jsonl (one host sync each), besides evaluations and checkpoints
@@ -92,11 +93,10 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
             upkeep.stop(stopped)
     clock.stop()
 
-    # --- summary: the last checkpoint, the final evaluation, summary.json -------------------------------------------
-    final, samples, y = upkeep.finish()
+    # --- summary: the last checkpoint, the final evaluation and plot, summary.json ---------------------------------
+    final = upkeep.finish()
     if not ranks.main:
         return None
-    upkeep.plot("final.png", final, samples, y)
     floor = run.problem.floor()
     summary = {
         "out": str(cfg["out"]), "preset": cfg["preset"], "problem": type(run.problem).__name__,
@@ -183,7 +183,10 @@ class Maintenance:
             from ..evaluation.image_metrics import FID
 
             self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device)
-        self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller)
+        with clock.maintenance():  # --log: TensorBoard, W&B (rank 0)
+            self.loggers = Loggers(self.cfg.get("log") if self.ranks.main else (), self.out, saved_cfg, self.distiller)
+        self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller,
+                              also=self.loggers.records)
         self.bar = Progress(self.cfg["steps"], "EMD", initial=self.distiller.step_count, quiet=self.cfg["quiet"],
                             enabled=self.ranks.main)
         self.last: dict = {}
@@ -245,6 +248,7 @@ class Maintenance:
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
                  f"step {self.distiller.step_count}")
         self.run.problem.plot(self.out / "samples" / name, samples, y, metrics, history, title)
+        self.loggers.images(self.distiller.step_count, self.out / "samples" / name, samples, y, self.run.problem)
 
     def stop(self, signum: int) -> None:
         """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""
@@ -256,14 +260,21 @@ class Maintenance:
                    f"written; continue with --resume --out {self.out}")
         raise Stopped(signum, message if self.ranks.main else "")
 
-    def finish(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+    def finish(self) -> dict | None:
         """After the last iteration: its checkpoint (unless just written), the final evaluation and FID (every rank
-        takes part; rank 0 gets them)."""
-        if not self.checkpoint_due():
-            self.checkpoint()
-        final, samples, y = self.run.evaluate()
-        fid = self.fid_metrics() if self.cfg.get("fid_ref") else {}
-        return (final | fid if final is not None else None), samples, y
+        takes part; rank 0 gets them), the final plot; the loggers are closed."""
+        try:
+            if not self.checkpoint_due():
+                self.checkpoint()
+            final, samples, y = self.run.evaluate()
+            fid = self.fid_metrics() if self.cfg.get("fid_ref") else {}
+            final = final | fid if final is not None else None
+            if self.ranks.main:
+                self.plot("final.png", final, samples, y)
+                self.loggers.final(self.distiller.step_count, final)
+            return final
+        finally:
+            self.loggers.close()
 
     def __enter__(self) -> "Maintenance":
         return self
@@ -281,6 +292,8 @@ class Maintenance:
                 self.log.sync(check=False)  # keep the losses logged before the failure
         finally:
             self.log.close()
+            if kind is not None:  # else finish() closes them, after the final plot
+                self.loggers.close()
             self.bar.close(done=kind is None)  # before the error message, if any
 
 

@@ -88,10 +88,11 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
 class MetricsLog:
     """metrics.jsonl, one line per iteration. The values stay on the device until ``sync`` reads all pending ones
     with one host sync (checking the deferred finite flag first); ``write`` appends them, evaluation metrics joined
-    to the last one. path None (ranks other than 0): the values are checked, nothing is written."""
+    to the last one, and hands the lines to ``also`` (the loggers). path None (ranks other than 0): the values are
+    checked, nothing is written."""
 
-    def __init__(self, path: Path | None, distiller: Distiller):
-        self.file, self.distiller = open(path, "a") if path else None, distiller
+    def __init__(self, path: Path | None, distiller: Distiller, also=None):
+        self.file, self.distiller, self.also = open(path, "a") if path else None, distiller, also
         self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, float]]] = []
         self.ready: list[dict] = []
         self.last: dict = {}
@@ -119,6 +120,8 @@ class MetricsLog:
         if self.file:
             self.file.writelines(json.dumps(rec) + "\n" for rec in self.ready)
             self.file.flush()
+            if self.also:
+                self.also(self.ready)
         self.last = self.ready[-1] if self.ready else self.last
         self.ready.clear()
 
