@@ -2,14 +2,16 @@
 progress output, the cost in summary.json, the cached reference samples, the report command."""
 import json
 import re
+import shutil
 import struct
+import subprocess
 import sys
 import zlib
 
 import pytest
 import torch
 
-from emd_fast import progress, train
+from emd_fast import progress, report, train
 from emd_fast.evaluation import reference
 from emd_fast.training.distiller import Distiller
 
@@ -248,3 +250,67 @@ def test_reference_cache_is_checked_and_can_be_turned_off(tmp_path, monkeypatch)
     assert reference.cache_folder() is None
     reference.reference_samples(teacher, 5, 7, y, 2, 3)
     assert len(calls) == 8
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+def test_report_of_finished_interrupted_and_running_runs(tmp_path, capsys, monkeypatch):
+    a, b, c, d = (tmp_path / name for name in "abcd")
+    assert run(a, "--steps", "6", "--plot-every", "3") == 0
+    assert run(b, "--steps", "6", "--K", "3") == 0
+    real_step = Distiller.step
+
+    def interrupted(self):
+        if self.step_count == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Distiller, "step", interrupted)
+    assert run(c, "--steps", "6", "--seed", "1") == 130
+    monkeypatch.setattr(Distiller, "step", real_step)
+    shutil.copytree(b, d)  # b, as if it were still running: a live process holds its lock, a line half written
+    (d / "summary.json").unlink()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (d / ".lock").write_text(f"{alive.pid}\n")
+        with open(d / "metrics.jsonl", "a") as f:
+            f.write('{"step": 7, "loss_g": 0.')
+        out = tmp_path / "report"
+        capsys.readouterr()
+        assert report.main([str(a), str(b), str(c), str(d), "--out", str(out)]) == 0
+    finally:
+        alive.kill()
+        alive.wait()
+    assert capsys.readouterr().out.strip() == str(out / "index.html")
+    data = json.loads((out / "report.json").read_text())
+    assert data["differing"] == ["K", "seed"]
+    twice = f"{tmp_path.name}/b (K=3, seed=0)", f"{tmp_path.name}/d (K=3, seed=0)"
+    assert [r["label"] for r in data["runs"]] == ["K=2, seed=0", twice[0], "K=2, seed=1", twice[1]]
+    assert [r["status"] for r in data["runs"]] == ["finished", "finished", "interrupted", f"running (pid {alive.pid})"]
+    assert [r["step"] for r in data["runs"]] == [6, 6, 4, 6]
+    assert data["runs"][0]["final"]["mode_tv"] == json.loads((a / "summary.json").read_text())["final"]["mode_tv"]
+    assert data["runs"][2]["cost"]["at_step"] == 4 and data["runs"][2]["cost"]["device_hours"] > 0
+    sweep = data["sweep"]  # K against the seeds: equal iterations at the last step every run evaluated (3)
+    assert sweep["key"] == "K" and sweep["metrics"] == ["energy_distance", "mode_tv"] and sweep["equal_step"] == 3
+    first = {r["step"]: r for r in metrics(a)}[3]
+    k2 = sweep["values"][0]
+    assert k2["value"] == 2 and [r["at_step"]["mode_tv"] for r in k2["runs"]][0] == first["mode_tv"]
+    for value in sweep["values"]:
+        for r in value["runs"]:
+            assert r["at_time"]["time_s"] <= sweep["equal_time_s"] and r["s_per_step"] > 0
+    assert not (out / "samples_2.png").exists()  # c stopped before any plot
+    for name in ("curves_steps.png", "curves_time.png", "sweep.png", "samples_0.png", "samples_3.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    page = (out / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) == 6 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "device-hours" in page and "running (pid" in page and "interrupted" in page
+
+
+def test_report_refuses_what_is_not_a_run_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "missing"):
+        assert report.main([str(target), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and str(target) in err, err
+    assert not (tmp_path / "r").exists()
