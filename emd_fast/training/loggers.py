@@ -77,8 +77,11 @@ class TensorBoard:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
+        """One event holding every value of the step (what add_scalar writes, tag by tag, in one)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, simple_value=value)
+                                                           for name, value in values.items()]), step)
 
     def images(self, step: int, name: str, grid: np.ndarray, captions: list[str] | None) -> None:
         self.writer.add_image(name, grid, step, dataformats="HWC")
