@@ -17,6 +17,10 @@ the numbers in RESULTS/k_ablation_digits.json and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +67,64 @@ def main(argv=None) -> None:
         report(a.out, a.K, a.seeds)
 
 
+TABLE = (("class acc.", "class_accuracy", 3), ("FD to real", "fd_real", 3), ("FD to teacher", "fd_teacher", 3),
+         ("precision", "precision", 3), ("recall", "recall", 3))
+
+
+def _cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}g} ± {sd:.2g}"
+
+
+def digits_table(runs: dict[int, list[Path]], sweep: dict) -> tuple[str, list[dict]]:
+    """The README's digits table re-measured: the teacher's floor, each EMD-K at step EQUAL_STEPS, EMD-1 at the
+    equal training time; mean ± std over seeds. Returns the markdown and the rows."""
+    rows = []
+    floors = list({d.name.rsplit("_", 1)[1]: json.loads((d / "summary.json").read_text())["exact_sample_floor"]
+                   for ds in runs.values() for d in ds if (d / "summary.json").is_file()}.values())  # one per seed
+    rows.append({"method": "teacher, Heun 18 steps (floor)", "nfe": 35, "n": len(floors),
+                 **{k: [f[k] for f in floors] for _, k, _ in TABLE}})
+    for k, dirs in runs.items():
+        at = []
+        for d in dirs:
+            lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line]
+            at += [r for r in lines if r["step"] == EQUAL_STEPS and "fd_real" in r]
+        rows.append({"method": f"EMD-{k}, {EQUAL_STEPS} steps" + (" (preset default)" if k == 4 else ""), "nfe": 1,
+                     "n": len(at), **{key: [r[key] for r in at] for _, key, _ in TABLE}})
+    one = next((v for v in sweep["values"] if v["value"] == 1), None)
+    if one and sweep.get("equal_time_s"):
+        at = [r["at_time"] for r in one["runs"] if r["at_time"]]
+        lines = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x] for d in runs[1]}
+        full = [next(r for r in lines[Path(x["run"])] if r["step"] == a["step"]) for x, a in zip(one["runs"], at)]
+        rows.append({"method": f"EMD-1, steps {'/'.join(str(a['step']) for a in at)} (equal training time, "
+                               f"{sweep['equal_time_s']:.0f} s)", "nfe": 1, "n": len(full),
+                     **{key: [r[key] for r in full] for _, key, _ in TABLE}})
+    header = "| method | network evaluations | seeds | " + " | ".join(name for name, _, _ in TABLE) + " |"
+    lines = [header, "|" + "---|" * (3 + len(TABLE))]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['nfe']} | {row['n']} | " +
+                     " | ".join(_cell(row[key], d) for _, key, d in TABLE) + " |")
+    return "\n".join(lines), rows
+
+
 def report(out: Path, ks, seeds) -> None:
-    raise SystemExit("report: not written yet")
+    """The report of every run there is (finished or not), the sweep figure and numbers into RESULTS."""
+    from emd_fast.evaluation.report import make_report
+
+    runs = {k: [run_dir(out, k, s) for s in seeds if (run_dir(out, k, s) / "config.json").is_file()] for k in ks}
+    runs = {k: dirs for k, dirs in runs.items() if dirs}
+    index = make_report([d for dirs in runs.values() for d in dirs], out / "report", sweep_key="K")
+    data = json.loads((index.parent / "report.json").read_text())
+    table, rows = digits_table(runs, data["sweep"])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "k_ablation_digits.png").write_bytes((index.parent / "sweep.png").read_bytes())
+    (RESULTS / "k_ablation_digits.json").write_text(json.dumps({
+        "command": "python benchmarks/k_ablation.py run && python benchmarks/k_ablation.py report",
+        "steps": STEPS, "seeds": list(seeds), "sweep": data["sweep"], "runs": data["runs"], "digits_table": rows,
+        "digits_table_md": table, "machine": platform.platform(), "cpu_count": os.cpu_count()}, indent=1))
+    print(f"report: {index}\n\n{table}")
 
 
 if __name__ == "__main__":
