@@ -155,6 +155,37 @@ def test_image_runs_log_sample_grids_with_their_classes_as_captions(tmp_path):
     assert len(lines) == 20 and all(re.fullmatch(rf"{i}\. class \d", line) for i, line in enumerate(lines))
 
 
+def test_wandb_without_a_server_logs_offline_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored W&B credentials: an online run cannot start
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    out = tmp_path / "r"
+    assert run(out, "--steps", "3", "--log", "wandb") == 0
+    assert "W&B: cannot start an online run" in capsys.readouterr().err
+    rows, ids = wandb_history(out)
+    assert sorted(rows) == [0, 1, 2, 3] and len(ids) == 1
+
+
+def test_text_to_image_samples_are_logged_with_their_prompts(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from test_diffusers import SMALL as DIFFUSERS
+    from test_diffusers import latent_pipeline, prompts_file
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    folder = latent_pipeline(tmp_path / "pipe")
+    out = tmp_path / "r"
+    assert train.main(["--out", str(out), *DIFFUSERS, "--steps", "2", "--teacher", str(folder), "--prompts",
+                       str(prompts_file(tmp_path)), "--plot-every", "2", "--log", "wandb", "tensorboard"]) == 0
+    rows, _ = wandb_history(out)
+    captioned = rows[2]["samples/captioned"]
+    assert captioned["_type"] == "images/separated" and captioned["count"] == 6  # --eval-samples 6
+    assert set(captioned["captions"]) <= {"a cat", "a red dog"} and len(captioned["captions"]) == 6
+    assert (captioned["width"], captioned["height"]) == (16, 16)  # decoded by the VAE: 3 x 16 x 16
+    grid = tensorboard(out).Images("samples")[0]
+    assert (grid.width, grid.height) == (6 * 17 - 1, 16)
+
+
 # --- cost and time -------------------------------------------------------------------------------------------------
 
 def test_cost_covers_every_session_and_the_log_carries_the_times(tmp_path):
