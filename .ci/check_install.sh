@@ -23,6 +23,7 @@ check() {
         --eval-samples 100 --quiet --out "$1/triton"
     emd_train="$venv/bin/emd-train"
     "$emd_train" --help > /dev/null
+    "$venv/bin/emd-report" "$1/ring" "$1/digits" --out "$1/report" > /dev/null
 }
 
 echo "--- pip install . (build isolation)"

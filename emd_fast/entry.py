@@ -16,7 +16,7 @@ import sys
 
 from .errors import STOP_SIGNALS
 
-COMMANDS = ("train", "sample", "fid", "pretrain", "edm_import")
+COMMANDS = ("train", "sample", "fid", "pretrain", "edm_import", "report")
 
 
 def _stop_now(signum, frame) -> None:
@@ -79,3 +79,8 @@ def pretrain() -> None:
 def edm_import() -> None:
     """``emd-edm-import``: ``python -m emd_fast.edm_import``."""
     _console("edm_import")
+
+
+def report() -> None:
+    """``emd-report``: ``python -m emd_fast.report``."""
+    _console("report")

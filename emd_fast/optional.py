@@ -9,7 +9,8 @@ import re
 from types import ModuleType
 
 # the extra of setup.py that installs each optional package
-EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "triton": "triton", "peft": "lora"}
+EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "triton": "triton", "peft": "lora",
+          "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class MissingDependency(ValueError):

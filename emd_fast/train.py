@@ -18,6 +18,7 @@ from .schedules import SCHEDULES, WEIGHTINGS
 from .teachers.diffusers_folder import DEFAULT_GUIDANCE, FLUX_GUIDANCE
 from .training.config import DIST_TIMEOUT_S, PRESET_DEFAULTS, PRESETS
 from .training.distiller import FINITE_CHECKS, PRECISIONS
+from .training.loggers import LOGGERS
 from .training.loop import LOG_EVERY, WARM_ITERS, train
 
 
@@ -161,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", action="store_true",
                    help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
                         "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
+    lg = p.add_argument_group("monitoring (docs/monitoring.md)")
+    lg.add_argument("--log", nargs="+", choices=LOGGERS, default=None,
+                    help="also log the curves, sample grids and config to TensorBoard (<out>/tensorboard) and/or "
+                         "Weights & Biases (<out>/wandb; WANDB_MODE=offline works without a network); "
+                         "metrics.jsonl is always written. Needs the extra: pip install 'emd_fast[tensorboard]'")
     x = p.add_argument_group("files run as code (only for files you trust)")
     x.add_argument("--inception-torchscript", action="store_true", help=INCEPTION_TORCHSCRIPT_HELP)
     return add_debug_flag(p)

@@ -3,8 +3,12 @@
 The variable must be set before triton is first imported, so it is set here, at collection time.
 """
 import os
+import tempfile
 
 import torch
+
+# the teacher's reference samples are cached on disk (emd_fast.evaluation.reference): the tests use a fresh folder
+os.environ.setdefault("EMD_FAST_CACHE", tempfile.mkdtemp(prefix="emd_fast_cache_"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

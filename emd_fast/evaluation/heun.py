@@ -10,8 +10,9 @@ import torch
 
 @torch.no_grad()
 def heun_sample(denoise, schedule, noise: torch.Tensor, y=None, num_steps: int = 18, rho: float = 7.0,
-                s_min: float | None = None, s_max: float | None = None) -> torch.Tensor:
-    """Deterministic Heun sampling from noise (N, ...) ~ N(0, I) with ``denoise(x_t, t, y)``; returns (N, ...)."""
+                s_min: float | None = None, s_max: float | None = None, on_step=None) -> torch.Tensor:
+    """Deterministic Heun sampling from noise (N, ...) ~ N(0, I) with ``denoise(x_t, t, y)``; returns (N, ...).
+    ``on_step()``, if given, is called after each of the ``num_steps`` steps (a progress bar)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     lo_lam, hi_lam = schedule.lambda_range
@@ -34,4 +35,6 @@ def heun_sample(denoise, schedule, noise: torch.Tensor, y=None, num_steps: int =
         if s_next > 0:
             x_next = x + (s_next - s_cur) * 0.5 * (d_cur + (x_next - d_e(x_next, s_next)) / s_next)
         x = x_next
+        if on_step is not None:
+            on_step()
     return x.to(noise.dtype)

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..evaluation.heun import heun_sample
 from ..evaluation.image_metrics import (
     DigitsClassifier,
     InceptionFeatures,
@@ -33,6 +32,7 @@ from ..evaluation.image_metrics import (
     precision_recall,
 )
 from ..evaluation.images import class_rows, figure, save_figure, show
+from ..evaluation.reference import reference_samples
 from ..files import read_safetensors, save_safetensors_atomic
 from ..schedules import Schedule, make_schedule
 from ..seeds import Stream, seed_for
@@ -133,11 +133,10 @@ class DigitsProblem:
         return x, y, self.classifier.features(x).double()
 
     def teacher_samples(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n Heun samples of the teacher with balanced labels from noise seeded by ``seed``: (n, 1, 8, 8), (n,)."""
-        device = next(self.teacher.net.parameters()).device
-        noise = torch.randn((n, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed)).to(device)
-        y = torch.arange(n, device=device) % NUM_CLASSES
-        return heun_sample(self.teacher.denoise, self.teacher.schedule, noise, y, HEUN_STEPS).cpu(), y.cpu()
+        """n Heun samples of the teacher with balanced labels from noise seeded by ``seed``: (n, 1, 8, 8), (n,).
+        Drawn in one batch with a progress bar, cached (``evaluation.reference``)."""
+        y = torch.arange(n) % NUM_CLASSES
+        return reference_samples(self.teacher, n, seed, y, HEUN_STEPS, n, self.cfg.get("quiet", False)), y
 
     @functools.cached_property
     def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

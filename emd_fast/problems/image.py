@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..evaluation.heun import heun_sample
 from ..evaluation.images import class_rows, figure, save_figure, show
+from ..evaluation.reference import reference_samples
 from ..files import sha256_file
 from ..schedules import make_schedule
 from ..seeds import Stream, seed_for
@@ -82,18 +82,14 @@ class ImageProblem:
     @functools.cached_property
     def reference(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's Heun samples (n, C, H, W) on the CPU and their labels (n,) or None, n <= REFERENCE_SAMPLES:
-        labels cycle through the run's classes."""
+        labels cycle through the run's classes. Drawn with a progress bar, cached (``evaluation.reference``)."""
         n = min(self.cfg["eval_samples"], REFERENCE_SAMPLES)
-        device = next(self.teacher.net.parameters()).device
-        rng = torch.Generator().manual_seed(seed_for(self.cfg["seed"], Stream.REFERENCE))
-        noise = torch.randn((n, *self.teacher.data_shape), generator=rng)
         y = None
         if self.num_classes:
             classes = torch.as_tensor(self.cfg.get("labels") or range(self.num_classes))
-            y = classes[torch.arange(n) % len(classes)].to(device)
-        x = torch.cat([heun_sample(self.teacher.denoise, self.teacher.schedule, noise[i:i + 64].to(device),
-                                   None if y is None else y[i:i + 64], HEUN_STEPS).cpu() for i in range(0, n, 64)])
-        return x, None if y is None else y.cpu()
+            y = classes[torch.arange(n) % len(classes)]
+        seed = seed_for(self.cfg["seed"], Stream.REFERENCE)
+        return reference_samples(self.teacher, n, seed, y, HEUN_STEPS, 64, self.cfg.get("quiet", False)), y
 
     @property
     def reference_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -15,6 +15,7 @@ from ..files import describe, read_json
 from ..problems import check_foreign_options, problem_class
 from ..teachers.diffusers_folder import check_guidance
 from ..teachers.mixture import PRESETS as MIXTURES
+from .loggers import check_loggers
 
 MIXTURE_PRESETS = tuple(MIXTURES)
 # Hyperparameter presets for a teacher file (--teacher): see docs/presets.md for every value's source.
@@ -44,7 +45,7 @@ PRESET_DEFAULTS = {
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep",
                 "quiet", "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
-                "inception_torchscript"}
+                "inception_torchscript", "log"}
 
 
 MAX_K = 1000  # --K: Langevin steps per iteration
@@ -150,6 +151,7 @@ def validate(cfg: dict) -> None:
     problem = problem_class(cfg)
     check_foreign_options(cfg, problem)
     problem.check_options(cfg)
+    check_loggers(cfg.get("log"))
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 weights the statistics were made with)")
     image_run = bool(cfg.get("teacher")) or cfg["preset"] == "digits"

@@ -14,16 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..errors import CheckpointError, RunError, Stopped
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
 from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
+from ..progress import Progress
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
 from .lifecycle import StopSignals, check_batch_memory, first_step
+from .loggers import Loggers
 from .rundir import (
     METRICS_BYTES,
     MetricsLog,
@@ -88,7 +89,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         restore(run, *resumed, latest, saved_cfg)
     else:
         record_start(run, saved_cfg)
-    clock = Clock(cfg, device, distiller.step_count, setup_s=time.perf_counter() - t0)
+    clock = Clock(cfg, device, distiller.step_count, started=t0, before=resumed and resumed[1].get("clock"))
     upkeep = Maintenance(run, saved_cfg, clock)
 
     # --- iterate ---------------------------------------------------------------------------------------------------
@@ -103,11 +104,10 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
             upkeep.stop(stopped)
     clock.stop()
 
-    # --- summary: the last checkpoint, the final evaluation, summary.json -------------------------------------------
-    final, samples, y = upkeep.finish()
+    # --- summary: the last checkpoint, the final evaluation and plot, summary.json ---------------------------------
+    final = upkeep.finish()
     if not ranks.main:
         return None
-    upkeep.plot("final.png", final, samples, y)
     floor = run.problem.floor()
     summary = {
         "out": str(cfg["out"]), "preset": cfg["preset"], "problem": type(run.problem).__name__,
@@ -115,6 +115,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
         "execution": {**dataclasses.asdict(distiller.execution), "compile": cfg["compile"],
                       "cuda_graph": cfg["cuda_graph"]},
         **clock.summary(distiller.step_count, cfg["batch"]),
+        "cost": clock.cost(distiller.step_count, cfg["batch"], ranks.world),
         "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                                 if device.type == "cuda" else None),
         "final": final, "exact_sample_floor": floor, "summary_lines": run.problem.summary_lines(final, floor),
@@ -173,7 +174,8 @@ def record_start(run: Run, saved_cfg: dict) -> None:
         out = run.cfg["out"]
         write_json_atomic(out / "config.json", {**saved_cfg, "t_star": run.t_star, **run.init_info,
                                                 "teacher_info": run.teacher.to_config(), "torch": torch.__version__})
-        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}}
+        rec = {"step": 0, **{k: v for k, v in init_metrics.items() if k != "mode_weights"}, "time_s": 0.0,
+               "wall_s": 0.0}
         write_text_atomic(out / "metrics.jsonl", json.dumps(rec) + "\n")
 
 
@@ -193,9 +195,12 @@ class Maintenance:
 
             self.fid = FID(self.cfg["inception"], self.cfg["fid_ref"], self.distiller.device,
                            torchscript=self.cfg.get("inception_torchscript", False))
-        self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller)
-        self.bar = tqdm(total=self.cfg["steps"], initial=self.distiller.step_count, desc="EMD", unit="it",
-                        disable=self.cfg["quiet"] or not self.ranks.main, dynamic_ncols=True)
+        with clock.maintenance():  # --log: TensorBoard, W&B (rank 0)
+            self.loggers = Loggers(self.cfg.get("log") if self.ranks.main else (), self.out, saved_cfg, self.distiller)
+        self.log = MetricsLog(self.out / "metrics.jsonl" if self.ranks.main else None, self.distiller,
+                              also=self.loggers.records)
+        self.bar = Progress(self.cfg["steps"], "EMD", initial=self.distiller.step_count, quiet=self.cfg["quiet"],
+                            enabled=self.ranks.main)
         self.last: dict = {}
 
     def after_step(self, n: int, losses: dict[str, torch.Tensor]) -> None:
@@ -204,7 +209,7 @@ class Maintenance:
         cfg = self.cfg
         evaluate = cfg["eval_every"] and (n % cfg["eval_every"] == 0 or n == cfg["steps"])
         fid_due = cfg.get("fid_ref") and cfg["fid_every"] and n % cfg["fid_every"] == 0 and n < cfg["steps"]
-        self.log.add(n, losses)
+        self.log.add(n, losses, self.clock.stamp())
         if evaluate or fid_due or self.checkpoint_due() or n % LOG_EVERY == 0 or n == cfg["steps"]:
             self.log.sync()  # one host sync; raises here, before any checkpoint, if a deferred check failed
             with self.clock.maintenance():
@@ -219,8 +224,7 @@ class Maintenance:
                     self.plot(f"step_{n:07d}.png", metrics, samples, y)
                 if self.checkpoint_due():
                     self.checkpoint()
-            self.bar.set_postfix(**self.log.postfix(), **(self.run.problem.progress(self.last) if self.last else {}),
-                                 refresh=False)
+            self.bar.figures(**self.log.postfix(), **(self.run.problem.progress(self.last) if self.last else {}))
         self.bar.update(1)
 
     def checkpoint_due(self) -> bool:
@@ -232,7 +236,8 @@ class Maintenance:
         random_states = ranks.gather_random_state(distiller.random_state())
         tensors = distiller.state_tensors() if ranks.main or distiller.sharded else None  # sharded: all ranks gather
         if ranks.main:
-            state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world}
+            state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world,
+                     "clock": self.clock.totals()}
             save_checkpoint(self.out / "checkpoints", distiller.step_count, tensors | random_states, state,
                             keep=self.cfg["keep"])
 
@@ -255,11 +260,13 @@ class Maintenance:
         source = cfg.get("teacher") or cfg.get("mixture") or cfg["preset"]
         title = (f"EMD-{cfg['K']} ({cfg['variant']}, cancel={cfg['cancel_noise']}) on {Path(str(source)).name}, "
                  f"step {self.distiller.step_count}")
-        self.run.problem.plot(run_subdir(self.out / "samples") / name, samples, y, metrics, history, title)
+        path = run_subdir(self.out / "samples") / name
+        self.run.problem.plot(path, samples, y, metrics, history, title)
+        self.loggers.images(self.distiller.step_count, path, samples, y, self.run.problem)
 
     def stop(self, signum: int) -> None:
         """A stop signal at an iteration boundary: write the checkpoint a resume needs, raise Stopped."""
-        self.bar.close()
+        self.bar.close(done=False)
         self.log.sync()
         if not self.checkpoint_due():
             self.checkpoint()
@@ -267,14 +274,21 @@ class Maintenance:
                    f"written; continue with --resume --out {self.out}")
         raise Stopped(signum, message if self.ranks.main else "")
 
-    def finish(self) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+    def finish(self) -> dict | None:
         """After the last iteration: its checkpoint (unless just written), the final evaluation and FID (every rank
-        takes part; rank 0 gets them)."""
-        if not self.checkpoint_due():
-            self.checkpoint()
-        final, samples, y = self.run.evaluate()
-        fid = self.fid_metrics() if self.cfg.get("fid_ref") else {}
-        return (final | fid if final is not None else None), samples, y
+        takes part; rank 0 gets them), the final plot; the loggers are closed."""
+        try:
+            if not self.checkpoint_due():
+                self.checkpoint()
+            final, samples, y = self.run.evaluate()
+            fid = self.fid_metrics() if self.cfg.get("fid_ref") else {}
+            final = final | fid if final is not None else None
+            if self.ranks.main:
+                self.plot("final.png", final, samples, y)
+                self.loggers.final(self.distiller.step_count, final)
+            return final
+        finally:
+            self.loggers.close()
 
     def __enter__(self) -> "Maintenance":
         return self
@@ -282,7 +296,7 @@ class Maintenance:
     def __exit__(self, kind, error, traceback) -> None:
         try:
             if kind is KeyboardInterrupt:  # raised outside the signal handlers' reach (e.g. not in the main thread)
-                self.bar.close()
+                self.bar.close(done=False)
                 self.log.sync()
                 if not self.ranks.distributed:  # other ranks are not at a boundary: no consistent checkpoint then
                     self.checkpoint()
@@ -292,20 +306,31 @@ class Maintenance:
                 self.log.sync(check=False)  # keep the losses logged before the failure
         finally:
             self.log.close()
-            self.bar.close()  # before the error message, if any
+            if kind is not None:  # else finish() closes them, after the final plot
+                self.loggers.close()
+            self.bar.close(done=kind is None)  # before the error message, if any
 
 
 class Clock:
     """Throughput of the iterations with the maintenance between them left out: over the whole loop and after the
     first WARM_ITERS iterations (compilation, graph capture), and phase times of every --phase-every-th iteration
-    (the device synchronised at each phase boundary; none under a CUDA graph: one launch)."""
+    (the device synchronised at each phase boundary; none under a CUDA graph: one launch).
 
-    def __init__(self, cfg: dict, device: torch.device, start_step: int, setup_s: float):
-        self.device, self.start_step, self.setup_s = device, start_step, setup_s
+    It also keeps the run's cost over all its sessions (``before``: the totals a resumed run's checkpoint recorded):
+    wall seconds split into set-up (building the run, the first evaluation), training (the iterations) and
+    evaluation (everything else: evaluations, FID, plots, checkpoints, the final evaluation). Work redone after an
+    interruption (the steps after the last checkpoint) is not counted twice: each session adds what it kept."""
+
+    def __init__(self, cfg: dict, device: torch.device, start_step: int, started: float, before: dict | None = None):
+        self.device, self.start_step, self.started = device, start_step, started
+        self.t0 = self.warm_t0 = time.perf_counter()
+        self.setup_s = self.t0 - started
+        self.before = {k: float((before or {}).get(k, 0.0)) for k in ("setup_s", "train_s", "wall_s")}
+        self.sessions = int((before or {}).get("sessions", 0)) + 1
         self.phase_every, self.graphed = cfg["phase_every"], cfg["cuda_graph"]
         self.timer, self.timed_iters = PhaseTimer(device), 0
         self.other_s = self.warm_other_s = 0.0
-        self.t0 = self.warm_t0 = time.perf_counter()
+        self.end = None
 
     def first(self, step_count: int) -> bool:
         return step_count == self.start_step
@@ -332,7 +357,38 @@ class Clock:
     def stop(self) -> None:
         self.end = time.perf_counter()
 
+    def stamp(self) -> dict[str, float]:
+        """{"time_s": training seconds, "wall_s": wall seconds} of the run so far (all sessions), for a metrics
+        line. On a GPU the host runs ahead of the device by the queued work until the next log write syncs it."""
+        totals = self.totals()
+        return {"time_s": round(totals["train_s"], 3), "wall_s": round(totals["wall_s"], 3)}
+
+    def totals(self) -> dict:
+        """The run's seconds so far over all its sessions (what a checkpoint records): set-up, training, wall."""
+        now = time.perf_counter()
+        train = (self.end or now) - self.t0 - self.other_s
+        return {"setup_s": self.before["setup_s"] + self.setup_s, "train_s": self.before["train_s"] + train,
+                "wall_s": self.before["wall_s"] + now - self.started, "sessions": self.sessions}
+
+    def cost(self, step_count: int, batch: int, processes: int) -> dict:
+        """What the run cost, over all its sessions, as papers quote it: device-hours (processes x wall time) split
+        into set-up, training and evaluation, samples seen (global batch x steps), iterations/s by phase."""
+        t = self.totals()
+        evaluation = t["wall_s"] - t["setup_s"] - t["train_s"]
+        hours = {"setup": t["setup_s"], "training": t["train_s"], "evaluation": evaluation}
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "device": name, "processes": processes, "sessions": t["sessions"],
+            "device_hours": round(processes * t["wall_s"] / 3600, 4),
+            "device_hours_by_phase": {k: round(processes * v / 3600, 4) for k, v in hours.items()},
+            "wall_s": round(t["wall_s"], 2), "setup_s": round(t["setup_s"], 2), "train_s": round(t["train_s"], 2),
+            "evaluation_s": round(evaluation, 2), "samples_seen": step_count * batch,
+            "iters_per_s": {"training": round(step_count / t["train_s"], 3) if t["train_s"] else None,
+                            "overall": round(step_count / t["wall_s"], 3) if t["wall_s"] else None},
+        }
+
     def summary(self, step_count: int, batch: int) -> dict:
+        """This session's throughput and phase times."""
         steps = step_count - self.start_step
         train_s = self.end - self.t0 - self.other_s
         steady_s = self.end - self.warm_t0 - (self.other_s - self.warm_other_s)

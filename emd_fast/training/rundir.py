@@ -117,24 +117,27 @@ def remove_new_run(out: Path) -> None:
 class MetricsLog:
     """metrics.jsonl, one line per iteration. The values stay on the device until ``sync`` reads all pending ones
     with one host sync (checking the deferred finite flag first); ``write`` appends them, evaluation metrics joined
-    to the last one. path None (ranks other than 0): the values are checked, nothing is written."""
+    to the last one, and hands the lines to ``also`` (the loggers). path None (ranks other than 0): the values are
+    checked, nothing is written."""
 
-    def __init__(self, path: Path | None, distiller: Distiller):
-        self.path, self.file, self.distiller = path, open_append(path) if path else None, distiller
-        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+    def __init__(self, path: Path | None, distiller: Distiller, also=None):
+        self.path, self.file, self.distiller, self.also = path, open_append(path) if path else None, distiller, also
+        self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, float]]] = []
         self.ready: list[dict] = []
         self.last: dict = {}
 
-    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        self.pending.append((step, losses))
+    def add(self, step: int, losses: dict[str, torch.Tensor], times: dict[str, float] | None = None) -> None:
+        """Iteration ``step``'s values (device tensors) and ``times`` (host floats: when it ended)."""
+        self.pending.append((step, losses, times or {}))
 
     def sync(self, check: bool = True) -> None:
         """Read the pending values (one host sync); with ``check``, raise if the deferred finite flag is set or
         (deferred checks: the Distiller checked the sync path itself) a value shows divergence."""
         records = []
         if self.pending:
-            values = torch.stack([torch.stack(list(v.values())) for _, v in self.pending]).tolist()
-            records = [{"step": step, **dict(zip(losses, row))} for (step, losses), row in zip(self.pending, values)]
+            values = torch.stack([torch.stack(list(v.values())) for _, v, _ in self.pending]).tolist()
+            records = [{"step": step, **dict(zip(losses, row)), **times}
+                       for (step, losses, times), row in zip(self.pending, values)]
             self.pending.clear()
             self.ready += records
         if check and self.distiller.deferred:  # sync checks: the Distiller checked each iteration itself
@@ -149,6 +152,8 @@ class MetricsLog:
                 self.file.flush()
             except OSError as e:
                 raise OSError(f"cannot write {self.path}: {e.strerror or e}") from None
+            if self.also:
+                self.also(self.ready)
         self.last = self.ready[-1] if self.ready else self.last
         self.ready.clear()
 
