@@ -75,7 +75,7 @@ def test_auto_map_tokenizer_runs_nothing_even_when_stdin_says_yes(tmp_path, monk
         config.write_text(json.dumps(cfg))
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("y\n" * 10))
     emb = encode_prompts(inspect_folder(folder), ["a cat"])
-    assert emb.shape == (1, 8, 16) and not marker.exists()
+    assert emb.embeds.shape == (1, 8, 16) and not marker.exists()
     config = folder / "tokenizer" / "tokenizer_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"tokenizer_class": "Evil"}))
     with pytest.raises(ValueError, match="tokenizer_class 'Evil' is not supported") as e:
@@ -365,10 +365,12 @@ def test_prompt_files_and_their_embeddings_are_checked_against_the_machine(tmp_p
         f.truncate(100 << 20)
     with pytest.raises(FileRefused, match="more than the 4 MiB"):
         df.read_prompts(big)
-    folder = df.TeacherFolder(tmp_path, tmp_path, tmp_path, "UNet2DConditionModel", {}, text_encoder=tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 77, "hidden_size": 768}))
+    clip = df.folder.TextEncoder("text_encoder", tmp_path, tmp_path, "CLIPTextModel",
+                                 {"max_position_embeddings": 77, "hidden_size": 768})
+    folder = df.TeacherFolder(tmp_path, "sd", tmp_path, "UNet2DConditionModel", {}, tmp_path, {},
+                              text_encoders=(clip,))
     pages = {"SC_PHYS_PAGES": (64 << 30) // 4096, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(df.os, "sysconf", pages.__getitem__)
+    monkeypatch.setattr(df.prompts.os, "sysconf", pages.__getitem__)
     with pytest.raises(ValueError, match=r"100000 prompts make 22\.0 GiB of text embeddings .* a quarter of this"):
-        df.check_prompt_budget(folder, 100_000, tmp_path)
-    df.check_prompt_budget(folder, 1000, tmp_path)
+        df.check_prompt_budget(folder, 100_000, None, tmp_path)
+    df.check_prompt_budget(folder, 1000, None, tmp_path)

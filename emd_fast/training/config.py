@@ -136,7 +136,8 @@ def validate(cfg: dict) -> None:
     for key in ("gamma_eps", "gamma_z", "lambda_star"):  # finite even where the variant leaves one unused
         if not math.isfinite(cfg[key]):
             raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {cfg[key]}")
-    check_guidance(cfg.get("guidance_scale", 1.0))
+    if cfg.get("guidance_scale") is not None:  # None: the teacher family's default
+        check_guidance(cfg["guidance_scale"])
     for key in ("ema", "ema_rampup"):
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
