@@ -25,9 +25,11 @@ setup(
         "triton": ["triton>=3.0"],
         # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the CLIP text encoder
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40"],
+        # --lora: LoRA adapters from peft (diffusers' own LoRA format is peft's); tested with peft 0.21.2
+        "lora": ["peft>=0.21"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "diffusers>=0.30", "transformers>=4.40", "peft>=0.21"],
     },
     # every command also as a console script: emd-train == python -m emd_fast.train, ...
     entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.{name}:console"
-                                      for name in ("train", "sample", "fid", "pretrain", "edm_import")]},
+                                      for name in ("train", "sample", "fid", "pretrain", "edm_import", "export")]},
 )

@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", action="store_true",
                    help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
                         "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
+    lo = p.add_argument_group("LoRA (docs/lora.md)")
+    lo.add_argument("--lora", type=int, default=None, metavar="RANK",
+                    help="train LoRA adapters of this rank instead of full copies: generator and student are the "
+                         "teacher's frozen network (stored once; bf16 for a diffusers teacher under --precision bf16) "
+                         "plus their own adapters (peft: pip install 'emd_fast[lora]'); only the adapters have "
+                         "gradients, Adam moments, an EMA and checkpoints")
+    lo.add_argument("--lora-alpha", type=float, default=None,
+                    help="the adapters' scale is alpha / rank (default: alpha = rank, scale 1)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="dropout on the adapters' input in training (0: none)")
+    lo.add_argument("--lora-targets", default=None, metavar="NAMES",
+                    help="comma-separated names or patterns (* ? [..]) of the nn.Linear / nn.Conv2d layers to adapt, "
+                         "each matching a module's full name or its ending after a '.' (e.g. to_q,to_k,to_v,to_out.0); "
+                         "default: the architecture's list (docs/lora.md)")
     return add_debug_flag(p)
 
 

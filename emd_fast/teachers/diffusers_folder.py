@@ -103,6 +103,11 @@ class DiscreteSchedule(Schedule):
         frac = (table[lo] - lam64) / (table[lo] - table[lo + 1])
         return (lo + frac).clamp(self.t_min, self.t_max).to(lam.dtype)
 
+    def generator_t(self, lam: float) -> float:
+        """The training timestep nearest to log-SNR ``lam``: the UNet is trained at integer timesteps, and a stock
+        diffusers scheduler calls it at exactly this one in an exported one-step pipeline (docs/export.md)."""
+        return float(round(self.t_at_lambda(lam)))
+
     def config(self):
         return {**super().config(), "num_train_timesteps": self.num_timesteps}
 
@@ -484,15 +489,21 @@ def load_unet(folder: TeacherFolder) -> nn.Module:
     return _load_model(getattr(_diffusers(), folder.unet_class), folder.unet, folder.unet_class)
 
 
-def load_schedule(folder: TeacherFolder) -> DiscreteSchedule:
-    """The scheduler config's alphas_cumprod (computed by diffusers' DDPMScheduler) as a DiscreteSchedule."""
+def noise_scheduler(folder: TeacherFolder):
+    """diffusers' DDPMScheduler with the noise levels of the folder's scheduler config (its betas, alphas_cumprod)."""
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
             "rescale_betas_zero_snr")
     options = {k: v for k, v in folder.scheduler_config.items() if k in keep}
     try:
-        alphas_cumprod = _diffusers().DDPMScheduler(**options).alphas_cumprod
+        return _diffusers().DDPMScheduler(**options)
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
-        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: {_reason(e)}") from None
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: "
+                         f"{_reason(e)}") from None
+
+
+def load_schedule(folder: TeacherFolder) -> DiscreteSchedule:
+    """The scheduler config's alphas_cumprod (computed by diffusers' DDPMScheduler) as a DiscreteSchedule."""
+    alphas_cumprod = noise_scheduler(folder).alphas_cumprod
     try:
         return DiscreteSchedule(alphas_cumprod)
     except ValueError as e:
@@ -503,10 +514,8 @@ def load_vae(folder: TeacherFolder) -> nn.Module:
     return _load_model(_diffusers().AutoencoderKL, folder.vae, "the VAE").requires_grad_(False)
 
 
-@torch.no_grad()
-def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> torch.Tensor:
-    """The text encoder's last hidden states (P, L, E) fp32 of ``prompts`` (padded to the tokenizer's max length,
-    as Stable Diffusion pipelines do), from the pipeline's text_encoder/ and tokenizer/ (CLIP)."""
+def load_text_encoder(folder: TeacherFolder) -> tuple[object, nn.Module]:
+    """(tokenizer, CLIP text encoder in fp32, eval mode) of the pipeline's tokenizer/ and text_encoder/."""
     if not all(part is not None and part.is_dir() for part in (folder.text_encoder, folder.tokenizer)):
         raise ValueError(f"{folder.path}: no text_encoder/ or tokenizer/ in the pipeline folder: prompts cannot be "
                          f"encoded")
@@ -517,7 +526,14 @@ def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> t
         tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer, local_files_only=True)
     except LOAD_ERRORS as e:
         raise ValueError(f"{folder.tokenizer}: cannot load the tokenizer: {_reason(e)}") from None
-    encoder = _load_model(CLIPTextModel, folder.text_encoder, "the text encoder", ("model", "pytorch_model"))
+    return tokenizer, _load_model(CLIPTextModel, folder.text_encoder, "the text encoder", ("model", "pytorch_model"))
+
+
+@torch.no_grad()
+def encode_prompts(folder: TeacherFolder, prompts: list[str], device="cpu") -> torch.Tensor:
+    """The text encoder's last hidden states (P, L, E) fp32 of ``prompts`` (padded to the tokenizer's max length,
+    as Stable Diffusion pipelines do), from the pipeline's text_encoder/ and tokenizer/ (CLIP)."""
+    tokenizer, encoder = load_text_encoder(folder)
     encoder = encoder.to(device)
     # a tokenizer_config.json without model_max_length gives a huge one: the encoder's positions bound it
     length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)

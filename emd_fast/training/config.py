@@ -11,6 +11,7 @@ import torch
 from ..errors import CheckpointError, RunError
 from ..execution.backends import triton_available
 from ..execution.distributed import Ranks
+from ..nets.lora import check_lora_options
 from ..problems import problem_class
 from ..teachers.mixture import PRESETS as MIXTURES
 
@@ -43,7 +44,8 @@ PRESET_DEFAULTS = {
 PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)"}
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
+                "t_star"}
 
 
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
@@ -133,6 +135,7 @@ def validate(cfg: dict) -> None:
         if cfg.get(key) and key not in problem.options:
             raise RunError(f"--{key.replace('_', '-')} applies to {applies}")
     problem.check_options(cfg)
+    check_lora_options(cfg)
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 TorchScript file the statistics were made with)")
     out = Path(cfg["out"])
@@ -190,7 +193,7 @@ def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
         raise CheckpointError(f"--resume: the checkpoint in {out} is from another config ({pairs})")
     merged = {k: saved.get(k, v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
     merged.update({k: cfg[k] for k in RUNTIME_KEYS if k in cfg})
-    return merged
+    return merged | ({"t_star": saved["t_star"]} if "t_star" in saved else {})  # the run keeps its generator's t*
 
 
 def file_hashes(cfg: dict) -> dict:
