@@ -59,9 +59,9 @@ class Run:
                                    data_parallel=data_parallel(device) if ranks.distributed and not shard else None,
                                    shard=fully_sharded(device, ranks.world) if shard else None)
         if lora:
-            distiller = self.distiller
-            z, y = distiller.sample_inputs(1, torch.Generator(device).manual_seed(0))
-            check_adapters_run(distiller.generator, lambda: distiller.emd._net(None, distiller.generator, z, y))
+            d = self.distiller
+            z, y = d.sample_inputs(1, torch.Generator(device).manual_seed(0))
+            check_adapters_run(d.generator.denoiser, lambda: d.emd._net(None, d.generator, z, y))
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """n samples of the (EMA) generator from (z, y) drawn from ``rng``, the same whatever the number of
