@@ -26,14 +26,17 @@ setup(
         "triton": ["triton>=3.6"],
         # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the text encoders
         "diffusers": ["diffusers>=0.33", "transformers>=4.40"],
+        # --lora: LoRA adapters from peft (diffusers' own LoRA format is peft's); tested with peft 0.21.2
+        "lora": ["peft>=0.21"],
         # --log tensorboard / --log wandb: the run's curves, images and config where people look at them
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.19"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.40",
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.40", "peft>=0.21",
                  "tensorboard>=2.10", "wandb>=0.19"],
     },
     # every command also as a console script: emd-train == python -m emd_fast.train, ... (through emd_fast.entry:
     # stop signals handled before the command imports torch)
     entry_points={"console_scripts": [f"emd-{name.replace('_', '-')}=emd_fast.entry:{name}"
-                                      for name in ("train", "sample", "fid", "pretrain", "edm_import", "report")]},
+                                      for name in ("train", "sample", "fid", "pretrain", "edm_import", "report",
+                                                   "export")]},
 )

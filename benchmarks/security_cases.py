@@ -1,4 +1,4 @@
-"""The cases of issue 26 (files a user points emd_fast at, run as a hostile user and a cluster would) as real
+"""The security cases (files a user points emd_fast at, run as a hostile user and a cluster would) as real
 processes: each case, what is expected, what was observed (exit code, first line of stderr, seconds, the process's
 peak resident memory), and for files that must survive, whether they did. Writes the markdown table of
 docs/security.md.
@@ -108,7 +108,7 @@ def race(tmp: Path, wait_for: str, steps: str):
 
 
 def pickles(tmp: Path) -> dict[str, Path]:
-    """The crafted EDM pickles of issue 26 (S4, F10), written with tests/test_hostile_files.py's builders."""
+    """The crafted EDM pickles (S4, F10), written with tests/test_hostile_files.py's builders."""
     sys.path.insert(0, str(TESTS))
     edm_stand_ins()
     import test_hostile_files as h

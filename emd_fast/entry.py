@@ -16,7 +16,7 @@ import sys
 
 from .errors import STOP_SIGNALS
 
-COMMANDS = ("train", "sample", "fid", "pretrain", "edm_import", "report")
+COMMANDS = ("train", "sample", "fid", "pretrain", "edm_import", "report", "export")
 
 
 def _stop_now(signum, frame) -> None:
@@ -84,3 +84,8 @@ def edm_import() -> None:
 def report() -> None:
     """``emd-report``: ``python -m emd_fast.report``."""
     _console("report")
+
+
+def export() -> None:
+    """``emd-export``: ``python -m emd_fast.export``."""
+    _console("export")

@@ -49,6 +49,10 @@ class Schedule:
             raise ValueError(f"lambda*={lam} is outside the {self.name} schedule's log-SNR range [{lo:.3f}, {hi:.3f}]")
         return float(self.t_from_lambda(torch.tensor(lam, dtype=torch.float64)))
 
+    def generator_t(self, lam: float) -> float:
+        """The noise level t* of the one-step generator for log-SNR lambda* = ``lam``: ``t_at_lambda``."""
+        return self.t_at_lambda(lam)
+
     def sample_t(self, n: int, generator: torch.Generator, device, t_min: float | None = None,
                  t_max: float | None = None) -> torch.Tensor:
         """n noise levels, uniform in t on [t_min, t_max] (defaults: the schedule's range), fp32 (n,)."""

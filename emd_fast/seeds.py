@@ -16,6 +16,8 @@ class Stream(IntEnum):
     REFERENCE = 5  # the teacher's own many-step samples shown beside the generator's
     TEACHER_METRICS = 6  # the teacher samples whose metrics are the floor of a network teacher
     FID = 7  # the samples whose FID a run reports (``emd_fast.fid calc`` too, by default)
+    LORA_GENERATOR = 8  # the A factors of the generator's LoRA adapters (--lora)
+    LORA_STUDENT = 9  # the A factors of the student's
 
 
 def seed_for(seed: int, stream: Stream) -> int:

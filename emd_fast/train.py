@@ -167,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also log the curves, sample grids and config to TensorBoard (<out>/tensorboard) and/or "
                          "Weights & Biases (<out>/wandb; WANDB_MODE=offline works without a network); "
                          "metrics.jsonl is always written. Needs the extra: pip install 'emd_fast[tensorboard]'")
+    lo = p.add_argument_group("LoRA (docs/lora.md)")
+    lo.add_argument("--lora", type=int, default=None, metavar="RANK",
+                    help="train LoRA adapters of this rank instead of full copies: generator and student are the "
+                         "teacher's frozen network (stored once; bf16 for a diffusers teacher under --precision bf16) "
+                         "plus their own adapters (peft: pip install 'emd_fast[lora]'); only the adapters have "
+                         "gradients, Adam moments, an EMA and checkpoints")
+    lo.add_argument("--lora-alpha", type=float, default=None,
+                    help="the adapters' scale is alpha / rank (default: alpha = rank, scale 1)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="dropout on the adapters' input in training (0: none)")
+    lo.add_argument("--lora-targets", default=None, metavar="NAMES",
+                    help="comma-separated names or patterns (* ? [..]) of the nn.Linear / nn.Conv2d layers to adapt, "
+                         "each matching a module's full name or its ending after a '.' (e.g. to_q,to_k,to_v,to_out.0); "
+                         "default: the architecture's list (docs/lora.md)")
     x = p.add_argument_group("files run as code (only for files you trust)")
     x.add_argument("--inception-torchscript", action="store_true", help=INCEPTION_TORCHSCRIPT_HELP)
     return add_debug_flag(p)

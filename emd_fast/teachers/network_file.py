@@ -20,10 +20,12 @@ FORMAT = "emd_fast.unet"
 READERS = {".pkl": load_edm_pickle, ".pickle": load_edm_pickle}
 
 
-def save_network(net: ImageDenoiser, path: str | Path, name: str = "custom") -> None:
-    """Write net's weights (fp32) to safetensors with its arch, schedule and a config name as metadata (atomically)."""
+def save_network(net: ImageDenoiser, path: str | Path, name: str = "custom",
+                 extra: dict[str, str] | None = None) -> None:
+    """Write net's weights (fp32) to safetensors with its arch, schedule and a config name as metadata (atomically);
+    ``extra``: more metadata (e.g. an exported generator's noise level)."""
     meta = {"format": FORMAT, "config": name, "arch": json.dumps(net.arch),
-            "schedule": json.dumps(net.schedule.config())}
+            "schedule": json.dumps(net.schedule.config()), **(extra or {})}
     save_safetensors_atomic({k: v.detach().float() for k, v in net.state_dict().items()}, Path(path), meta)
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..emd import EMDConfig
 from ..errors import CheckpointError, FileRefused
 from ..execution.distributed import Ranks, data_parallel, fully_sharded, rank_seed
 from ..files import read_json
+from ..nets.lora import LoraSettings, check_adapters_run, lora_networks
 from ..problems import init_networks, make_problem
 from ..seeds import Stream, seed_for
-from .checkpoint import checkpoint_record, list_checkpoints, load_checkpoint, load_state_dict_strict
+from .checkpoint import checkpoint_record, list_checkpoints, load_checkpoint
 from .config import RUN_CONFIG_BYTES, parse_device
 from .distiller import Distiller, Execution, checkpoint_bytes
 
@@ -31,14 +33,25 @@ class Run:
                             variant=cfg["variant"], cancel_noise=cfg["cancel_noise"],
                             gen_weighting=cfg["gen_weighting"], student_weighting=cfg["student_weighting"],
                             t_min=cfg["t_min"], t_max=cfg["t_max"]).validate(self.teacher.schedule)  # before the fit
-        self.t_star = self.teacher.schedule.t_at_lambda(cfg["lambda_star"])
+        # a saved run keeps the t* it was trained at (config.json): runs of a diffusers teacher made before t* was
+        # rounded to a timestep have a fractional one
+        self.t_star = cfg["t_star"] if cfg.get("t_star") is not None else \
+            self.teacher.schedule.generator_t(cfg["lambda_star"])
         torch.manual_seed(cfg["seed"])  # network initialisation
         net, self.init_info = self.problem.teacher_network(device, fit=False)
-        if before_fit is not None:  # generator, student (and EMA) copies of net, Adam on generator and student
-            before_fit(checkpoint_bytes([net] * (3 if cfg["ema"] else 2), [net, net]))
+        if before_fit is not None:  # at most: generator, student (and EMA) copies of net, Adam on generator, student
+            copies = 3 if cfg["ema"] else 2
+            before_fit(checkpoint_bytes([*net.state_dict().values()] * copies, [*net.parameters()] * 2))
         if fit_teacher and hasattr(self.problem, "fit_teacher_network"):
             self.init_info = self.problem.fit_teacher_network(net)
-        generator, student = init_networks(net, self.t_star)
+        lora = LoraSettings.from_config(cfg)
+        if lora:  # the base: the teacher's own network, else (an analytic teacher) the network fitted to it
+            base = self.teacher.net if isinstance(getattr(self.teacher, "net", None), nn.Module) else net
+            seeds = (seed_for(cfg["seed"], Stream.LORA_GENERATOR), seed_for(cfg["seed"], Stream.LORA_STUDENT))
+            generator, student, info = lora_networks(base, self.t_star, lora, seeds)
+            self.init_info = {**self.init_info, **info}
+        else:
+            generator, student = init_networks(net, self.t_star)
         # channels_last and finite_check are runtime options: a saved config (emd_fast.sample) has none
         shard = cfg.get("shard") and ranks.distributed
         execution = Execution(backend=cfg["backend"], precision=cfg["precision"],
@@ -53,6 +66,10 @@ class Run:
                                    execution=execution, device=device,
                                    data_parallel=data_parallel(device) if ranks.distributed and not shard else None,
                                    shard=fully_sharded(device, ranks.world) if shard else None)
+        if lora:
+            d = self.distiller
+            z, y = d.sample_inputs(1, torch.Generator(device).manual_seed(0))
+            check_adapters_run(d.generator.denoiser, lambda: d.emd._net(None, d.generator, z, y))
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """n samples of the (EMA) generator from (z, y) drawn from ``rng``, the same whatever the number of
@@ -120,6 +137,6 @@ def load_run(path: str | Path, device, training_state: bool = False) -> tuple[Ru
     if training_state:
         distiller.load_state_tensors(tensors, state["step"], str(ckpt))
     else:
-        load_state_dict_strict(distiller.sampler, tensors, "ema." if distiller.ema is not None else "generator.", ckpt)
+        distiller.load_network_state("ema" if distiller.ema is not None else "generator", tensors, str(ckpt))
         distiller.sampler.eval()
     return run, state["step"], ckpt

@@ -101,10 +101,11 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source,
-                           load=None) -> None:
+                           load=None, own: dict[str, torch.Tensor] | None = None) -> None:
     """Load ``prefix``-ed tensors into module (with ``load(state_dict)`` if given, e.g. a sharded network's loader,
-    else ``module.load_state_dict``); CheckpointError lists missing/unexpected keys or shape mismatches."""
-    own = module.state_dict()
+    else ``module.load_state_dict``); CheckpointError lists missing/unexpected keys or shape mismatches against
+    ``own`` (default: the module's whole state dict)."""
+    own = module.state_dict() if own is None else own
     sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
     if missing or unexpected:

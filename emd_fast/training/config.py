@@ -12,6 +12,7 @@ from ..errors import CheckpointError, FileRefused, RunError
 from ..execution.backends import triton_available
 from ..execution.distributed import Ranks
 from ..files import describe, read_json
+from ..nets.lora import check_lora_options
 from ..problems import check_foreign_options, problem_class
 from ..teachers.diffusers_folder import check_guidance
 from ..teachers.mixture import PRESETS as MIXTURES
@@ -45,7 +46,7 @@ PRESET_DEFAULTS = {
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep",
                 "quiet", "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
-                "inception_torchscript", "log"}
+                "inception_torchscript", "log", "t_star"}
 
 
 MAX_K = 1000  # --K: Langevin steps per iteration
@@ -153,6 +154,7 @@ def validate(cfg: dict) -> None:
     check_foreign_options(cfg, problem)
     problem.check_options(cfg)
     check_loggers(cfg.get("log"))
+    check_lora_options(cfg)
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 weights the statistics were made with)")
     image_run = bool(cfg.get("teacher")) or cfg["preset"] == "digits"
@@ -216,7 +218,7 @@ def resume_config(out: Path, cfg: dict, explicit: set[str]) -> dict:
         raise CheckpointError(f"--resume: the checkpoint in {out} is from another config ({pairs})")
     merged = {k: saved.get(k, v) for k, v in cfg.items() if k not in RUNTIME_KEYS}
     merged.update({k: cfg[k] for k in RUNTIME_KEYS if k in cfg})
-    return merged
+    return merged | ({"t_star": saved["t_star"]} if "t_star" in saved else {})  # the run keeps its generator's t*
 
 
 def file_hashes(cfg: dict) -> dict:

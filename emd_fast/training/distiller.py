@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from ..execution.distributed import (
     load_full_optimizer_state,
 )
 from ..execution.profiling import phase
+from ..nets.lora import shared_copy
 from ..schedules import expand_like
 from .checkpoint import load_state_dict_strict
 from .health import DivergenceGuard
@@ -112,7 +112,14 @@ class Distiller:
             raise ValueError(f"classes must be a non-empty subset of the teacher's labels [0, {num_classes}), "
                              f"got {self.classes.tolist()}")
         self.ema_halflife_kimg, self.ema_rampup = ema_halflife_kimg, ema_rampup
-        self.ema = copy.deepcopy(generator).requires_grad_(False).eval() if ema_halflife_kimg else None
+        # the teacher's tensors (a LoRA run's frozen base, see nets.lora) are never copied, trained or saved
+        self.teacher_tensors = {id(t) for t in (*teacher.parameters(), *teacher.buffers())} \
+            if isinstance(teacher, nn.Module) else set()
+        self.ema = None
+        if ema_halflife_kimg:
+            shared = [*(p for p in generator.parameters() if not p.requires_grad),  # a LoRA run's frozen base
+                      *(b for b in generator.buffers() if id(b) in self.teacher_tensors)]
+            self.ema = shared_copy(generator, shared).requires_grad_(False).eval()
         self.sharded = shard is not None
         for net in (generator, student, self.ema) if shard else ():
             if net is not None:
@@ -127,8 +134,8 @@ class Distiller:
         # deferred checks: fused Adam reads found_inf and skips its update on the device while it is 1;
         # capturable (step counts on the device) where CUDA graphs can capture it
         adam = dict(fused=True, capturable=self.device.type == "cuda") if self.deferred else {}
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=tuple(betas_g), **adam)
-        self.opt_s = torch.optim.Adam(self.student.parameters(), lr=lr_s, betas=tuple(betas_s), **adam)
+        self.opt_g = torch.optim.Adam(trainable(self.generator), lr=lr_g, betas=tuple(betas_g), **adam)
+        self.opt_s = torch.optim.Adam(trainable(self.student), lr=lr_s, betas=tuple(betas_s), **adam)
         self.found_inf = torch.zeros((), device=self.device)  # 1.0 once a non-finite loss/gradient was met (deferred)
         self.finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # iterations before that
         if self.deferred:
@@ -253,8 +260,8 @@ class Distiller:
         Sharded: the full tensors (as an unsharded run's) on process 0, only the random state on the others; every
         process must call it."""
         out = {}
-        for name, net in self._networks().items():
-            out |= {f"{name}.{k}": v for k, v in self._model_state(net).items()}
+        for name in self._networks():
+            out |= {f"{name}.{k}": v for k, v in self._model_state(name).items()}
         for prefix, net, opt in (("opt_g", self.generator, self.opt_g), ("opt_s", self.student, self.opt_s)):
             for idx, st in self._optimizer_state(net, opt).items():
                 out |= {f"{prefix}.{idx}.{k}": torch.as_tensor(v) for k, v in st.items()}
@@ -264,34 +271,68 @@ class Distiller:
         nets = {"generator": self.generator, "student": self.student}
         return nets | ({"ema": self.ema} if self.ema is not None else {})
 
-    def _model_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
-        return full_model_state(net) if self.sharded else net.state_dict()
+    def _own_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The state dict of network ``name`` (this process's shards where sharded) without the tensors saved
+        elsewhere: every tensor is saved once, under the first of generator, student and EMA that holds it, and the
+        teacher's (a LoRA run's frozen base) never."""
+        nets = self._networks()
+        elsewhere = set(self.teacher_tensors)
+        for other in list(nets)[:list(nets).index(name)]:
+            elsewhere |= {id(t) for t in (*nets[other].parameters(), *nets[other].buffers())}
+        held = (*nets[name].named_parameters(remove_duplicate=False), *nets[name].named_buffers(remove_duplicate=False))
+        skip = {k for k, t in held if id(t) in elsewhere}
+        return {k: v for k, v in nets[name].state_dict().items() if k not in skip}
+
+    def _model_state(self, name: str) -> dict[str, torch.Tensor]:
+        return full_model_state(self._networks()[name]) if self.sharded else self._own_state(name)
 
     def _optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict]:
         return full_optimizer_state(net, opt) if self.sharded else opt.state_dict()["state"]
 
     def random_state(self) -> dict[str, torch.Tensor]:
-        """The state of the run's random streams: the torch.Generator and the backend's own (the kernel noise)."""
-        return {"rng": self.rng.get_state(), **self.emd.ops.state_tensors()}
+        """The state of the run's random streams: the torch.Generator, the backend's own (the kernel noise) and, for
+        networks with dropout layers (--lora-dropout), torch's default generator of the device, which they use."""
+        return {"rng": self.rng.get_state(), **self.emd.ops.state_tensors(),
+                **({"dropout_rng": self._dropout_generator.get_state()} if self._dropout_generator else {})}
+
+    @property
+    def _dropout_generator(self) -> torch.Generator | None:
+        dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for net in (self.generator, self.student)
+                      for m in net.modules())
+        if not dropout:
+            return None
+        return torch.cuda.default_generators[self.device.index or 0] if self.device.type == "cuda" \
+            else torch.random.default_generator
 
     def reseed(self, seed: int) -> None:
-        """Restart every random stream (the torch.Generator, the kernel NoiseStream) from ``seed``."""
+        """Restart every random stream (the torch.Generator, the kernel NoiseStream, the dropout's) from ``seed``."""
         self.rng.manual_seed(seed)
+        if self._dropout_generator:
+            self._dropout_generator.manual_seed(seed ^ 1)  # not the stream of self.rng
         fresh = make_ops(self.execution.backend, torch.Generator(self.device), seed, self.device,
                          self.execution.kernel_noise)
         self.emd.ops.load_state_tensors(fresh.state_tensors())
 
     def checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint file (``checkpoint_bytes``)."""
-        return checkpoint_bytes(self._networks().values(), (self.generator, self.student),
-                                self.random_state().values())
+        """About the size of one checkpoint file (``checkpoint_bytes``): every tensor saved once (``_own_state``),
+        Adam moments of what the optimizers train, the random state."""
+        tensors = [t for name in self._networks() for t in self._own_state(name).values()]
+        trained = [p for opt in (self.opt_g, self.opt_s) for group in opt.param_groups for p in group["params"]]
+        return checkpoint_bytes([*tensors, *self.random_state().values()], trained)
+
+    def load_network_state(self, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load the ``name``-prefixed tensors of ``state_tensors`` into that network ("generator", "student", "ema")
+        (CheckpointError naming missing, unexpected or misshapen ones)."""
+        net = self._networks()[name]
+        load = (functools.partial(load_full_model_state, net) if self.sharded
+                else functools.partial(net.load_state_dict, strict=False))  # the teacher's tensors are not saved
+        load_state_dict_strict(net, tensors, f"{name}.", source, load=load, own=self._own_state(name))
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int, source: str) -> None:
         """Continue from ``state_tensors`` (sharded or not, whatever wrote them); sharded, every process holds all
         of them and keeps its shards."""
-        for name, net in self._networks().items():
-            load_state_dict_strict(net, tensors, f"{name}.", source,
-                                   load=functools.partial(load_full_model_state, net) if self.sharded else None)
+        for name in self._networks():
+            self.load_network_state(name, tensors, source)
         for prefix, net, opt in (("opt_g", self.generator, self.opt_g), ("opt_s", self.student, self.opt_s)):
             sd = opt.state_dict()
             state: dict[int, dict] = {}
@@ -310,6 +351,8 @@ class Distiller:
         if "rng" not in tensors:
             raise CheckpointError(f"{source}: no random-generator state")
         self.rng.set_state(tensors["rng"])
+        if self._dropout_generator and "dropout_rng" in tensors:
+            self._dropout_generator.set_state(tensors["dropout_rng"])
         self.emd.ops.load_state_tensors(tensors)
         self.step_count = step
         self.found_inf.zero_()
@@ -326,9 +369,18 @@ def ema_update(ema: nn.Module, source: nn.Module, samples_seen: int, batch: int,
     if rampup:
         halflife = min(halflife, samples_seen * rampup)
     beta = 0.5 ** (batch / max(halflife, 1e-8))
-    torch._foreach_lerp_(list(ema.parameters()), list(source.parameters()), 1 - beta)
+    pairs = [(e, p) for e, p in zip(ema.parameters(), source.parameters()) if e is not p]  # not a shared base
+    if pairs:
+        torch._foreach_lerp_(*map(list, zip(*pairs)), 1 - beta)
     for b_ema, b in zip(ema.buffers(), source.buffers()):
-        b_ema.copy_(b)
+        if b_ema is not b:
+            b_ema.copy_(b)
+
+
+def trainable(net: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``net`` an optimizer updates: those that require grad (all of them, or a LoRA network's
+    adapters)."""
+    return [p for p in net.parameters() if p.requires_grad]
 
 
 def match_param_layouts(opt: torch.optim.Optimizer) -> None:
@@ -356,10 +408,9 @@ def e_step_moves(z0: torch.Tensor, eps0: torch.Tensor, es: EStep, sigma_data: fl
             "x_move_max": x_max, "t_move_max": es.t.index_select(0, i.view(1)).squeeze(0).float()}
 
 
-def checkpoint_bytes(networks, trained, extra=()) -> int:
-    """About the size of one checkpoint file, from the shapes alone (nothing is gathered or copied): the state of
-    ``networks``, two Adam moments and a step count per parameter of the ``trained`` ones, the ``extra`` tensors, and
-    ~100 bytes of safetensors header per tensor (~300 per Adam state)."""
-    tensors = [v for net in networks for v in net.state_dict().values()] + list(extra)
+def checkpoint_bytes(tensors, trained) -> int:
+    """About the size of one checkpoint file, from the shapes alone (nothing is gathered or copied): the ``tensors``
+    it saves, two Adam moments and a step count per ``trained`` parameter, and ~100 bytes of safetensors header per
+    tensor (~300 per Adam state)."""
     size = sum(t.numel() * t.element_size() + 100 for t in tensors)
-    return size + sum(2 * p.numel() * p.element_size() + 4 + 300 for net in trained for p in net.parameters())
+    return size + sum(2 * p.numel() * p.element_size() + 4 + 300 for p in trained)

@@ -35,7 +35,7 @@ from .folder import (
     text_encoder_sha256,
     weight_files,
 )
-from .loading import load_network, load_vae
+from .loading import load_network, load_text_encoder, load_vae
 from .prompts import (
     Prompts,
     PromptTable,
@@ -46,11 +46,11 @@ from .prompts import (
     prompt_encoding,
     read_prompts,
 )
-from .schedules import DiscreteSchedule, load_schedule
+from .schedules import DiscreteSchedule, load_schedule, noise_scheduler
 
-__all__ = ["DEFAULT_GUIDANCE", "FLUX_GUIDANCE", "check_guidance", "check_model_files", "check_not_a_folders_file",
-           "check_prompt_budget", "encode_prompts", "encode_with_unconditional", "folder_sha256", "inspect_folder",
-           "is_diffusers_folder", "load_network", "load_schedule", "load_vae", "make_denoiser", "max_sequence_length",
-           "prompt_encoding", "read_prompts", "text_encoder_sha256", "weight_files", "DiffusersDenoiser",
-           "DiscreteSchedule", "FluxDenoiser", "GuidedTeacher", "PromptTable", "Prompts", "SD3Denoiser",
-           "TeacherFolder"]
+__all__ = ["check_guidance", "check_model_files", "check_not_a_folders_file", "check_prompt_budget",
+           "DEFAULT_GUIDANCE", "DiffusersDenoiser", "DiscreteSchedule", "encode_prompts",
+           "encode_with_unconditional", "FLUX_GUIDANCE", "FluxDenoiser", "folder_sha256", "GuidedTeacher",
+           "inspect_folder", "is_diffusers_folder", "load_network", "load_schedule", "load_text_encoder", "load_vae",
+           "make_denoiser", "max_sequence_length", "noise_scheduler", "prompt_encoding", "Prompts", "PromptTable",
+           "read_prompts", "SD3Denoiser", "TeacherFolder", "text_encoder_sha256", "weight_files"]

@@ -74,6 +74,11 @@ class DiscreteSchedule(Schedule):
         frac = (table[lo] - lam64) / (table[lo] - table[lo + 1])
         return (lo + frac).clamp(self.t_min, self.t_max).to(lam.dtype)
 
+    def generator_t(self, lam: float) -> float:
+        """The training timestep nearest to log-SNR ``lam``: the UNet is trained at integer timesteps, and a stock
+        diffusers scheduler calls it at exactly this one in an exported one-step pipeline (docs/export.md)."""
+        return float(round(self.t_at_lambda(lam)))
+
     def config(self):
         return {**super().config(), "num_train_timesteps": self.num_timesteps}
 
@@ -97,6 +102,19 @@ def flow_shift(scheduler_config: dict, family: str, image_tokens: int) -> float:
     return float(mu)
 
 
+def noise_scheduler(folder: TeacherFolder):
+    """diffusers' DDPMScheduler with the noise levels of a DDPM-family folder's scheduler config (betas,
+    alphas_cumprod)."""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "rescale_betas_zero_snr")
+    options = {k: v for k, v in folder.scheduler_config.items() if k in keep}
+    try:
+        return diffusers_module().DDPMScheduler(**options)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: "
+                         f"{first_lines(e)}") from None
+
+
 def load_schedule(folder: TeacherFolder, shape: tuple[int, int, int] | None = None) -> Schedule:
     """The folder's noise levels for samples of ``shape`` (C, H, W; default the folder's own): a flow model's shift
     may depend on it. A
@@ -106,14 +124,7 @@ def load_schedule(folder: TeacherFolder, shape: tuple[int, int, int] | None = No
         n = folder.num_train_timesteps
         tokens = folder.image_tokens(shape or folder.data_shape())
         return FlowMatching(flow_shift(folder.scheduler_config, folder.family, tokens), t_min=1 / n, t_max=1 - 1 / n)
-    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-            "rescale_betas_zero_snr")
-    options = {k: v for k, v in folder.scheduler_config.items() if k in keep}
-    try:
-        alphas_cumprod = diffusers_module().DDPMScheduler(**options).alphas_cumprod
-    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
-        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: "
-                         f"{first_lines(e)}") from None
+    alphas_cumprod = noise_scheduler(folder).alphas_cumprod
     try:
         return DiscreteSchedule(alphas_cumprod)
     except ValueError as e:
