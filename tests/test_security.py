@@ -321,7 +321,22 @@ def test_bad_training_input_is_one_line(args, message, tmp_path, capsys):
     subs = {"{file}": str(tmp_path / "file"), "{dir}": str(tmp_path), "{deep}": str(tmp_path / ("a/" * 3000))}
     argv = [subs.get(a, a) for a in args]
     out = ["--out", str(tmp_path / "run")] if "--out" not in args else []
-    assert message in one_line_exit_2(capsys, exit_code(train.main, [*out, *SMALL, "--steps", "1", *argv]))
+    try:
+        assert message in one_line_exit_2(capsys, exit_code(train.main, [*out, *SMALL, "--steps", "1", *argv]))
+    finally:
+        remove_deep_chain(tmp_path, "a")
+
+
+def remove_deep_chain(top, name: str) -> None:
+    """Remove top/name/name/... (the folders an over-long --out made on the way, too deep for a recursive delete:
+    pytest's own clean-up would hit Python's recursion limit), one level at a time from the top."""
+    while (top / name).is_dir():
+        if (top / name / name).is_dir():
+            (top / name / name).rename(top / "next")
+            (top / name).rmdir()
+            (top / "next").rename(top / name)
+        else:
+            (top / name).rmdir()
 
 
 def test_resume_past_the_target_says_nothing_is_left(finished_run, tmp_path, capsys):
