@@ -43,7 +43,8 @@ PRESET_DEFAULTS = {
 PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)"}
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
-                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
+                "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
+                "compile_cache"}
 
 
 DIST_TIMEOUT_S = 1800  # default --dist-timeout: longest wait of any collective (an evaluation or FID on rank 0)
