@@ -1,8 +1,9 @@
 """Roofline floor: the bytes that must move and the FLOPs that must run, per kernel and per EMD iteration, turned
-into lower-bound times on an H100 and on the device at hand. Nothing of EMD is timed here.
+into lower-bound times on an H100 (and H200) and on the device at hand. Nothing of EMD is timed here.
 
-    python benchmarks/roofline.py                 # the floor table (the CPU smoke run prints only this)
+    python benchmarks/roofline.py                 # the floor tables (the CPU smoke run prints only these)
     python benchmarks/roofline.py --json floor.json
+    python benchmarks/roofline.py --real edm-imagenet64 --K 1 8    # real networks: only these
 
 Kernels (``KERNELS``): bytes = tensors a fused pass reads and writes x numel x element size (the eps step reads
 eps, eta, D_T, D_psi, g and writes eps', eta', v, x_t': 9; the z step 3; a loss forward + backward 5); FLOPs = the
@@ -19,14 +20,20 @@ Every byte is counted at HBM bandwidth. The kernel benchmarks flush the L2 cache
 floors bound what they measure; inside an iteration, data that stays in the H100's 50 MB L2 (all of the vector
 problem: 0.6 MB of weights per network) can move faster, so there the iteration floor is a reference scale, not a
 strict bound.
-H100 rates (docs/design.md): 3.0 TB/s device copy, 800 TFLOP/s dense bf16, 60 TFLOP/s fp32 non-tensor; the device at
-hand: its copy bandwidth and matmul rate measured here (GPU: bf16, CPU: fp32). Benchmark tables report measured /
-floor ("x floor") against these.
+H100 rates: 3.0 TB/s device copy, 800 TFLOP/s dense bf16 (both measured on this workplace's H100), 60 TFLOP/s fp32
+non-tensor; the device at hand: its copy bandwidth and matmul rate measured here (GPU: bf16, CPU: fp32). Benchmark
+tables report measured / floor ("x floor") against these.
+Real networks (``real_rows``, ``--real``): EDM's ImageNet-64 ADM and SD v1.5's UNet, built on the meta device, for
+EMD-1/4/8/16 and each way of training them (``TRAINING``: full; LoRA joins there), at batch 64: FLOPs per sample,
+bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is measured
+against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
+torch.compile. docs/performance.md holds the table.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -34,6 +41,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from emd_fast.checks import trusted_values
 
 H100 = {"name": "H100 (docs/design.md)", "copy_gbps": 3000.0, "bf16_tflops": 800.0, "fp32_tflops": 60.0}
 # kernel: (tensors read + written, fp32 FLOPs per element of its formula)
@@ -58,58 +67,259 @@ def kernel_cost(kernel: str, numel: int, element_size: int) -> tuple[int, int]:
 
 @dataclass
 class NetFlops:
-    """FLOPs per example of one network call: forward, forward + input gradient (VJP), forward + weight gradients."""
+    """FLOPs per example of one network call: forward, forward + input gradient (VJP, weights frozen), forward +
+    gradients of the trainable weights (a training step's forward and backward)."""
     forward: float
     vjp: float
     train: float
 
 
-def network_flops(net: torch.nn.Module, shape: tuple[int, ...], num_classes: int = 0) -> NetFlops:
-    """Counted with a batch of 2 (shape: one example's) on the meta device, or on the CPU for a class-conditional
-    network (its label check reads the labels)."""
+def counted_flops(fn) -> float:
+    """FLOPs of everything ``fn()`` runs (matmul, conv, attention; forward and backward), by FlopCounterMode."""
     from throughput import _GlobalOnly
-    device = "cpu" if num_classes else "meta"
-    net = copy.deepcopy(net).to(device)
-    y = torch.zeros(2, dtype=torch.long, device=device) if num_classes else None
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter, trusted_values():  # labels on the meta device have no values to check
+        fn()
+    return counter.get_total_flops()
+
+
+def network_flops(net: torch.nn.Module, shape: tuple[int, ...], condition=None) -> NetFlops:
+    """Counted with a batch of 2 (shape: one example's) on the meta device. condition(n): the network's y for n
+    examples on the meta device (labels, text embeddings), or None. ``train`` differentiates the parameters that
+    require grad in ``net`` (all of a full network; of a LoRA-adapted one, the adapters), or all of them if none
+    does (a frozen teacher's network counted as a student)."""
+    net = copy.deepcopy(net).to("meta")
+    params = list(net.parameters())
+    trainable = [p for p in params if p.requires_grad] or params
+    y = condition(2) if condition else None
 
     def count(inputs_grad: bool, weights_grad: bool) -> float:
-        net.requires_grad_(weights_grad)
-        x = torch.randn((2, *shape), device=device, requires_grad=inputs_grad)
-        t = torch.full((2,), 0.5, device=device)
-        counter = FlopCounterMode(display=False)
-        counter.mod_tracker = _GlobalOnly()
-        with counter:
+        for p in params:
+            p.requires_grad_(weights_grad and any(p is q for q in trainable))
+        x = torch.randn((2, *shape), device="meta", requires_grad=inputs_grad)
+        t = torch.full((2,), 0.5, device="meta")
+
+        def call():
             out = net(x, t, y)
-            wrt = ([x] if inputs_grad else []) + ([p for p in net.parameters()] if weights_grad else [])
+            wrt = ([x] if inputs_grad else []) + (trainable if weights_grad else [])
             if wrt:
-                torch.autograd.grad(out, wrt, torch.ones_like(out))
-        return counter.get_total_flops() / 2
+                torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+
+        return counted_flops(call) / 2
 
     return NetFlops(count(False, False), count(True, False), count(False, True))
 
 
-def iteration_cost(batch: int, shape: tuple[int, ...], K: int, student: torch.nn.Module,
-                   teacher_net: torch.nn.Module | None, num_classes: int = 0) -> dict:
-    """(bytes, FLOPs) of one EMD iteration's floor: generator and student share the student's architecture, the
-    teacher is ``teacher_net`` (None: an exact teacher, counted as nothing)."""
-    net = network_flops(student, shape, num_classes)
-    teacher = network_flops(teacher_net, shape, num_classes).forward if teacher_net is not None else 0.0
+def teacher_flops(teacher, shape: tuple[int, ...], condition=None) -> float:
+    """FLOPs per example of one ``teacher.denoise`` (a guided teacher: both of its UNet calls), counted on a meta
+    copy."""
+    teacher = copy.deepcopy(teacher).to("meta")
+    x, t = torch.randn((2, *shape), device="meta"), torch.full((2,), 0.5, device="meta")
+    return counted_flops(lambda: teacher.denoise(x, t, condition(2) if condition else None)) / 2
+
+
+def param_bytes(K: int, params: int, teacher_params: int, trainable: int | None = None) -> int:
+    """Weight and optimizer traffic of one EMD iteration (fp32): every network call reads its weights once, a
+    backward reads them again and writes the gradients of the ``trainable`` parameters (default: all ``params``),
+    Adam reads parameter, gradient and two moments and writes three, per trainable parameter of generator and
+    student. Teacher: K forwards; student: K forwards + a training step; generator: K VJPs (forward + backward) + a
+    training step. A LoRA row passes the adapters' count as ``trainable``."""
+    trainable = params if trainable is None else trainable
+    reads = K * teacher_params + (K + 2) * params + (2 * K + 2) * params
+    return PARAM_BYTES * (reads + 2 * trainable + 7 * 2 * trainable)
+
+
+def iteration_cost(batch: int, shape: tuple[int, ...], K: int, net: NetFlops, teacher: float, params: int,
+                   teacher_params: int, trainable: int | None = None) -> dict:
+    """(bytes, FLOPs) of one EMD iteration's floor. Generator and student share one architecture (``net``: its
+    NetFlops per example, ``params`` parameters, ``trainable`` of them trained); ``teacher``: FLOPs per example of
+    one teacher evaluation (0 for an exact teacher). FLOPs = batch x [K (teacher + student forward + generator VJP)
+    + generator training step + student training step]."""
     flops = batch * (K * (teacher + net.forward + net.vjp) + 2 * net.train)
     numel = batch * torch.Size(shape).numel()
     elementwise = (K * (KERNELS["langevin_eps_step"][0] + KERNELS["langevin_z_step"][0])
                    + KERNELS["generator_loss"][0] + KERNELS["dsm_loss"][0]) * numel * CHAIN_BYTES
-    p = sum(q.numel() for q in student.parameters())
-    p_teacher = sum(q.numel() for q in teacher_net.parameters()) if teacher_net is not None else 0
-    params = PARAM_BYTES * (K * p_teacher + (K + 3) * p + (2 * K + 3) * p + 7 * 2 * p)
-    return {"flops": flops, "bytes": elementwise + params, "elementwise_bytes": elementwise, "param_bytes": params}
+    weights = param_bytes(K, params, teacher_params, trainable)
+    return {"flops": flops, "bytes": elementwise + weights, "elementwise_bytes": elementwise, "param_bytes": weights}
+
+
+def labels(num_classes: int):
+    """condition(n) for network_flops: n labels (class or prompt indices) on the meta device, or None."""
+    return (lambda n: torch.zeros(n, dtype=torch.long, device="meta")) if num_classes else None
 
 
 def networks_cost(nets, batch: int, K: int) -> dict:
     """iteration_cost of throughput.build_networks' (teacher, generator, student, sigma_data, num_classes)."""
     teacher, _, student, _, num_classes = nets
-    if hasattr(teacher, "net"):  # a NetworkTeacher
-        return iteration_cost(batch, teacher.data_shape, K, student, teacher.net, num_classes)
-    return iteration_cost(batch, (teacher.dim,), K, student, None, num_classes)
+    count = lambda m: sum(q.numel() for q in m.parameters())  # noqa: E731
+    if hasattr(teacher, "net"):  # a NetworkTeacher (guided or not)
+        shape = teacher.data_shape
+        teacher_cost, teacher_params = teacher_flops(teacher, shape, labels(num_classes)), count(teacher.net)
+    else:  # an exact teacher: closed-form scores, counted as nothing
+        shape, teacher_cost, teacher_params = (teacher.dim,), 0.0, 0
+    return iteration_cost(batch, shape, K, network_flops(student, shape, labels(num_classes)), teacher_cost,
+                          count(student), teacher_params, sum(q.numel() for q in student.parameters()
+                                                              if q.requires_grad) or None)
+
+
+# --- the real networks users distil ------------------------------------------------------------------------------
+# Hardware rates (this workplace's device machines, .library/device/KINDS.md): H100 80GB HBM3 (2026-11-13) and
+# H200 (2026-10-28/11-04), each a 1 GiB-class device-to-device copy (read + write) and an 8192^3 bf16 matmul on
+# random data. A100: no A100 was measured here; its datasheet dense bf16 rate stands in (see ``dmd2_anchor``).
+H200 = {"name": "H200 (measured here)", "copy_gbps": 4300.0, "bf16_tflops": 788.0, "fp32_tflops": 60.0}
+A100_BF16_TFLOPS = 312.0  # NVIDIA A100 SXM datasheet, dense bf16
+REAL_NETWORKS = {
+    "edm-imagenet64": "EDM ImageNet-64 ADM (UNET_CONFIGS['edm-imagenet64-adm']), 3x64x64, 1000 classes",
+    "sd15": "Stable Diffusion v1.5 UNet, 4x64x64 latents, 77x768 text; teacher with CFG (2 UNet calls)",
+}
+REAL_KS = (1, 4, 8, 16)
+REAL_BATCH = 64  # the GPU playbook's batch (the edm-imagenet64 preset trains at 256; floors per sample do not care)
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' UNet2DConditionModel defaults are SD v1.5's
+SD_TINY = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
+# How generator and student train: a function marking the trainable parameters of a network copy (None: all).
+# LoRA rows join here once --lora lands: TRAINING["lora"] = <the function that adapts a network for --lora>.
+TRAINING = {"full": None}
+# DMD2 on ImageNet-64 with EDM's ADM (tianweiy/DMD2, experiments/imagenet/README.md and the *_scratch.sh config):
+# 200k iterations in 53 h on 7 A100s (0.95 s/iteration) at batch 40 per GPU, bf16, generator updated every 5th
+# iteration (dfake_gen_update_ratio 5), GAN classifier on the fake score's bottleneck.
+DMD2 = dict(batch_per_gpu=40, s_per_iter=0.95, gen_every=5)
+FASTGEN_COMPILE_SPEEDUP = 1.55  # NVIDIA FastGen: torch.compile (max-autotune) over eager
+
+
+def real_networks(name: str, device="meta", tiny: bool = False):
+    """(teacher, data shape, num_classes, sigma_data) of a real network with random weights, built on ``device``
+    (meta: no memory, nothing computed; what the floors count). The teacher's ``net`` is the architecture generator
+    and student copy; y: class labels, or for SD prompt indices into a table of 2 random text embeddings.
+    tiny: the same kind of network at toy size (the CPU smoke runs)."""
+    from emd_fast.teachers import NetworkTeacher
+    if name == "edm-imagenet64":
+        from emd_fast.nets.unet import UNET_CONFIGS, build_network
+        with torch.device(device):
+            net = build_network(dict(UNET_CONFIGS["tiny" if tiny else "edm-imagenet64-adm"]))
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        return NetworkTeacher(net, net.schedule, shape), shape, net.label_dim, net.sigma_data
+    if name == "sd15":
+        from emd_fast.optional import require
+        from emd_fast.teachers import diffusers_folder as df
+        diffusers = require("diffusers", "the SD v1.5 networks")
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+        schedule = df.DiscreteSchedule(torch.cumprod(1 - betas, 0))
+        width = 16 if tiny else 768
+        with torch.device(device):
+            unet = diffusers.UNet2DConditionModel(**(SD_TINY if tiny else SD15_UNET))
+            uncond = torch.zeros(1, 77, width)
+        prompts = df.PromptTable(torch.randn(2, 77, width))
+        shape = (4, unet.config.sample_size, unet.config.sample_size)
+        net = df.DiffusersDenoiser(unet, schedule, "epsilon", prompts)
+        return df.GuidedTeacher(net, shape, df.DEFAULT_GUIDANCE, uncond), shape, len(prompts), 1.0
+    raise ValueError(f"unknown network {name!r}; choose from {tuple(REAL_NETWORKS)}")
+
+
+def dmd2_anchor(net: NetFlops, encoder: NetFlops) -> dict:
+    """DMD2's ImageNet-64 iteration in the same FLOP units as ours, and what its published speed means on our GPUs.
+
+    FLOPs per image (net: the ADM per example; encoder: its encoder up to the 8x8 bottleneck, which the GAN
+    classifier reads), from DMD2's released code: every iteration the generator's forward, the fake score's DSM
+    step (train) and the GAN classifier on a real and a fake image (2 encoder train steps); every 5th iteration
+    additionally the generator's backward (train - forward), the real and fake scores' forwards (2 forward) and the
+    classifier's generator loss (an encoder VJP). Its MFU: 42 images/s per A100 x those FLOPs over the A100's
+    datasheet 312 TFLOP/s (a measured A100 rate would be ~10% lower, its MFU that much higher). Scaled to an H100 or
+    H200 at the same MFU (the honest transfer: the same software efficiency on another chip), with our measured bf16
+    rates."""
+    every = net.forward + net.train + 2 * encoder.train
+    extra = (net.train - net.forward) + 2 * net.forward + encoder.vjp
+    flops = every + extra / DMD2["gen_every"]
+    images = DMD2["batch_per_gpu"] / DMD2["s_per_iter"]
+    mfu = images * flops / (A100_BF16_TFLOPS * 1e12)
+    return {"flops_per_image": flops, "images_per_s_a100": images, "mfu": mfu,
+            "images_per_s_h100": mfu * H100["bf16_tflops"] * 1e12 / flops,
+            "images_per_s_h200": mfu * H200["bf16_tflops"] * 1e12 / flops}
+
+
+def adm_encoder_flops(net: torch.nn.Module, shape, condition) -> NetFlops:
+    """NetFlops of the ADM's embedding and encoder alone (what DMD2's classifier runs: up to the 8x8 bottleneck)."""
+    class Encoder(torch.nn.Module):
+        def __init__(self, adm):
+            super().__init__()
+            self.adm = adm
+
+        def forward(self, x, t, y):
+            return self.adm.encode(x, t, y)[0]
+
+    return network_flops(Encoder(net), shape, condition)
+
+
+def student_of(teacher) -> torch.nn.Module:
+    """A trainable copy of the teacher's network (generator and student start as such copies)."""
+    return copy.deepcopy(teacher.net).requires_grad_(True)
+
+
+def real_rows(names=tuple(REAL_NETWORKS), ks=REAL_KS, training=tuple(TRAINING), batch: int = REAL_BATCH) -> dict:
+    """Floor rows of the real networks: per network, training mode and K, FLOPs per sample, bytes per iteration at
+    ``batch``, the bf16 time floors on an H100 and an H200, the images/s ceiling (100% of the bf16 rate), the goal
+    (DMD2's ImageNet-64 MFU on the same GPU: ``dmd2_anchor``) and the EMD-K/EMD-1 FLOP ratio."""
+    teacher, shape, num_classes, _ = real_networks("edm-imagenet64")
+    adm = student_of(teacher)
+    dmd2 = dmd2_anchor(network_flops(adm, shape, labels(num_classes)),
+                       adm_encoder_flops(adm, shape, labels(num_classes)))
+    rows = []
+    for name in names:
+        teacher, shape, num_classes, _ = real_networks(name)
+        t_flops = teacher_flops(teacher, shape, labels(num_classes))
+        t_params = sum(q.numel() for q in teacher.net.parameters())
+        for mode in training:
+            net = student_of(teacher)
+            if TRAINING[mode] is not None:
+                TRAINING[mode](net)
+            flops = network_flops(net, shape, labels(num_classes))
+            params = sum(q.numel() for q in net.parameters())
+            trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
+            cost = functools.partial(iteration_cost, batch, shape, net=flops, teacher=t_flops, params=params,
+                                     teacher_params=t_params, trainable=trainable)
+            k1 = cost(K=1)["flops"] / batch
+            for K in ks:
+                c = cost(K=K)
+                per_sample = c["flops"] / batch
+                row = dict(network=name, training=mode, K=K, batch=batch, params=params, trainable=trainable,
+                           flops_per_sample=per_sample, **c, ratio_vs_K1=per_sample / k1, goal_mfu=dmd2["mfu"])
+                for gpu, rates in (("h100", H100), ("h200", H200)):
+                    floor = floor_s(c["bytes"], c["flops"], rates["copy_gbps"], rates["bf16_tflops"])
+                    row[f"{gpu}_floor_ms"] = 1e3 * floor
+                    row[f"{gpu}_ceiling_images_s"] = batch / floor
+                    row[f"{gpu}_goal_images_s"] = dmd2["mfu"] * rates["bf16_tflops"] * 1e12 / per_sample
+                rows.append(row)
+    return {"networks": {n: REAL_NETWORKS[n] for n in names}, "rows": rows, "dmd2": dmd2,
+            "fastgen_compile_speedup": FASTGEN_COMPILE_SPEEDUP, "h200": H200, "a100_bf16_tflops": A100_BF16_TFLOPS}
+
+
+def real_table(res: dict) -> str:
+    """The real-size floors as markdown, with the anchors under them."""
+    d = res["dmd2"]
+    lines = ["| network | training | K | params (trainable) | GFLOP/sample | EMD-K/EMD-1 | GB/iter | "
+             "H100 floor ms/iter | H200 floor ms/iter | ceiling img/s H100 / H200 | goal img/s H100 / H200 |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    lines += [f"| {r['network']} | {r['training']} | {r['K']} | {r['params'] / 1e6:.1f} M "
+              f"({r['trainable'] / 1e6:.1f} M) | {r['flops_per_sample'] / 1e9:.4g} | {r['ratio_vs_K1']:.2f} | "
+              f"{r['bytes'] / 1e9:.3g} | "
+              f"{r['h100_floor_ms']:.4g} | {r['h200_floor_ms']:.4g} | {r['h100_ceiling_images_s']:.0f} / "
+              f"{r['h200_ceiling_images_s']:.0f} | {r['h100_goal_images_s']:.0f} / {r['h200_goal_images_s']:.0f} |"
+              for r in res["rows"]]
+    batch = res["rows"][0]["batch"] if res["rows"] else REAL_BATCH
+    return "\n".join([
+        *(f"{n}: {label}" for n, label in res["networks"].items()), "", *lines, "",
+        f"Batch {batch}; bf16 floors = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate): H100 "
+        f"{H100['copy_gbps']:.0f} GB/s, {H100['bf16_tflops']:.0f} TFLOP/s; H200 {H200['copy_gbps']:.0f} GB/s, "
+        f"{H200['bf16_tflops']:.0f} TFLOP/s (measured on this workplace's machines). Ceiling: images/s at the floor "
+        "(100% MFU). Goal: DMD2's MFU on the same GPU.",
+        f"Anchor DMD2 (ImageNet-64, EDM ADM, bf16): {d['images_per_s_a100']:.1f} images/s per A100 at "
+        f"{d['flops_per_image'] / 1e9:.0f} GFLOP/image (its iteration, our FLOP count) = {100 * d['mfu']:.1f}% MFU of "
+        f"the A100's {A100_BF16_TFLOPS:.0f} TFLOP/s; at that MFU {d['images_per_s_h100']:.0f} images/s of its "
+        f"iteration per H100, {d['images_per_s_h200']:.0f} per H200.",
+        f"Anchor FastGen: torch.compile gives {FASTGEN_COMPILE_SPEEDUP}x over eager: the goal of --fast over eager "
+        "at the same precision."])
 
 
 def device_rates() -> dict:
@@ -174,9 +384,15 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="also write every row here")
+    p.add_argument("--real", nargs="*", choices=list(REAL_NETWORKS), default=list(REAL_NETWORKS),
+                   help="the real networks to floor (default: all; --real alone: none)")
+    p.add_argument("--K", nargs="+", type=int, default=list(REAL_KS), help="Langevin steps of the real rows")
     args = p.parse_args(argv)
     res = floors()
     print(table(res))
+    if args.real:
+        res["real"] = real_rows(args.real, args.K)
+        print("\n" + real_table(res["real"]))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

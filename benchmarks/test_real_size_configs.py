@@ -1,8 +1,9 @@
 """The real-size networks of benchmarks/real_size_configs.py build on the meta device with their published weight
 counts (within 1%; all five are exact), and one forward's inputs fit them (run on the meta device: shapes only)."""
 import pytest
-import real_size_configs as rs
 import torch
+
+import real_size_configs as rs
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

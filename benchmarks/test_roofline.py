@@ -33,8 +33,50 @@ def test_kernel_floor():
 
 
 def test_smoke_run_prints_the_floor_table(capsys):
-    assert roofline.main([]) == 0
+    assert roofline.main(["--real"]) == 0  # no real networks: test_real_adm_rows_and_training_seam has them
     text = capsys.readouterr().out
     assert "| langevin_eps_step | 4096x64 | fp32 | 9.44 | 4.19 | 3.15 |" in text
     assert text.count("| unet | ") == 3 and text.count("| vector | ") == 3
     assert "measured /" not in text and "x floor" not in text
+
+
+def test_meta_counting_equals_real_tensors():
+    """The real networks are counted on the meta device: the same FLOPs as on real CPU tensors (tiny ADM)."""
+    spec = throughput.problem_spec("unet", smoke=True)
+    _, _, student, _, _ = throughput.build_networks(spec, torch.device("cpu"))
+    y = torch.tensor([3, 7])
+    shape = (1, 8, 8)  # the tiny config's images
+    x, t = torch.randn(2, *shape), torch.full((2,), 0.5)
+    on_cpu = roofline.counted_flops(lambda: student(x, t, y)) / 2
+    on_meta = roofline.network_flops(student, shape, lambda n: torch.zeros(n, dtype=torch.long, device="meta"))
+    assert on_meta.forward == on_cpu > 0
+    assert on_meta.forward < on_meta.vjp < on_meta.train < 3.5 * on_meta.forward
+
+
+def test_real_adm_rows_and_training_seam(monkeypatch):
+    """EDM's ImageNet-64 ADM at real size: its parameter count, the EMD-K/EMD-1 ratio from the iteration's
+    composition, floors from the stated rates, and the seam LoRA rows use: a training function that leaves fewer
+    parameters trainable gives fewer FLOPs and bytes per iteration."""
+    def last_layer_only(net):
+        net.requires_grad_(False)
+        net.out_conv.requires_grad_(True)
+
+    monkeypatch.setitem(roofline.TRAINING, "last-layer", last_layer_only)
+    res = roofline.real_rows(["edm-imagenet64"], ks=(1, 8), training=("full", "last-layer"))
+    full = {r["K"]: r for r in res["rows"] if r["training"] == "full"}
+    part = {r["K"]: r for r in res["rows"] if r["training"] == "last-layer"}
+    assert full[1]["params"] == full[1]["trainable"] == 295_899_267  # EDM's edm-imagenet-64x64-cond-adm.pkl
+    assert part[1]["trainable"] == sum(p.numel() for p in roofline.real_networks("edm-imagenet64")[0]
+                                       .net.out_conv.parameters())
+    assert part[8]["flops"] < full[8]["flops"] and part[8]["param_bytes"] < full[8]["param_bytes"]
+    # ratio = (8 (teacher + forward + vjp) + 2 train) / (1 (...) + 2 train): > 1, < 8
+    assert full[8]["ratio_vs_K1"] == pytest.approx(full[8]["flops"] / full[1]["flops"])
+    assert 3 < full[8]["ratio_vs_K1"] < 8
+    r = full[8]
+    assert r["h100_floor_ms"] == pytest.approx(1e3 * r["flops"] / 800e12)  # FLOP-bound at bf16
+    assert r["h100_ceiling_images_s"] == pytest.approx(64 / (r["h100_floor_ms"] / 1e3))
+    d = res["dmd2"]
+    assert d["images_per_s_a100"] == pytest.approx(280 / 0.95 / 7)  # 7 A100s, batch 280, 0.95 s/iteration
+    assert 0 < d["mfu"] < 1 and d["images_per_s_h100"] == pytest.approx(d["images_per_s_a100"] * 800 / 312)
+    assert r["h100_goal_images_s"] == pytest.approx(d["mfu"] * 800e12 / r["flops_per_sample"])
+    assert "| edm-imagenet64 | full | 8 |" in roofline.real_table(res)

@@ -56,3 +56,31 @@ def test_interrupted_run_keeps_the_rows_measured(tmp_path, monkeypatch):
     assert rc == 1 and res["interrupted"]
     assert [(r["backend"], r["K"]) for r in res["results"]] == [("reference", 1), ("reference", 4)]
     assert res["notes"][-1].startswith("interrupted after 2 rows")
+
+
+def test_real_networks_at_toy_size_and_rows_written_as_they_come(tmp_path, monkeypatch):
+    """The real-network problems (ADM, a guided SD-style UNet) at toy size, eager fp32 and bf16: rows with the
+    same-precision ratio and FLOPs from the floor; and the JSON on disk holds every row measured before a crash
+    (a kill leaves it as it was after the last row)."""
+    measured = throughput.measure_row
+
+    def row_or_crash(*args, **kwargs):
+        if row_or_crash.calls == 3:
+            raise RuntimeError("killed")
+        row_or_crash.calls += 1
+        return measured(*args, **kwargs)
+
+    row_or_crash.calls = 0
+    monkeypatch.setattr(throughput, "measure_row", row_or_crash)
+    out = tmp_path / "t.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        throughput.main(["--smoke", "--problems", "imagenet64", "sd15", "--K", "1", "--impls", "eager", "eager-bf16",
+                         "--backends", "reference", "--iters", "1", "--warmup", "0", "--quiet", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["interrupted"]
+    assert [(r["problem"], r["impl"]) for r in res["results"]] == [
+        ("imagenet64", "eager"), ("imagenet64", "eager-bf16"), ("sd15", "eager")]
+    adm, adm_bf16, sd = res["results"]
+    assert adm_bf16["speedup_vs_eager_same_precision"] == 1.0 and adm_bf16["speedup_vs_eager_ref"] > 0
+    assert adm["flops_per_iter"] == adm["floor_flops"] > 0 and adm["training"] == "full"
+    assert sd["flops_per_iter"] > 0 and "guided" not in sd["problem_label"]

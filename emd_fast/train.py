@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sync: check every network output and gradient for nan/inf and stop at once (host syncs); "
                         "deferred: a device-side flag makes the fused Adam skip non-finite updates and the run "
                         "stops at the next log write (every %d steps), before any checkpoint" % LOG_EVERY)
+    c = p.add_argument_group("compilation (with --compile or --fast)")
+    c.add_argument("--compile-cache", type=Path, default=None,
+                   help="directory of torch.compile's artefacts (default: <out>/compile_cache): a resume, or any run "
+                        "given the same directory (the runs of a sweep), starts warm; $TORCHINDUCTOR_CACHE_DIR wins")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1500, help="training iterations")
     o.add_argument("--batch", type=int, default=256, help="batch size")

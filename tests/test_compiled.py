@@ -1,22 +1,27 @@
 """torch.compile of the networks (emd_fast.execution.compiled, ``--compile``): same results as eager, same checkpoints.
 
-The equality test compiles with inductor (C++ code on the CPU, ~20 s on one thread for the MLP pair); the CLI
-checkpoint test uses the aot_eager backend (EMD_COMPILE_BACKEND): it exercises the same in-place compile and the
-same state_dict path without a second C++ build, and checkpoint keys do not depend on the backend.
+The equality tests compile with inductor (C++ code on the CPU: ~20 s on one thread for the MLP pair, about a minute
+for the regional U-Net's few distinct blocks); the region, recompilation and CLI tests use the aot_eager backend
+(EMD_COMPILE_BACKEND): it exercises the same in-place compile, Dynamo's sharing of block code and the same
+state_dict path without C++ builds, and none of that depends on the backend.
 """
 import json
+import os
 
 import pytest
 import torch
 
 from emd_fast import train
 from emd_fast.emd import EMDConfig
-from emd_fast.execution.compiled import compile_networks, networks
+from emd_fast.execution import compiled
+from emd_fast.execution.compiled import compile_count, compile_networks, networks, regions
 from emd_fast.nets.mlp import MLPDenoiser
-from emd_fast.schedules import VPCosine
+from emd_fast.nets.unet import UNET_CONFIGS, UNetDenoiser
+from emd_fast.problems import init_networks
+from emd_fast.schedules import EDMSchedule, VPCosine
 from emd_fast.teachers import NetworkTeacher
 from emd_fast.training.checkpoint import list_checkpoints
-from emd_fast.training.distiller import Distiller
+from emd_fast.training.distiller import Distiller, Execution
 
 from helpers import small_problem
 
@@ -86,3 +91,122 @@ def test_cli_compiled_checkpoint_resumes_eager(tmp_path, monkeypatch, capsys):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(7))
     assert "compile" not in json.loads((out / "config.json").read_text())  # a runtime option
+
+
+# one level, no attention but the innermost block's: 5 blocks of 3 kinds (32 -> 32 plain twice, 32 with attention,
+# 64 -> 32 twice), so blocks share compiled code within a network as well as across the three networks
+ONE_LEVEL = dict(UNET_CONFIGS["tiny"], channel_mult=[1], attn_resolutions=[])
+
+
+def unet_distiller(config: dict, execution=Execution(finite_check="deferred"), seed=0):
+    """A class-conditional U-Net problem: teacher, generator and student of one architecture (random weights)."""
+    torch.manual_seed(seed)
+    net = UNetDenoiser(schedule=EDMSchedule(), **config)
+    generator, student = init_networks(net, 0.5)
+    c, r = config["img_channels"], config["img_resolution"]
+    return Distiller(NetworkTeacher(net, net.schedule, (c, r, r)), generator, student, EMDConfig(K=2), batch=4,
+                     lr_g=1e-3, lr_s=1e-3, seed=seed, sigma_data=0.5, num_classes=config["label_dim"],
+                     execution=execution)
+
+
+def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch):
+    """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding
+    over 3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose
+    gradient is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run
+    is bounded by 1e-3 of its update's norm and elementwise by a tenth of lr. A second set-up on the same cache
+    directory (after Dynamo forgets everything, as a new process would) builds nothing: every graph comes from
+    inductor's FX-graph cache."""
+    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    eager, comp = unet_distiller(ONE_LEVEL), unet_distiller(ONE_LEVEL)
+    start = {k: v.clone() for k, v in params(eager).items()}
+    report = compile_networks(comp, backend="inductor")
+    assert report.regions == {"generator": 5, "student": 5, "teacher network": 5}, report
+    for _ in range(3):
+        a, b = eager.step(), comp.step()
+        for k in ("loss_g", "loss_s"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    ends = params(comp)
+    for k, v in params(eager).items():
+        if k in start and v.is_floating_point() and v.dim() > 0:  # the networks' tensors (not the step counts)
+            diff = ends[k] - v
+            assert diff.norm() <= 1e-3 * (v - start[k]).norm() + 1e-7 and diff.abs().max() <= 1e-4, k
+    built = counters["inductor"]["fxgraph_cache_miss"]
+    assert built > 0 and any((tmp_path / "cache").iterdir())
+    torch._dynamo.reset()
+    warm = unet_distiller(ONE_LEVEL)
+    compile_networks(warm, backend="inductor")
+    torch.testing.assert_close(warm.step()["loss_g"], unet_distiller(ONE_LEVEL).step()["loss_g"], rtol=1e-4,
+                               atol=1e-5)
+    assert counters["inductor"]["fxgraph_cache_miss"] == built and counters["inductor"]["fxgraph_cache_hit"] > 0
+
+
+def block_kinds(net, config: dict) -> set:
+    """The distinct blocks of a network as its compiled code sees them: channels, heads, resampling and the input's
+    resolution (recorded by hooks on one eager forward)."""
+    kinds = set()
+    hooks = [b.register_forward_pre_hook(lambda b, args: kinds.add((
+        b.in_channels, b.out_channels, b.num_heads, getattr(b.conv0, "up", False), getattr(b.conv0, "down", False),
+        args[0].shape[-1]))) for b in regions(net)]
+    c, r = config["img_channels"], config["img_resolution"]
+    net(torch.randn(2, c, r, r), torch.full((2,), 0.5), torch.tensor([1, 2]))
+    for h in hooks:
+        h.remove()
+    return kinds
+
+
+def test_regions_share_code_and_nothing_recompiles_after_warmup():
+    """Regional compile of a one-level U-Net (5 blocks of 3 kinds): the first iteration compiles at most one graph
+    per distinct block and call mode (no-grad forward of the frozen teacher and of the student, the generator's
+    VJP, training), shared by the blocks of a kind and by the three networks; the next iterations compile nothing.
+    Whole-network scope compiles the networks, not their blocks."""
+    torch._dynamo.reset()
+    distiller = unet_distiller(ONE_LEVEL)
+    blocks, kinds = len(regions(distiller.student)), block_kinds(distiller.student, ONE_LEVEL)
+    report = compile_networks(distiller, backend="aot_eager")
+    assert report.regions == {"generator": blocks, "student": blocks, "teacher network": blocks}
+    counts = [compile_count()]
+    for _ in range(4):
+        distiller.step()
+        counts.append(compile_count())
+    warmup, after = counts[1] - counts[0], counts[-1] - counts[1]
+    assert after == 0, counts  # no recompilation after the first iteration
+    # at most 4 call modes per distinct block: shared by the networks (each on its own: 5 = 1 teacher + 2 + 2)
+    assert 0 < warmup <= 4 * len(kinds) and len(kinds) < blocks
+    whole = unet_distiller(ONE_LEVEL)
+    report = compile_networks(whole, backend="aot_eager", scope="whole")
+    assert report.regions == {} and report.compiled == ["generator", "student", "teacher network"]
+    assert not any(compiled.is_compiled(b) for b in regions(whole.student)) and compiled.is_compiled(whole.student)
+    with pytest.raises(ValueError, match="scope"):
+        compile_networks(unet_distiller(ONE_LEVEL), scope="blocks")
+
+
+def test_compile_cache_directory(tmp_path, monkeypatch):
+    """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR; one set by an earlier
+    run of this process is replaced."""
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)
+    line = compiled.use_compile_cache(tmp_path / "a")
+    assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "a") and (tmp_path / "a").is_dir() and "warm" in line
+    compiled.use_compile_cache(tmp_path / "b")  # set by us before: a new run in this process uses its own
+    assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "b")
+    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "user"))
+    assert "from $TORCHINDUCTOR_CACHE_DIR" in compiled.use_compile_cache(tmp_path / "c")
+    assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "user") and not (tmp_path / "c").exists()
+
+
+def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkeypatch, capsys):
+    """A --compile run of 14 iterations keeps its compile cache (here --compile-cache) and reports the graphs built
+    during the warm-up and none after it in summary.json."""
+    monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)
+    torch._dynamo.reset()
+    out, cache = tmp_path / "run", tmp_path / "shared_cache"
+    assert train.main(["--out", str(out), *SMALL, "--steps", "14", "--compile", "--compile-cache", str(cache)]) == 0
+    assert f"torch.compile cache: {cache}" in capsys.readouterr().err and cache.is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compiled_graphs"]["warmup"] > 0 and summary["compiled_graphs"]["after_warmup"] == 0
+    assert summary["warmup_s"] > 0

@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from emd_fast.problems.diffusers_folder import DiffusersProblem  # noqa: E402
+from emd_fast.teachers.diffusers_folder import encode_with_unconditional, inspect_folder  # noqa: E402
+
 from tiny_pipelines import (  # noqa: E402
     PIXELS,
     PROMPTS,
@@ -22,9 +25,6 @@ from tiny_pipelines import (  # noqa: E402
     sd3_pipeline,
     trains_resumes_and_samples,
 )
-
-from emd_fast.problems.diffusers_folder import DiffusersProblem  # noqa: E402
-from emd_fast.teachers.diffusers_folder import encode_with_unconditional, inspect_folder  # noqa: E402
 
 MAX_LENGTH = ["--max-sequence-length", str(T5_LENGTH)]
 

@@ -11,6 +11,9 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from emd_fast.problems.diffusers_folder import DiffusersProblem  # noqa: E402
+from emd_fast.teachers.diffusers_folder import encode_with_unconditional, inspect_folder  # noqa: E402
+
 from tiny_pipelines import (  # noqa: E402
     PIXELS,
     PROMPTS,
@@ -20,9 +23,6 @@ from tiny_pipelines import (  # noqa: E402
     sdxl_pipeline,
     trains_resumes_and_samples,
 )
-
-from emd_fast.problems.diffusers_folder import DiffusersProblem  # noqa: E402
-from emd_fast.teachers.diffusers_folder import encode_with_unconditional, inspect_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from emd_fast import train  # noqa: E402
+
 from tiny_pipelines import (  # noqa: E402
     PIXELS,
     SMALL,
@@ -19,8 +21,6 @@ from tiny_pipelines import (  # noqa: E402
     sd3_pipeline,
     sdxl_pipeline,
 )
-
-from emd_fast import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,26 @@
 """torch.compile for the networks of a distillation run: generator, student and the teacher's network.
 
-``compile_networks(distiller)`` compiles each network's forward *in place* (``nn.Module.compile``): the modules stay
-the same objects with the same parameters, so the optimizers, ``state_dict`` keys and checkpoints are exactly those
-of an eager run (a checkpoint written with ``--compile`` loads into an eager run and back). The EMD iteration
-itself (control flow, Langevin updates, losses, optimizers) stays eager; only the network calls are compiled, which
-is where the FLOPs of an image-sized problem are. Results equal the eager run up to float rounding.
+``compile_networks(distiller)`` compiles *in place* (``nn.Module.compile``): the modules stay the same objects with
+the same parameters, so the optimizers, ``state_dict`` keys and checkpoints are exactly those of an eager run (a
+checkpoint written with ``--compile`` loads into an eager run and back). The EMD iteration itself (control flow,
+Langevin updates, losses, optimizers) stays eager; only the network calls are compiled, which is where the FLOPs of
+an image-sized problem are. Results equal the eager run up to float rounding.
+
+Regional compilation (the default, ``scope="regional"``): a network built of repeated blocks (the residual blocks of
+our ADM / DDPM++ U-Nets, diffusers' ResNet and transformer blocks: ``REGION_CLASSES``) has each block compiled, not
+the whole network. Blocks of one class share their code, so the compiler traces and builds each distinct block
+(its channels, resolution and attention) once, and the generator, student and teacher, copies of one architecture,
+share those builds; the glue between blocks (embeddings, concatenations, the output layer) stays eager. A whole
+ImageNet-64 ADM compiles as one graph per network and call mode (teacher, student and generator forwards without
+gradients, the generator's VJP, two training forwards with their backward graphs); regionally, as one small graph
+per distinct block and mode (benchmarks/compile_time.py measures both). Regions compile with static shapes
+(``dynamic=False``): one code object serves blocks of different sizes, and torch's automatic dynamic shapes would
+otherwise turn them into dynamic-shape graphs. A network without such blocks (the MLPs) is compiled whole.
+
+Compiled artefacts are kept (``use_compile_cache``): inductor's FX-graph and AOTAutograd caches, its compiled C++
+and Triton kernels, all under one directory (``TORCHINDUCTOR_CACHE_DIR``; by default ``<run>/compile_cache``), so a
+resume, another process of the same job, or a sweep pointed at one directory (``--compile-cache``) starts warm: its
+compiler finds every graph built before and only re-traces (seconds).
 
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
@@ -18,27 +34,40 @@ backend, e.g. to tell a compiler bug from a model bug, or to exercise the compil
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+SCOPES = ("regional", "whole")
+# the repeated blocks compiled one by one: ours (ADM and DDPM++/NCSN++ U-Nets) and diffusers' UNets'
+REGION_CLASSES = ("UNetBlock", "ResnetBlock2D", "Transformer2DModel")
+# Dynamo keeps at most recompile_limit compiled versions per code object; the blocks of one class share theirs
+# (one version per distinct block and call mode: ~100 for an ImageNet-64 ADM run), so regions raise the limits
+RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT = 512, 2048
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 @dataclass
 class CompileReport:
-    """What ``compile_networks`` did: compiled network names, skipped names with the reason, backend and mode."""
+    """What ``compile_networks`` did: compiled network names (with their regions), skipped names with the reason,
+    backend, mode and scope."""
 
     backend: str
     mode: str
+    scope: str = "regional"
     compiled: list[str] = field(default_factory=list)
+    regions: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = [f"torch.compile ({self.backend}, mode {self.mode}): compiled "
-               + (", ".join(self.compiled) if self.compiled else "nothing")]
+        names = [f"{n} ({self.regions[n]} blocks)" if self.regions.get(n) else n for n in self.compiled]
+        out = [f"torch.compile ({self.backend}, mode {self.mode}, {self.scope}): compiled "
+               + (", ".join(names) if names else "nothing")]
         out += [f"torch.compile: skipped {name}: {why}" for name, why in self.skipped.items()]
         return out
 
@@ -53,6 +82,13 @@ def networks(distiller) -> tuple[dict[str, nn.Module], dict[str, str]]:
         return found, {}
     return found, {"teacher": f"{type(teacher).__name__} is analytic (closed-form scores), not a network: "
                               "it stays eager"}
+
+
+def regions(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of ``module`` whose class is one of REGION_CLASSES, in order ([]: none)."""
+    if type(module).__name__ in REGION_CLASSES:
+        return [module]
+    return [r for child in module.children() for r in regions(child)]
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
@@ -75,16 +111,19 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None
+    """Whether ``module`` or one of its regions was compiled in place."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in (module, *regions(module)))
 
 
-def compile_networks(distiller, mode: str = "default", backend: str | None = None,
-                     dynamic: bool | None = None) -> CompileReport:
+def compile_networks(distiller, mode: str = "default", backend: str | None = None, dynamic: bool | None = None,
+                     scope: str = "regional") -> CompileReport:
     """Apply torch.compile in place to the generator, the student and the teacher's network (where it is one).
 
     distiller: a ``training.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
-    $EMD_COMPILE_BACKEND or "inductor"); dynamic: passed to torch.compile (None: torch's automatic dynamic shapes,
-    so the evaluation batch recompiles once and then shares a dynamic graph).
+    $EMD_COMPILE_BACKEND or "inductor"); scope: "regional" (each repeated block, see the module docstring; a network
+    without any is compiled whole) or "whole" (each network as one graph); dynamic: passed to torch.compile for
+    whole networks (None: torch's automatic dynamic shapes, so the evaluation batch recompiles once and then shares
+    a dynamic graph); regions are always static.
     Compilation itself happens lazily at the first call. Never raises for a missing GPU: what cannot be compiled
     is listed in the report's ``skipped`` with the reason, and stays eager.
     """
@@ -93,21 +132,62 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
                          f"and --cuda-graph (emd_fast.execution.graphs), which captures the whole iteration")
     if mode not in MODES:
         raise ValueError(f"torch.compile mode must be one of {MODES}, got {mode!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope must be one of {SCOPES}, got {scope!r}")
     backend = backend or os.environ.get("EMD_COMPILE_BACKEND") or "inductor"
-    report = CompileReport(backend=backend, mode=mode)
+    report = CompileReport(backend=backend, mode=mode, scope=scope)
     found, report.skipped = networks(distiller)
     why = backend_unavailable(backend, distiller.device)
-    kwargs = {"backend": backend, "dynamic": dynamic}
+    kwargs = {"backend": backend}
     if backend == "inductor":
         kwargs["mode"] = mode
     elif mode != "default":
         report.skipped["mode"] = f"mode {mode!r} applies to inductor only; backend {backend} ignores it"
     for name, module in found.items():
+        blocks = regions(module) if scope == "regional" else []
         if why:
             report.skipped[name] = why + ": it stays eager"
         elif is_compiled(module):
             report.skipped[name] = "already compiled"
+        elif blocks:
+            raise_recompile_limits()
+            for block in blocks:
+                block.compile(**kwargs, dynamic=False)
+            report.compiled.append(name)
+            report.regions[name] = len(blocks)
         else:
-            module.compile(**kwargs)
+            module.compile(**kwargs, dynamic=dynamic)
             report.compiled.append(name)
     return report
+
+
+def raise_recompile_limits() -> None:
+    """Let Dynamo keep a compiled version of every distinct block and call mode (never lowers a limit)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT)
+
+
+_cache_set: str | None = None  # the directory use_compile_cache put into the environment, if it did
+
+
+def use_compile_cache(directory: Path | str) -> str:
+    """Keep this process's compiled artefacts in ``directory`` (inductor's FX-graph and AOTAutograd caches, C++ and
+    Triton kernels), unless $TORCHINDUCTOR_CACHE_DIR names one the user chose; call it before the first
+    compilation. Returns a line saying which directory holds them. Safe for concurrent processes (torch writes its
+    cache entries atomically)."""
+    global _cache_set
+    given = os.environ.get(CACHE_ENV)
+    if given and given != _cache_set:
+        return f"torch.compile cache: {given} (from ${CACHE_ENV})"
+    path = Path(directory).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[CACHE_ENV] = _cache_set = str(path)
+    return f"torch.compile cache: {path} (a resume, or a run given --compile-cache {path}, starts warm)"
+
+
+def compile_count() -> int:
+    """Graphs Dynamo has compiled in this process so far, first compilations and recompilations together (a
+    difference of two readings is the compilations in between); 0 if nothing was ever compiled."""
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported: nothing compiled (and no import cost for eager runs)
+    return int(utils.counters["frames"]["ok"]) if utils else 0

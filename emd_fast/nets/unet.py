@@ -349,8 +349,9 @@ class UNetDenoiser(ImageDenoiser):
         self.out_norm = group_norm(cout)
         self.out_conv = zero_init(nn.Conv2d(cout, img_channels, 3, padding=1))
 
-    def unet(self, x, c_noise, y):
-        """The raw network F (EDM's DhariwalUNet.forward): (N, C, H, W) x (N,) x (N,) or None -> (N, C, H, W)."""
+    def encode(self, x, c_noise, y) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The embedding and the encoder: (the innermost features (N, C', H / 2^L, W / 2^L), the skip features,
+        the embedding (N, emb_channels))."""
         emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(c_noise))))
         if self.map_label is not None:
             emb = emb + embed_labels(self.map_label, y)
@@ -359,6 +360,11 @@ class UNetDenoiser(ImageDenoiser):
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        return x, skips, emb
+
+    def unet(self, x, c_noise, y):
+        """The raw network F (EDM's DhariwalUNet.forward): (N, C, H, W) x (N,) x (N,) or None -> (N, C, H, W)."""
+        x, skips, emb = self.encode(x, c_noise, y)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)

@@ -46,7 +46,7 @@ PRESET_DEFAULTS = {
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep",
                 "quiet", "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard",
-                "inception_torchscript", "log", "t_star"}
+                "inception_torchscript", "log", "t_star", "compile_cache"}
 
 
 MAX_K = 1000  # --K: Langevin steps per iteration

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, RunError, Stopped
+from ..execution.compiled import compile_count
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
 from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
@@ -142,8 +143,9 @@ def fastest_step(run: Run, cfg: dict, ranks: Ranks, notes: list[str]):
     one CUDA graph (--cuda-graph), else ``Distiller.step``. What cannot be done here is added to ``notes``."""
     distiller = run.distiller
     if cfg["compile"]:
-        from ..execution.compiled import compile_networks
+        from ..execution.compiled import compile_networks, use_compile_cache
 
+        notes.append(use_compile_cache(cfg.get("compile_cache") or cfg["out"] / "compile_cache"))
         notes += compile_networks(distiller, mode=cfg["compile"]).lines()
     if not cfg["cuda_graph"]:
         return distiller.step
@@ -331,6 +333,7 @@ class Clock:
         self.timer, self.timed_iters = PhaseTimer(device), 0
         self.other_s = self.warm_other_s = 0.0
         self.end = None
+        self.graphs = [compile_count()]  # graphs torch.compile built: at the start, after warm-up, at the end
 
     def first(self, step_count: int) -> bool:
         return step_count == self.start_step
@@ -346,6 +349,7 @@ class Clock:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.warm_t0, self.warm_other_s = time.perf_counter(), self.other_s
+            self.graphs.append(compile_count())
 
     @contextlib.contextmanager
     def maintenance(self):
@@ -356,6 +360,7 @@ class Clock:
 
     def stop(self) -> None:
         self.end = time.perf_counter()
+        self.graphs.append(compile_count())
 
     def stamp(self) -> dict[str, float]:
         """{"time_s": training seconds, "wall_s": wall seconds} of the run so far (all sessions), for a metrics
@@ -398,6 +403,9 @@ class Clock:
             "samples_per_s": round(steps * batch / train_s, 1) if train_s else None,
             "steady_iters_per_s": (round((steps - WARM_ITERS) / steady_s, 2)
                                    if steps > WARM_ITERS and steady_s > 0 else None),
+            "warmup_s": round(self.warm_t0 - self.t0 - self.warm_other_s, 2) if len(self.graphs) == 3 else None,
+            "compiled_graphs": {"warmup": self.graphs[1] - self.graphs[0],
+                                "after_warmup": self.graphs[2] - self.graphs[1] if len(self.graphs) == 3 else None},
             "phase_ms_per_iter": self.timer.summary(self.timed_iters), "phase_timed_iters": self.timed_iters,
             "phase_note": ("none: a CUDA-graph iteration is one launch (run with --no-cuda-graph to time phases)"
                            if self.graphed else f"every {self.phase_every}-th iteration, device synchronised per phase"
