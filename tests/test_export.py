@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
 
-from test_diffusers import latent_pipeline, one_line_error, pixel_folder, prompts_file  # noqa: E402
 from test_lora import IMAGES, MIXTURE, teacher_file  # noqa: E402
 
 from emd_fast import export, sample, train  # noqa: E402
@@ -22,6 +21,9 @@ from emd_fast.exporting.diffusers_pipeline import LORA_FILE  # noqa: E402
 from emd_fast.nets.generator import Generator  # noqa: E402
 from emd_fast.teachers.network_file import load_network  # noqa: E402
 from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
+
+from diffusers_models import latent_pipeline, pixel_folder, prompts_file  # noqa: E402
+from helpers import one_line_error  # noqa: E402
 
 TOL = 1e-5
 PROMPTS = ["a cat", "a red dog"]  # prompts_file's non-blank lines: labels 0 and 1
