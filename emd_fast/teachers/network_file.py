@@ -1,4 +1,4 @@
-"""Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM network pickles.
+"""Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM and EDM2 network pickles.
 
 Our format (``format`` = "emd_fast.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
 ``unet.py``; files written before SongUNet support have no ``network``/``precond`` in it and load as ADM with EDM
@@ -13,7 +13,8 @@ from ..errors import CheckpointError
 from ..files import read_safetensors, save_safetensors_atomic
 from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
-from .edm_pickle import load_edm_pickle
+from .edm2_pickle import edm2_network, is_edm2_network
+from .edm_pickle import edm_network, edm_network_node, read_edm_pickle
 
 FORMAT = "emd_fast.unet"
 EDM_SUFFIXES = (".pkl", ".pickle")
@@ -41,10 +42,18 @@ def load_network(path: str | Path, device=None) -> ImageDenoiser:
     return net.to(device).eval()
 
 
+def load_nvlabs_pickle(path: str | Path, dropout: float | None = 0.0) -> ImageDenoiser:
+    """Our network (eval mode) of an NVlabs network pickle, read once without its code and converted by the reader of
+    its network's class: EDM2's Precond (``edm2_pickle``), EDM's EDMPrecond/VPPrecond/VEPrecond (``edm_pickle``).
+    ``dropout``: 0 by default, None keeps the pickle's. CheckpointError (one line) for what does not convert."""
+    data, source = read_edm_pickle(path), str(path)
+    convert = edm2_network if is_edm2_network(edm_network_node(data, source)) else edm_network
+    return convert(data, source, dropout)
+
+
 def load_teacher_network(path: str | Path, device=None) -> ImageDenoiser:
-    """A teacher network, in eval mode, from our .safetensors file or an NVlabs/EDM network pickle (.pkl, converted
-    in memory by ``edm_checkpoint.load_edm_pickle``: EDM's schedule range within what its preconditioning supports).
-    CheckpointError (one line) for anything unreadable."""
+    """A teacher network, in eval mode, from our .safetensors file or an NVlabs/EDM or EDM2 network pickle (.pkl,
+    converted in memory by ``load_nvlabs_pickle``). CheckpointError (one line) for anything unreadable."""
     if Path(path).suffix.lower() in EDM_SUFFIXES:
-        return load_edm_pickle(path).to(device).eval()
+        return load_nvlabs_pickle(path).to(device).eval()
     return load_network(path, device)
