@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--teacher file: edm-imagenet64, edm-cifar10 (docs/presets.md). Their defaults: see the end")
     a.add_argument("--teacher", type=Path, default=None,
                    help="a teacher network file: NVlabs/EDM's network pickle (.pkl: ADM, DDPM++, NCSN++ with EDM/VP/VE "
-                        "preconditioning, read without EDM's code) or its emd_fast .safetensors conversion "
+                        "preconditioning, read without EDM's code), NVlabs/EDM2's (docs/teachers_edm2.md), or its "
+                        "emd_fast .safetensors conversion "
                         "(python -m emd_fast.edm_import); or a diffusers folder (a UNet2DModel folder with "
                         "scheduler_config.json, or a pipeline folder with model_index.json: pixel or latent "
                         "text-to-image; needs the diffusers extra); generator and student start from it")
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shard", action="store_true",
                    help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
                         "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
+    v = p.add_argument_group("EDM2 teachers (docs/teachers_edm2.md)")
+    v.add_argument("--vae", type=Path, default=None,
+                   help="a latent teacher (EDM2's ImageNet-512 pickles): a local diffusers AutoencoderKL folder of the "
+                        "VAE its samples are latents of (stabilityai/sd-vae-ft-mse; config.json and weights, never "
+                        "downloaded) to decode them for metrics, plots, FID and emd_fast.sample; without it the run "
+                        "trains on the latents and does not decode them")
     return add_debug_flag(p)
 
 

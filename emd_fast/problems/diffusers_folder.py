@@ -132,16 +132,3 @@ class DiffusersProblem(ImageProblem):
         shift = cfg.get("shift_factor") or 0.0
         return torch.cat([self.vae.decode(c.to(device).float() / cfg.scaling_factor + shift).sample.cpu()
                           for c in x.split(DECODE_CHUNK)])
-
-    def metrics(self, samples: torch.Tensor, y=None) -> dict:
-        """ImageProblem's pixel statistics of the decoded samples."""
-        return ImageProblem.metrics(self.decode(samples), y)
-
-    @functools.cached_property
-    def reference_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's Heun samples, decoded."""
-        x, y = self.reference
-        return self.decode(x), y
-
-    def plot(self, path, samples, y, metrics, history, title) -> None:
-        super().plot(path, self.decode(samples), y, metrics, history, title)

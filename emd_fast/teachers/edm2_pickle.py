@@ -111,14 +111,22 @@ def edm2_tensors(node: Captured) -> dict:
             if not k.startswith("logvar_")}
 
 
+def precond_node(data, source: str) -> Captured:
+    """The captured Precond of an EDM2 pickle's tree; CheckpointError where it is not EDM2's or holds other
+    modules than EDM2's."""
+    node = edm_network_node(data, source)
+    if not is_edm2_network(node) or "unet" not in node.children():
+        raise CheckpointError(f"{source}: not an EDM2 network: a {node.class_name} (EDM2's: a Precond with a UNet)")
+    for name, child in node.children().items():
+        if PRECOND_CHILDREN.get(name) != child.class_name:
+            raise CheckpointError(f"{source}: not supported: a {child.class_name} {name!r} in EDM2's Precond")
+    return node
+
+
 def verify(node: Captured, net: EDM2Denoiser, source: str) -> None:
     """CheckpointError unless the captured Precond has our network's modules, of EDM2's classes, with the recorded
     attributes (module doc) ours computes with."""
-    children = node.children()
-    for name, child in children.items():
-        if PRECOND_CHILDREN.get(name) != child.class_name:
-            raise CheckpointError(f"{source}: not supported: a {child.class_name} {name!r} in EDM2's Precond")
-    unet = children["unet"]
+    unet = node.children()["unet"]
     for owner, attrs, prefix in ((node, ("img_resolution", "img_channels", "label_dim", "sigma_data"), ""),
                                  (unet, ("label_balance", "concat_balance"), "unet.")):
         for attr in attrs:
@@ -143,9 +151,7 @@ def verify(node: Captured, net: EDM2Denoiser, source: str) -> None:
 def edm2_network(data, source: str, dropout: float | None = 0.0) -> EDM2Denoiser:
     """Our network (eval mode) of an EDM2 pickle's tree as ``read_edm_pickle`` returns it (module doc);
     CheckpointError (one line) for anything that does not convert."""
-    node = edm_network_node(data, source)
-    if not is_edm2_network(node) or "unet" not in node.children():
-        raise CheckpointError(f"{source}: not an EDM2 network: a {node.class_name} (EDM2's: a Precond with a UNet)")
+    node = precond_node(data, source)
     parts = data if isinstance(data, dict) else {}  # encoder, loss_fn: a bare pickled network has neither
     arch = edm2_arch(precond_kwargs(node, source), dropout, source) | {"latents": edm2_latents(parts, source)}
     schedule = edm2_schedule(parts, source)
