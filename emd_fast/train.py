@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "VAE its samples are latents of (stabilityai/sd-vae-ft-mse; config.json and weights, never "
                         "downloaded) to decode them for metrics, plots, FID and emd_fast.sample; without it the run "
                         "trains on the latents and does not decode them")
+    v.add_argument("--guide", type=Path, default=None,
+                   help="guide the teacher with a second network file g of the same samples (EDM2's guidance: an "
+                        "unconditional network, or a smaller, less trained one: autoguidance): the teacher becomes "
+                        "g + w (D - g), w = --guide-weight; generator and student start from --teacher")
+    v.add_argument("--guide-weight", type=float, default=None,
+                   help="the guidance weight w of --guide (EDM2's presets: 1.2 to 2.9; 1: no guidance)")
     return add_debug_flag(p)
 
 

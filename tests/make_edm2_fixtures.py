@@ -5,7 +5,8 @@
 For each of CASES: EDM2's ``training.networks_edm2.Precond`` with these constructor arguments, every parameter random
 (the zero-initialised gains too) and rounded to fp16, as EDM2's snapshots store it. EDM2's code computes, in fp32:
 ``out`` = D(x; sigma, one_hot(labels)) and ``raw`` = its UNet's F(c_in x, log(sigma) / 4, one_hot(labels)) (F is
-compared on its own: D hides it at small sigma, where c_out ~ sigma), at N_SIGMAS noise levels from 0.002 to 80.
+compared on its own: D hides it at small sigma, where c_out ~ sigma), at 8 noise levels from 0.002 to 80
+(make_edm_fixtures.make_inputs).
 Latent cases also hold EDM2's ``StabilityVAEEncoder`` (its scale and bias), and DECODED_CASE ``decoded``: its
 ``decode`` of x[:2] (uint8 pixels) through a tiny random diffusers AutoencoderKL whose weights are stored too
 (``vae.<key>``, config in the metadata).
@@ -19,7 +20,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import types
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from make_edm_fixtures import make_inputs  # x, sigma (0.002..80), labels: the same inputs as EDM's fixtures
+
 FIXTURES = Path(__file__).with_name("fixtures")
-N_SIGMAS = 8
 LOSS = dict(P_mean=-0.8, P_std=1.6)  # EDM2's ImageNet-64 presets' (train_edm2.py); its default is (-0.4, 1.0)
 CASES = {  # name: (Precond keyword arguments, encoder class or None)
     # pixels, 10 classes, 3 levels, 2 heads of 8 channels at 8x8 and 4x4, dropout recorded, use_fp16
@@ -100,20 +101,6 @@ def make_case(networks, name: str, seed: int = 0):
     kwargs, encoder = (CASES | LIVE_CASES)[name]
     torch.manual_seed(seed)  # EDM2's Fourier buffers
     return randomize(networks.Precond(**kwargs), seed).eval(), kwargs, encoder
-
-
-def make_inputs(net, seed: int = 1) -> dict[str, torch.Tensor]:
-    """x (N, C, R, R): data-like plus sigma-scaled noise; sigma (N,) log-spaced 0.002..80; labels (N,) if
-    conditional."""
-    g = torch.Generator().manual_seed(seed)
-    c, r = net.img_channels, net.img_resolution
-    sigma = torch.logspace(math.log10(0.002), math.log10(80.0), N_SIGMAS)
-    x = 0.5 * torch.randn(N_SIGMAS, c, r, r, generator=g) + sigma[:, None, None, None] * torch.randn(
-        N_SIGMAS, c, r, r, generator=g)
-    out = dict(x=x, sigma=sigma)
-    if net.label_dim:
-        out["labels"] = torch.randint(net.label_dim, (N_SIGMAS,), generator=g)
-    return out
 
 
 @torch.no_grad()

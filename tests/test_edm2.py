@@ -23,6 +23,7 @@ from emd_fast.nets.edm2 import EDM2_CONFIGS, EDM2Denoiser, MPConv, VAELatents, m
 from emd_fast.nets.unet import build_network
 from emd_fast.problems import init_networks
 from emd_fast.schedules import EDMSchedule, VPCosine
+from emd_fast.teachers import GuidedNetworkTeacher
 from emd_fast.teachers.edm2_pickle import VERIFIED_ATTRS, edm2_arch
 from emd_fast.teachers.network_file import load_network, load_nvlabs_pickle, load_teacher_network, save_network
 from emd_fast.training.checkpoint import list_checkpoints
@@ -142,6 +143,23 @@ def write_edm2_pickle(net: EDM2Denoiser, path, kwargs: dict, latents=True, loss=
         change(data)
     path.write_bytes(pickle.dumps(data, protocol=4))
     return path
+
+
+def guide_pickle(path, label_dim=0, img_resolution=16, seed=7):
+    """An EDM2 pickle of a small random 3-channel network, to guide pix_cond's (EDM2's guidance)."""
+    kwargs = dict(img_resolution=img_resolution, img_channels=3, label_dim=label_dim, model_channels=8,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
+    return write_edm2_pickle(random_network(kwargs, seed), path, kwargs)
+
+
+def random_network(kwargs, seed):
+    """Our EDM2 network of Precond arguments ``kwargs``, every parameter random (the zero-initialised gains too)."""
+    torch.manual_seed(seed)
+    net = build_network(edm2_arch(kwargs))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    return net.eval()
 
 
 def fixture_pickle(case, path, **kw):
@@ -376,6 +394,22 @@ def test_published_sizes(config, millions):
     assert round((sum(p.numel() for p in net.parameters()) + 128) / 1e6) == millions
 
 
+@pytest.mark.parametrize("label_dim", [0, 10])
+def test_guided_teacher_is_edm2_guidance(label_dim):
+    """EDM2's D = g.lerp(D_net, w): an unconditional guide gets no labels, a conditional one (autoguidance) the
+    teacher's."""
+    net, guide = fixture_network("pix_cond"), random_network(dict(
+        img_resolution=16, img_channels=3, label_dim=label_dim, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+        attn_resolutions=[4]), seed=3)
+    teacher = GuidedNetworkTeacher(net, guide, 1.7, net.schedule, (3, 16, 16))
+    t = read_fixture("pix_cond")[4]
+    x, sigma, y = t["x"], t["sigma"], t["labels"]
+    with torch.no_grad():
+        g = guide(x, sigma, y if label_dim else None)
+        assert_matches(teacher.denoise(x, sigma, y), g + 1.7 * (net(x, sigma, y) - g), rtol=1e-6)
+    assert teacher.to_config()["guide_weight"] == 1.7 and teacher.to_config()["guide_arch"]["label_dim"] == label_dim
+
+
 # ------------------------------------------------------------------ latents and the VAE
 
 def tiny_vae():
@@ -454,15 +488,27 @@ def test_latent_teacher_without_vae_trains_and_says_so(edm_globals, tmp_path, ca
 
 
 @pytest.mark.parametrize("args,message", [
+    (["--guide", "{tmp}/pixel.pkl"], "--guide PKL and --guide-weight W go together"),
+    (["--guide-weight", "2"], "--guide PKL and --guide-weight W go together"),
+    (["--guide", "{tmp}/absent.pkl", "--guide-weight", "2"], "--guide {tmp}/absent.pkl: no such file"),
+    (["--guide", "{tmp}/pixel.pkl", "--guide-weight", "2"],
+     "--guide {tmp}/pixel.pkl: its samples are 3x8x8 pixels, the teacher's 4x8x8 latents of "
+     "stabilityai/sd-vae-ft-mse"),
+    (["--guide", "{tmp}/g5.pkl", "--guide-weight", "2", "--teacher", "{tmp}/cond.pkl"],
+     "--guide {tmp}/g5.pkl: 5 classes, the teacher has 10 (a guide is unconditional or has the teacher's classes)"),
+    (["--guide", "{tmp}/pixel.pkl", "--guide-weight", "2", "--preset", "ring2d"],
+     "--guide applies to teacher network files"),
     (["--vae", "{tmp}/absent"], "--vae {tmp}/absent: not a directory"),
     (["--vae", "{tmp}/novae"], "config.json describes a UNet2DModel, not an AutoencoderKL"),
     (["--vae", "{tmp}/vae", "--teacher", "{tmp}/pixel.pkl"], "is a pixel model: its samples are images already"),
     (["--vae", "{tmp}/vae", "--preset", "ring2d"], "--vae applies to latent EDM2 teachers"),
     (["--fid-ref", "{tmp}/ref.npz", "--inception", "{tmp}/ref.npz"], "--fid-ref: the teacher's samples are latents"),
 ])
-def test_bad_vae_options_are_one_line_errors(args, message, edm_globals, tmp_path, capsys):  # noqa: F811
+def test_bad_edm2_options_are_one_line_errors(args, message, edm_globals, tmp_path, capsys):  # noqa: F811
     latent_pickle(tmp_path, "latent.pkl")
     fixture_pickle("pix_uncond_opts", tmp_path / "pixel.pkl")
+    fixture_pickle("pix_cond", tmp_path / "cond.pkl")
+    guide_pickle(tmp_path / "g5.pkl", label_dim=5)
     vae_folder(tmp_path / "vae")
     (tmp_path / "novae").mkdir()
     (tmp_path / "novae" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
@@ -477,9 +523,13 @@ def test_bad_vae_options_are_one_line_errors(args, message, edm_globals, tmp_pat
 
 # ------------------------------------------------------------------ a pixel teacher: speed options
 
-def test_pixel_teacher_bf16_deferred_resumes_exactly(edm_globals, tmp_path):  # noqa: F811
+def test_guided_pixel_teacher_bf16_deferred_resumes_exactly(edm_globals, tmp_path):  # noqa: F811
+    """A conditional pixel teacher guided by an unconditional network, bf16, deferred checks, channels_last: a run and
+    a resume that continues it bit for bit; the guide is hashed into the run."""
     pkl = fixture_pickle("pix_cond", tmp_path / "edm2-img64-tiny.pkl")
-    fast = ["--teacher", str(pkl), "--precision", "bf16", "--finite-check", "deferred", "--channels-last"]
+    guide = guide_pickle(tmp_path / "edm2-img64-tiny-uncond.pkl")
+    fast = ["--teacher", str(pkl), "--guide", str(guide), "--guide-weight", "1.4", "--precision", "bf16",
+            "--finite-check", "deferred", "--channels-last"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(["--out", str(straight), *SMALL, *fast]) == 0
     assert train.main(["--out", str(split), *SMALL, *fast, "--steps", "2"]) == 0
@@ -488,15 +538,18 @@ def test_pixel_teacher_bf16_deferred_resumes_exactly(edm_globals, tmp_path):  # 
     a, b = final_tensors(straight), final_tensors(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert math.isfinite(json.loads((split / "summary.json").read_text())["final"]["pixel_std"])
+    cfg = json.loads((split / "config.json").read_text())
+    assert len(cfg["guide_sha256"]) == 64 and cfg["teacher_info"]["guide_weight"] == 1.4
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_deferred_step_makes_no_host_sync(edm_globals, tmp_path, precision):  # noqa: F811
-    """The --fast iteration on an EDM2 teacher (labels, deferred checks, channels_last) reads no tensor value on the
-    host: it can be captured in a CUDA graph."""
+    """The --fast iteration on a guided EDM2 teacher (labels, deferred checks, channels_last) reads no tensor value on
+    the host: it can be captured in a CUDA graph."""
     from emd_fast.training.build import Run
 
     args = ["--teacher", str(fixture_pickle("pix_cond", tmp_path / "t.pkl")), "--finite-check", "deferred",
+            "--guide", str(guide_pickle(tmp_path / "g.pkl", label_dim=10)), "--guide-weight", "2",
             "--channels-last", "--precision", precision, "--batch", "3", "--out", str(tmp_path / "run")]
     run = Run(vars(train.build_parser().parse_args(args)), torch.device("cpu"), fit_teacher=False)
     assert run.distiller.deferred

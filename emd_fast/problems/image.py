@@ -9,11 +9,13 @@ asked for (``--fid-ref`` with ``--inception``), is computed by the run.
 A teacher whose samples are a VAE's latents (EDM2's ImageNet-512 models: the network's ``latents``) distils in the
 latent space; ``--vae DIR`` (a local diffusers AutoencoderKL folder) decodes them into images for the metrics, plots,
 FID and ``emd_fast.sample``. Without it the run trains all the same and says that images are not decoded: the metrics
-are then statistics of the latents, the plots show their first three channels.
+are then statistics of the latents, the plots show their first three channels. ``--guide FILE --guide-weight W``
+guides the teacher by a second network (EDM2's guidance: ``GuidedNetworkTeacher``).
 """
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from ..evaluation.images import class_rows, figure, is_image_shape, save_figure,
 from ..files import sha256_file
 from ..schedules import make_schedule
 from ..seeds import Stream, seed_for
-from ..teachers import NetworkTeacher
-from ..teachers.network_file import load_teacher_network
+from ..teachers import GuidedNetworkTeacher, NetworkTeacher
+from ..teachers.network_file import load_guide_network, load_teacher_network
 
 HEUN_STEPS = 18  # the teacher's reference sampler (unless its network says otherwise): 35 network evaluations
 REFERENCE_SAMPLES = 256  # at most this many teacher samples for the floor and the plots
@@ -50,7 +52,7 @@ class ImageProblem:
     ``--schedule`` may replace the file's own (by default EDM's sigma range within what the network supports).
     """
 
-    options = frozenset({"vae"})
+    options = frozenset({"vae", "guide", "guide_weight"})
 
     def __init__(self, teacher: NetworkTeacher, cfg: dict, sigma_data: float, num_classes: int, vae=None):
         self.teacher, self.cfg, self.sigma_data, self.num_classes = teacher, cfg, sigma_data, num_classes
@@ -71,36 +73,37 @@ class ImageProblem:
             from ..teachers.vae_folder import check_vae_folder
 
             check_vae_folder(cfg["vae"])
+        if bool(cfg.get("guide")) != (cfg.get("guide_weight") is not None):
+            raise ValueError("--guide PKL and --guide-weight W go together: the guide network and its weight")
+        if cfg.get("guide") and not Path(cfg["guide"]).is_file():
+            raise ValueError(f"--guide {cfg['guide']}: no such file (emd_fast never downloads it)")
+        if cfg.get("guide") and not math.isfinite(cfg["guide_weight"]):
+            raise ValueError(f"--guide-weight must be a finite number, got {cfg['guide_weight']}")
 
     @classmethod
     def input_files(cls, cfg: dict) -> dict[str, str]:
-        if not cfg.get("vae"):
-            return {"teacher_sha256": sha256_file(Path(cfg["teacher"]))}
-        from ..teachers.vae_folder import vae_folder_sha256
+        files = {"teacher_sha256": sha256_file(Path(cfg["teacher"]))}
+        if cfg.get("guide"):
+            files["guide_sha256"] = sha256_file(Path(cfg["guide"]))
+        if cfg.get("vae"):
+            from ..teachers.vae_folder import vae_folder_sha256
 
-        return {"teacher_sha256": sha256_file(Path(cfg["teacher"])), "vae_sha256": vae_folder_sha256(cfg["vae"])}
+            files["vae_sha256"] = vae_folder_sha256(cfg["vae"])
+        return files
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ImageProblem":
         net = load_teacher_network(cfg["teacher"])
         if cfg.get("schedule"):
             net.schedule = make_schedule(cfg["schedule"])
-        latents, vae = getattr(net, "latents", None), None
-        if cfg.get("vae") and latents is None:
-            raise ValueError(f"--vae: the teacher {cfg['teacher']} is a pixel model: its samples are images already")
-        if latents is not None and cfg.get("vae"):
-            from ..teachers.vae_folder import load_vae_folder
-
-            vae = load_vae_folder(cfg["vae"], net.img_channels)
-        elif latents is not None:
-            if cfg.get("fid_ref"):
-                raise ValueError(f"--fid-ref: the teacher's samples are latents of {latents.vae}: pass --vae DIR (a "
-                                 f"local folder of that VAE) to decode them into images")
-            print(f"note: the teacher's samples are latents of the VAE {latents.vae} and no --vae folder was given: "
-                  f"images are not decoded (metrics and plots show the latents)", file=sys.stderr)
-        shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        return cls(NetworkTeacher(net, net.schedule, shape, source=Path(cfg["teacher"])), cfg, net.sigma_data,
-                   net.label_dim, vae)
+        guide = load_guide_network(cfg["guide"], net) if cfg.get("guide") else None
+        vae = latent_vae(cfg, net)
+        shape, source = (net.img_channels, net.img_resolution, net.img_resolution), Path(cfg["teacher"])
+        if guide is not None:
+            teacher = GuidedNetworkTeacher(net, guide, cfg["guide_weight"], net.schedule, shape, source)
+        else:
+            teacher = NetworkTeacher(net, net.schedule, shape, source)
+        return cls(teacher, cfg, net.sigma_data, net.label_dim, vae)
 
     def teacher_network(self, device, fit: bool) -> tuple[nn.Module, dict]:
         """Moves the teacher (and a VAE) to ``device`` and returns its network (init_networks copies it; ``fit`` is
@@ -180,6 +183,26 @@ class ImageProblem:
         if self.latents is not None and self.latent_vae is None:
             rows.append("(statistics of the latents: images are not decoded without --vae)")
         return rows + ([f"FID             {f['fid']:.3f}   ({f['fid_samples']} samples)"] if "fid" in f else [])
+
+
+def latent_vae(cfg: dict, net: nn.Module) -> nn.Module | None:
+    """The VAE (--vae) that decodes the samples of a latent teacher network ``net``; None for a pixel teacher, or for a
+    latent one without --vae (said on stderr). ValueError for --vae with a pixel teacher, --fid-ref without a VAE."""
+    latents = getattr(net, "latents", None)
+    if latents is None:
+        if cfg.get("vae"):
+            raise ValueError(f"--vae: the teacher {cfg['teacher']} is a pixel model: its samples are images already")
+        return None
+    if cfg.get("vae"):
+        from ..teachers.vae_folder import load_vae_folder
+
+        return load_vae_folder(cfg["vae"], net.img_channels)
+    if cfg.get("fid_ref"):
+        raise ValueError(f"--fid-ref: the teacher's samples are latents of {latents.vae}: pass --vae DIR (a local "
+                         f"folder of that VAE) to decode them into images")
+    print(f"note: the teacher's samples are latents of the VAE {latents.vae} and no --vae folder was given: images "
+          f"are not decoded (metrics and plots show the latents)", file=sys.stderr)
+    return None
 
 
 def pixel_statistics(images: torch.Tensor) -> dict:

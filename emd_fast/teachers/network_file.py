@@ -51,6 +51,28 @@ def load_nvlabs_pickle(path: str | Path, dropout: float | None = 0.0) -> ImageDe
     return convert(data, source, dropout)
 
 
+def load_guide_network(path: str | Path, teacher: ImageDenoiser) -> ImageDenoiser:
+    """The network that guides ``teacher`` (``--guide``: a file as ``load_teacher_network`` reads), computing in the
+    teacher's schedule; ValueError (one line) where its samples are not the teacher's (shape, latents) or its classes
+    are neither none nor the teacher's."""
+    guide = load_teacher_network(path)
+
+    def samples(net) -> str:
+        latents = getattr(net, "latents", None)
+        return (f"{net.img_channels}x{net.img_resolution}x{net.img_resolution} "
+                + ("pixels" if latents is None else f"latents of {latents.vae}"))
+
+    if samples(guide) != samples(teacher):
+        raise ValueError(f"--guide {path}: its samples are {samples(guide)}, the teacher's {samples(teacher)}")
+    if getattr(guide, "latents", None) and guide.latents.config() != teacher.latents.config():
+        raise ValueError(f"--guide {path}: its latents' scale and bias are not the teacher's")
+    if guide.label_dim not in (0, teacher.label_dim):
+        raise ValueError(f"--guide {path}: {guide.label_dim} classes, the teacher has {teacher.label_dim} (a guide "
+                         f"is unconditional or has the teacher's classes)")
+    guide.schedule = teacher.schedule  # the same function in any schedule (its preconditioning)
+    return guide
+
+
 def load_teacher_network(path: str | Path, device=None) -> ImageDenoiser:
     """A teacher network, in eval mode, from our .safetensors file or an NVlabs/EDM or EDM2 network pickle (.pkl,
     converted in memory by ``load_nvlabs_pickle``). CheckpointError (one line) for anything unreadable."""

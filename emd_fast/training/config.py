@@ -41,7 +41,8 @@ PRESET_DEFAULTS = {
 # Settings that may differ between a run and its resumption; everything else must match the checkpoint.
 # options that only some problems take (each Problem lists those it takes in ``options``), and who takes them
 PROBLEM_OPTIONS = {"prompts": "diffusers teachers (--teacher DIR)", "grad_checkpoint": "diffusers teachers (--teacher DIR)",
-                   "vae": "latent EDM2 teachers (--teacher edm2-img512-*.pkl)"}
+                   "vae": "latent EDM2 teachers (--teacher edm2-img512-*.pkl)",
+                   "guide": "teacher network files (--teacher FILE)", "guide_weight": "--guide"}
 RUNTIME_KEYS = {"steps", "out", "resume", "resume_from", "device", "eval_every", "ckpt_every", "plot_every", "keep", "quiet",
                 "phase_every", "inception", "compile", "fast", "cuda_graph", "channels_last", "finite_check",
                 "fid_every", "fid_samples", "fid_ref", "grad_checkpoint", "dist_timeout", "shard"}
