@@ -3,14 +3,18 @@ their published configurations (nothing downloaded), one `python -m emd_fast.tra
 
     python benchmarks/real_size.py edm-imagenet64 --batch 64 --steps 12                 # EDM's ImageNet-64 ADM (296 M)
     python benchmarks/real_size.py sd15 --batch 4 --steps 8 --variants eager-bf16 fast-bf16 checkpointed-bf16
-    python benchmarks/real_size.py tiny-adm tiny-sd --device cpu --steps 2              # the CPU smoke sizes
+    python benchmarks/real_size.py edm2-img512-s edm2-img512-xxl --batch 16 --variants eager-bf16 fast-bf16
+    python benchmarks/real_size.py tiny-adm tiny-sd tiny-edm2 --device cpu --steps 2    # the CPU smoke sizes
 
 Teachers: ``edm-imagenet64`` (UNET_CONFIGS["edm-imagenet64-adm"] as our .safetensors, run with
 ``--preset edm-imagenet64``); ``sd15``, a Stable-Diffusion-v1.5-sized pipeline folder: the UNet of SD v1.5's config
 (4x64x64 latents, 859.5 M parameters, 768-wide cross attention), with a small VAE (4 latent channels, 8x down) and a
 2-layer CLIP text encoder of SD's width (768) over a tiny written vocabulary, 77 tokens, guidance 3: the UNet is
-what costs; the text encoder runs once per prompt and the VAE only for the end-of-run plot. ``tiny-adm`` and
-``tiny-sd`` are the same at toy sizes. Each variant's iterations/s (whole loop and steady state: the loop's own
+what costs; the text encoder runs once per prompt and the VAE only for the end-of-run plot. ``edm2-img64-s``,
+``edm2-img512-s``, ``edm2-img512-xxl``: EDM2's networks at their published sizes (``nets/edm2.py`` EDM2_CONFIGS;
+280 M and 1523 M parameters) as our .safetensors, the latent ones without a VAE (the run does not decode; the VAE
+would enter only the evaluations). ``tiny-adm``, ``tiny-sd`` and ``tiny-edm2`` are the same at toy sizes.
+Each variant's iterations/s (whole loop and steady state: the loop's own
 figures from summary.json), peak GPU memory (torch.cuda.max_memory_allocated), set-up time, or its failure (exit code
 and last line) go to ``--out`` (JSON, written after every variant) and a markdown table. The end-of-run checkpoint is
 written as in any run (not timed): point ``--workdir`` at a fast disk with room for it (an ImageNet-64 run's is
@@ -92,11 +96,26 @@ def write_sd_pipeline(full_size: bool, path: Path) -> list[str]:
     return ["--teacher", str(path), "--prompts", str(prompts), "--guidance-scale", "3"]
 
 
+def write_edm2_teacher(config: str, path: Path) -> list[str]:
+    """Our .safetensors of a random EDM2 teacher (EDM2_CONFIGS[config], or TINY_EDM2); returns the train options."""
+    from emd_fast.nets.edm2 import EDM2_CONFIGS
+    from emd_fast.nets.unet import build_network
+    from emd_fast.teachers.network_file import save_network
+
+    torch.manual_seed(0)
+    save_network(build_network(dict(EDM2_CONFIGS.get(config, TINY_EDM2))), path, config)
+    return ["--teacher", str(path)] + (["--preset", "edm-imagenet64"] if config in EDM2_CONFIGS else [])
+
+
+TINY_EDM2 = dict(network="edm2", img_channels=3, img_resolution=16, label_dim=10, model_channels=16,
+                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], channels_per_head=16)
 TEACHERS = {
     "edm-imagenet64": lambda d: write_adm_teacher("edm-imagenet64-adm", d / "teacher.safetensors"),
     "tiny-adm": lambda d: write_adm_teacher("tiny", d / "teacher.safetensors"),
     "sd15": lambda d: write_sd_pipeline(True, d / "pipeline"),
     "tiny-sd": lambda d: write_sd_pipeline(False, d / "pipeline"),
+    **{name: (lambda d, name=name: write_edm2_teacher(name, d / "teacher.safetensors"))
+       for name in ("edm2-img64-s", "edm2-img512-s", "edm2-img512-xxl", "tiny-edm2")},
 }
 
 

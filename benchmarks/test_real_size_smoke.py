@@ -1,6 +1,6 @@
-"""``benchmarks/real_size.py`` at its toy sizes on the CPU: a random ADM teacher file and a random SD-style pipeline
-folder distil through real train processes, the figures land in the JSON, and a failing variant is reported as one
-(the numbers themselves mean nothing here)."""
+"""``benchmarks/real_size.py`` at its toy sizes on the CPU: random ADM and EDM2 teacher files and a random SD-style
+pipeline folder distil through real train processes, the figures land in the JSON, and a failing variant is reported
+as one (the numbers themselves mean nothing here)."""
 import json
 
 import pytest
@@ -12,13 +12,14 @@ pytest.importorskip("diffusers")
 
 def test_toy_teachers_run_and_failures_are_reported(tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = real_size.main(["tiny-adm", "tiny-sd", "--device", "cpu", "--steps", "2", "--batch", "2", "--K", "1",
-                         "--variants", "eager-fp32", "checkpointed-bf16", "--workdir", str(tmp_path),
+    rc = real_size.main(["tiny-adm", "tiny-sd", "tiny-edm2", "--device", "cpu", "--steps", "2", "--batch", "2",
+                         "--K", "1", "--variants", "eager-fp32", "checkpointed-bf16", "--workdir", str(tmp_path),
                          "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and res["batch"] == 2
     assert [r["variant"] for r in res["results"]["tiny-adm"]] == ["eager-fp32"]  # checkpointing: diffusers only
     assert [r["variant"] for r in res["results"]["tiny-sd"]] == ["eager-fp32", "checkpointed-bf16"]
+    assert [r["variant"] for r in res["results"]["tiny-edm2"]] == ["eager-fp32"]
     for rows in res["results"].values():
         for r in rows:
             assert r["ok"] and r["iters_per_s"] > 0 and r["peak_gpu_memory_gib"] is None  # CPU: no GPU figure

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--teacher file: edm-imagenet64, edm-cifar10 (docs/presets.md). Their defaults: see the end")
     a.add_argument("--teacher", type=Path, default=None,
                    help="a teacher network file: NVlabs/EDM's network pickle (.pkl: ADM, DDPM++, NCSN++ with EDM/VP/VE "
-                        "preconditioning, read without EDM's code) or its emd_fast .safetensors conversion "
+                        "preconditioning, read without EDM's code), NVlabs/EDM2's (docs/teachers_edm2.md), or its "
+                        "emd_fast .safetensors conversion "
                         "(python -m emd_fast.edm_import); or a diffusers folder (a UNet2DModel folder with "
                         "scheduler_config.json, or a pipeline folder with model_index.json: pixel or latent "
                         "text-to-image; needs the diffusers extra); generator and student start from it")
@@ -185,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated names or patterns (* ? [..]) of the nn.Linear / nn.Conv2d layers to adapt, "
                          "each matching a module's full name or its ending after a '.' (e.g. to_q,to_k,to_v,to_out.0); "
                          "default: the architecture's list (docs/lora.md)")
+    v = p.add_argument_group("EDM2 teachers (docs/teachers_edm2.md)")
+    v.add_argument("--vae", type=Path, default=None,
+                   help="a latent teacher (EDM2's ImageNet-512 pickles): a local diffusers AutoencoderKL folder of the "
+                        "VAE its samples are latents of (stabilityai/sd-vae-ft-mse; config.json and weights, never "
+                        "downloaded) to decode them for metrics, plots, FID and emd_fast.sample; without it the run "
+                        "trains on the latents and does not decode them")
+    v.add_argument("--guide", type=Path, default=None,
+                   help="guide the teacher with a second network file g of the same samples (EDM2's guidance: an "
+                        "unconditional network, or a smaller, less trained one: autoguidance): the teacher becomes "
+                        "g + w (D - g), w = --guide-weight; generator and student start from --teacher")
+    v.add_argument("--guide-weight", type=float, default=None,
+                   help="the guidance weight w of --guide (EDM2's presets: 1.2 to 2.9; 1: no guidance)")
     x = p.add_argument_group("files run as code (only for files you trust)")
     x.add_argument("--inception-torchscript", action="store_true", help=INCEPTION_TORCHSCRIPT_HELP)
     return add_debug_flag(p)

@@ -206,7 +206,7 @@ def test_bad_architecture_arguments(kind, overrides, match):
 
 
 def test_build_network_errors():
-    with pytest.raises(ValueError, match=r"unknown network 'dit'; choose one of \('adm', 'song'\)"):
+    with pytest.raises(ValueError, match=r"unknown network 'dit'; choose one of \('adm', 'song', 'edm2'\)"):
         build_network({"network": "dit"})
     with pytest.raises(ValueError, match="bad song architecture: .*unexpected keyword argument 'heads'"):
         build_network(SONG_TINY | {"network": "song", "heads": 2})

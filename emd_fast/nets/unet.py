@@ -490,6 +490,18 @@ class SongUNetDenoiser(ImageDenoiser):
 NETWORKS = {cls.network: cls for cls in (UNetDenoiser, SongUNetDenoiser)}
 
 
+def network_class(kind: str) -> type[ImageDenoiser]:
+    """The network class of an arch's "network"; EDM2's lives in edm2.py, which builds on this module. ValueError
+    for an unknown network."""
+    if kind == "edm2":
+        from .edm2 import EDM2Denoiser
+
+        return EDM2Denoiser
+    if kind not in NETWORKS:
+        raise ValueError(f"unknown network {kind!r}; choose one of {(*NETWORKS, 'edm2')}")
+    return NETWORKS[kind]
+
+
 def check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], source: str) -> None:
     """CheckpointError (one line) naming missing/unexpected keys or the first shape mismatch."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -544,12 +556,11 @@ def build_network(arch: dict, schedule: Schedule | None = None, tensors: dict[st
     ValueError for an unknown network or argument, or numbers no network is built with (``check_arch``)."""
     check_arch(arch)
     kind = arch.get("network", "adm")
-    if kind not in NETWORKS:
-        raise ValueError(f"unknown network {kind!r}; choose one of {tuple(NETWORKS)}")
+    cls = network_class(kind)
     schedule = schedule or EDMSchedule()
     try:
         with torch.device("meta") if tensors is not None else contextlib.nullcontext():
-            net = NETWORKS[kind](schedule=schedule, **arch)
+            net = cls(schedule=schedule, **arch)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as e:  # e.g. 0 channels
         raise ValueError(f"bad {kind} architecture: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None

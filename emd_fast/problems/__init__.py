@@ -4,7 +4,7 @@ into the run's config) and the random streams it derives from the run's seed.
 
     MixtureProblem     an exact Gaussian-mixture teacher (a preset or --mixture FILE), MLP networks
     DigitsProblem      the shipped class-conditional U-Net on 8x8 digits (--preset digits)
-    ImageProblem       a teacher network file: NVlabs/EDM's pickles, emd_fast U-Net safetensors (--teacher FILE)
+    ImageProblem       a teacher network file: NVlabs/EDM's and EDM2's pickles, emd_fast safetensors (--teacher FILE)
     DiffusersProblem   a diffusers model or pipeline folder (--teacher DIR)
 
 A teacher format plugs in as a Problem class whose ``claims(path)`` recognises its files, listed once in

@@ -193,16 +193,3 @@ class DiffusersProblem(ImageProblem):
             std, shift = (torch.tensor(v, device=device).view(-1, 1, 1) for v in (cfg.latents_std, cfg.latents_mean))
         return torch.cat([self.vae.decode(c.to(device).float() * std / cfg.scaling_factor + shift).sample.cpu()
                           for c in x.split(DECODE_CHUNK)])
-
-    def metrics(self, samples: torch.Tensor, y=None) -> dict:
-        """ImageProblem's pixel statistics of the decoded samples."""
-        return ImageProblem.metrics(self.decode(samples), y)
-
-    @functools.cached_property
-    def reference_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's Heun samples, decoded."""
-        x, y = self.reference
-        return self.decode(x), y
-
-    def plot(self, path, samples, y, metrics, history, title) -> None:
-        super().plot(path, self.decode(samples), y, metrics, history, title)

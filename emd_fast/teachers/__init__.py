@@ -51,3 +51,25 @@ class NetworkTeacher(nn.Module):
 
     def score(self, x_t, t, y=None):
         return score_from_denoiser(self.schedule, x_t, t, self.denoise(x_t, t, y))
+
+
+class GuidedNetworkTeacher(NetworkTeacher):
+    """A network teacher guided by a second network g (EDM2's guidance): D = g + w (D_net - g), w the guidance weight
+    (1: the network alone). g gets the class labels where it is class-conditional (autoguidance by a smaller, less
+    trained network), none where it is not (classifier-free guidance by an unconditional network)."""
+
+    def __init__(self, net: nn.Module, guide: nn.Module, weight: float, schedule: Schedule,
+                 data_shape: tuple[int, ...], source=None, guide_source=None):
+        super().__init__(net, schedule, data_shape, source)
+        self.guide, self.weight = guide.requires_grad_(False).eval(), float(weight)
+        self.guide_source = guide_source
+
+    def to_config(self) -> dict:
+        guide = {} if self.guide_source is None else {"guide_sha256": sha256_file(Path(self.guide_source))}
+        return super().to_config() | {"guide_arch": getattr(self.guide, "arch", None), "guide_weight": self.weight,
+                                      **guide}
+
+    @torch.no_grad()
+    def denoise(self, x_t, t, y=None):
+        g = self.guide(x_t, t, y if self.guide.label_dim else None)
+        return g.lerp(self.net(x_t, t, y), self.weight)

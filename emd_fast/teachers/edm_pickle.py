@@ -6,10 +6,13 @@ object's __dict__: _parameters, _buffers, _modules, _init_kwargs and attributes 
 unpickler (``emd_fast.safe_pickle``) resolves only the globals such a pickle needs: that call (it captures class_name
 and state; module_src is never executed), dnnlib.util.EasyDict (as dict), collections.OrderedDict, torch's tensor and
 parameter rebuilds, torch.storage._load_from_bytes (each storage's legacy torch record, parsed as data), torch.nn.
-ModuleDict (captured state) and numpy scalars/dtypes. Any other global is refused: CheckpointError naming it. The
+ModuleDict (captured state), numpy scalars/dtypes and numeric numpy arrays (EDM2's latent encoder keeps its scale
+and bias in arrays). Any other global is refused: CheckpointError naming it. The
 file's work and memory are bounded by its size: memo indices in order, every tensor a non-overlapping view of a
 storage the file holds (no stride-0 views), the module tree a tree (no module reached twice, no cycle, at most
 ``MAX_DEPTH`` deep).
+The same reader serves EDM2's pickles (``edm2_pickle``), which use the same persistence protocol;
+``network_file.load_nvlabs_pickle`` tells the two apart by the network's class.
 
 Conversion (``load_edm_pickle``, ``convert_edm_network``). The network is ``data['ema']`` (EDM's snapshots are dicts
 of ema, loss_fn, augment_pipe, dataset_kwargs) or the pickled object itself. Its constructor arguments, with EDM's
@@ -133,6 +136,27 @@ def _numpy_scalar(dtype, data: bytes):
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
+class _NDArrayType:
+    """Stands for numpy.ndarray in a pickle: accepted as the array type to reconstruct, never called."""
+
+
+class _NumericArray(np.ndarray):
+    """An array that the pickle's BUILD fills (ndarray.__setstate__): numeric dtypes only."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)
+                and state[2].kind in "biuf"):
+            raise CheckpointError("refuses a numpy array that is not numeric")
+        super().__setstate__(state)
+
+
+def _ndarray(subtype, shape, dtype):
+    """numpy's _reconstruct(ndarray, (0,), b'b'): an empty array that the pickle then fills."""
+    if subtype is not _NDArrayType:
+        raise CheckpointError("refuses a numpy array of a type other than numpy.ndarray")
+    return _NumericArray(0, dtype=np.uint8)
+
+
 def safe_globals(tensors: Tensors, what: str) -> dict:
     """The globals an EDM pickle may use, tensors built by ``tensors`` (see the module docstring)."""
     def storage(data: bytes) -> Storage:
@@ -155,6 +179,9 @@ def safe_globals(tensors: Tensors, what: str) -> dict:
         ("numpy", "dtype"): np.dtype,
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy", "ndarray"): _NDArrayType,
+        ("numpy.core.multiarray", "_reconstruct"): _ndarray,  # numpy 1, as EDM2's published pickles were written
+        ("numpy._core.multiarray", "_reconstruct"): _ndarray,
     }
 
 
@@ -318,8 +345,12 @@ def verify_modules(node: Captured, net: ImageDenoiser, source: str) -> None:
 def load_edm_pickle(path: str | Path, dropout: float | None = 0.0) -> ImageDenoiser:
     """Our network (eval mode, EDM schedule, see the module notes) from an NVlabs/EDM network pickle, verified
     against the attributes the pickle records; CheckpointError (one line) for anything that does not convert."""
-    source = str(path)
-    node = edm_network_node(read_edm_pickle(path), source)
+    return edm_network(read_edm_pickle(path), str(path), dropout)
+
+
+def edm_network(data, source: str, dropout: float | None = 0.0) -> ImageDenoiser:
+    """``load_edm_pickle`` of the tree ``read_edm_pickle`` returned (``source``: the file, for messages)."""
+    node = edm_network_node(data, source)
     kwargs, model = node.state.get("_init_kwargs"), node.children().get("model")
     if node.state.get("_init_args") or not isinstance(kwargs, dict) or model is None:
         raise CheckpointError(f"{source}: the {node.class_name} records no keyword constructor arguments or no model")

@@ -1,4 +1,4 @@
-"""Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM network pickles.
+"""Image-network files: our safetensors format, and teachers from our files or NVlabs/EDM and EDM2 network pickles.
 
 Our format (``format`` = "emd_fast.unet"): the network's state dict (fp32) with metadata ``arch`` (JSON, see
 ``unet.py``; files written before SongUNet support have no ``network``/``precond`` in it and load as ADM with EDM
@@ -13,11 +13,11 @@ from ..errors import CheckpointError
 from ..files import parse_json, read_safetensors, save_safetensors_atomic
 from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
-from .edm_pickle import load_edm_pickle
+from .edm2_pickle import edm2_network, is_edm2_network
+from .edm_pickle import edm_network, edm_network_node, read_edm_pickle
 
 FORMAT = "emd_fast.unet"
 # the readers of teacher network files other than ours, by suffix: each returns an ImageDenoiser
-READERS = {".pkl": load_edm_pickle, ".pickle": load_edm_pickle}
 
 
 def save_network(net: ImageDenoiser, path: str | Path, name: str = "custom",
@@ -46,8 +46,43 @@ def load_network(path: str | Path, device=None) -> ImageDenoiser:
     return net.to(device).eval()
 
 
+def load_nvlabs_pickle(path: str | Path, dropout: float | None = 0.0) -> ImageDenoiser:
+    """Our network (eval mode) of an NVlabs network pickle, read once without its code and converted by the reader of
+    its network's class: EDM2's Precond (``edm2_pickle``), EDM's EDMPrecond/VPPrecond/VEPrecond (``edm_pickle``).
+    ``dropout``: 0 by default, None keeps the pickle's. CheckpointError (one line) for what does not convert."""
+    data, source = read_edm_pickle(path), str(path)
+    convert = edm2_network if is_edm2_network(edm_network_node(data, source)) else edm_network
+    return convert(data, source, dropout)
+
+
+# teacher network files other than ours, by suffix
+READERS = {".pkl": load_nvlabs_pickle, ".pickle": load_nvlabs_pickle}
+
+
+def load_guide_network(path: str | Path, teacher: ImageDenoiser) -> ImageDenoiser:
+    """The network that guides ``teacher`` (``--guide``: a file as ``load_teacher_network`` reads), computing in the
+    teacher's schedule; ValueError (one line) where its samples are not the teacher's (shape, latents) or its classes
+    are neither none nor the teacher's."""
+    guide = load_teacher_network(path)
+
+    def samples(net) -> str:
+        latents = getattr(net, "latents", None)
+        return (f"{net.img_channels}x{net.img_resolution}x{net.img_resolution} "
+                + ("pixels" if latents is None else f"latents of {latents.vae}"))
+
+    if samples(guide) != samples(teacher):
+        raise ValueError(f"--guide {path}: its samples are {samples(guide)}, the teacher's {samples(teacher)}")
+    if getattr(guide, "latents", None) and guide.latents.config() != teacher.latents.config():
+        raise ValueError(f"--guide {path}: its latents' scale and bias are not the teacher's")
+    if guide.label_dim not in (0, teacher.label_dim):
+        raise ValueError(f"--guide {path}: {guide.label_dim} classes, the teacher has {teacher.label_dim} (a guide "
+                         f"is unconditional or has the teacher's classes)")
+    guide.schedule = teacher.schedule  # the same function in any schedule (its preconditioning)
+    return guide
+
+
 def load_teacher_network(path: str | Path, device=None) -> ImageDenoiser:
     """A teacher network, in eval mode, from our .safetensors file or a file of a suffix in ``READERS``: an
-    NVlabs/EDM network pickle (.pkl, converted in memory by ``edm_pickle.load_edm_pickle``: EDM's schedule range
+    NVlabs/EDM or EDM2 network pickle (.pkl, converted in memory by ``load_nvlabs_pickle``: EDM's schedule range
     within what its preconditioning supports). CheckpointError (one line) for anything unreadable."""
     return READERS.get(Path(path).suffix.lower(), load_network)(path).to(device).eval()

@@ -96,11 +96,14 @@ class Run:
         return seed_for(self.cfg["seed"], Stream.FID)
 
     def sample_batches(self, n: int, seed: int, chunk: int = 250):
-        """n samples of the (EMA) generator, ``chunk`` at a time, from a generator seeded with ``seed`` (made by all
-        ranks of a distributed run, gathered on rank 0; None on the others)."""
+        """n samples of the (EMA) generator as images (decoded where the problem decodes its samples: latent
+        teachers), ``chunk`` at a time, from a generator seeded with ``seed`` (made by all ranks of a distributed run,
+        gathered on rank 0; None on the others)."""
         rng = torch.Generator(self.distiller.device).manual_seed(seed)
+        decode = getattr(self.problem, "decode", None)
         for i in range(0, n, chunk):
-            yield self.sample(min(chunk, n - i), rng)[0]
+            x = self.sample(min(chunk, n - i), rng)[0]
+            yield x if x is None or decode is None else decode(x)
 
 
 def find_checkpoint(path: Path) -> Path:

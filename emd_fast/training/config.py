@@ -143,7 +143,7 @@ def validate(cfg: dict) -> None:
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise RunError(f"--{key.replace('_', '-')} must be a number >= 0, got {cfg[key]}")
     folder_teacher = bool(cfg.get("teacher")) and Path(cfg["teacher"]).is_dir()
-    for key in ("teacher", "mixture", "inception", "fid_ref", "prompts"):
+    for key in ("teacher", "mixture", "inception", "fid_ref", "prompts", "guide"):
         if cfg.get(key) and not (key == "teacher" and folder_teacher):
             kind = describe(cfg[key])
             if kind not in ("a regular file", "a symbolic link to a regular file"):
