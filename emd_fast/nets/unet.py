@@ -519,8 +519,8 @@ ARCH_INT_MAX = 1 << 20  # any count or size in an arch (channels, resolution, bl
 
 def check_arch(arch) -> None:
     """ValueError (one line) unless ``arch`` is an arch's shape: a dict of numbers (ints in [0, ARCH_INT_MAX], floats
-    finite), strings, booleans, None, flat lists of such ints, and ``precond`` a flat dict of the same (an arch read
-    from a file reaches the constructors only so)."""
+    finite), strings, booleans, None, flat lists of such ints, ``precond`` a flat dict of the same and ``latents`` one
+    of names and short lists of finite numbers (an arch read from a file reaches the constructors only so)."""
     def plain(key, v) -> bool:
         if isinstance(v, bool) or v is None or isinstance(v, str):
             return True
@@ -535,6 +535,11 @@ def check_arch(arch) -> None:
             bad = [k for k, x in v.items() if not plain(k, x)]
             if bad:
                 raise ValueError(f"precond {bad[0]}: a {_shown(v[bad[0]])}, not a plain number, string or flag")
+        elif key == "latents" and isinstance(v, dict):  # EDM2's latent encoder: the VAE's name, scale and bias
+            for k, x in v.items():
+                if not (isinstance(x, str) or (isinstance(x, list) and len(x) <= 64 and all(
+                        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in x))):
+                    raise ValueError(f"latents {k}: a {_shown(x)}, not a name or a short list of finite numbers")
         elif isinstance(v, list):
             if len(v) > 64 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= ARCH_INT_MAX
                                       for x in v):
