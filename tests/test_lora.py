@@ -16,15 +16,6 @@ from torch import nn
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
 
-from test_diffusers import (  # noqa: E402
-    SD_BETAS,
-    latent_pipeline,
-    one_line_error,
-    prompts_file,
-    scheduler,
-    tiny_cond_unet,
-    tiny_unet,  # noqa: E402
-)
 from test_distributed import SharedNoiseDistiller, launch  # noqa: E402
 
 from emd_fast import train  # noqa: E402
@@ -50,6 +41,16 @@ from emd_fast.training.build import Run  # noqa: E402
 from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
 from emd_fast.training.config import resolve  # noqa: E402
 from emd_fast.training.distiller import Distiller  # noqa: E402
+
+from diffusers_models import (  # noqa: E402
+    SD_BETAS,
+    latent_pipeline,
+    prompts_file,
+    scheduler,
+    tiny_cond_unet,
+    tiny_unet,
+)
+from helpers import one_line_error  # noqa: E402
 
 MIXTURE = ["--teacher-fit-steps", "10", "--hidden", "16", "--depth", "1", "--batch", "8", "--K", "1", "--eval-every",
            "2", "--eval-samples", "50", "--ckpt-every", "2", "--quiet", "--device", "cpu", "--phase-every", "0"]
