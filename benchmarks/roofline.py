@@ -25,8 +25,8 @@ non-tensor; the device at hand: its copy bandwidth and matmul rate measured here
 tables report measured / floor ("x floor") against these.
 Real networks (``real_rows``, ``--real``): EDM's ImageNet-64 ADM and SD v1.5's UNet, built on the meta device, for
 EMD-1/4/8/16 and each way of training them (``TRAINING``: full, LoRA at rank ``LORA_RANK``), at batch 64: FLOPs
-per sample, bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is measured
-against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
+per sample, bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is
+measured against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
 torch.compile. docs/performance.md holds the table.
 """
 from __future__ import annotations
