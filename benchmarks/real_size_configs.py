@@ -1,6 +1,6 @@
 """The denoising networks of the text-to-image teachers people distil, at real size, built from their published
 configurations (the configs of the Hub folders, as public code copies them; nothing downloaded) on the ``meta``
-device or under a FakeTensorMode: shapes and dtypes only, no memory. For memory reports (benchmarks/diffusers_memory.py)
+device or under a FakeTensorMode: shapes and dtypes only, no memory. For memory reports (benchmarks/memory.py)
 and anything else that needs the real networks' sizes and the inputs of one forward.
 
     python benchmarks/real_size_configs.py          # each network's weight count beside the published one

@@ -24,9 +24,9 @@ H100 rates: 3.0 TB/s device copy, 800 TFLOP/s dense bf16 (both measured on this 
 non-tensor; the device at hand: its copy bandwidth and matmul rate measured here (GPU: bf16, CPU: fp32). Benchmark
 tables report measured / floor ("x floor") against these.
 Real networks (``real_rows``, ``--real``): EDM's ImageNet-64 ADM and SD v1.5's UNet, built on the meta device, for
-EMD-1/4/8/16 and each way of training them (``TRAINING``: full; LoRA joins there), at batch 64: FLOPs per sample,
-bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is measured
-against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
+EMD-1/4/8/16 and each way of training them (``TRAINING``: full, LoRA at rank ``LORA_RANK``), at batch 64: FLOPs
+per sample, bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is
+measured against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
 torch.compile. docs/performance.md holds the table.
 """
 from __future__ import annotations
@@ -179,9 +179,18 @@ SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' UNet2DCo
 SD_TINY = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
+LORA_RANK = 16  # the LoRA rows' rank (benchmarks/memory.py reports 16, 64 and 128)
+
+
+def lora_training(net: torch.nn.Module) -> None:
+    """``net`` adapted in place as ``--lora LORA_RANK`` adapts the generator's and student's copies (the
+    architecture's default targets, base frozen): only the adapters are trainable."""
+    from emd_fast.nets.lora import LoraSettings, adapt
+    adapt(net, LoraSettings(LORA_RANK))
+
+
 # How generator and student train: a function marking the trainable parameters of a network copy (None: all).
-# LoRA rows join here once --lora lands: TRAINING["lora"] = <the function that adapts a network for --lora>.
-TRAINING = {"full": None}
+TRAINING = {"full": None, "lora": lora_training}
 # DMD2 on ImageNet-64 with EDM's ADM (tianweiy/DMD2, experiments/imagenet/README.md and the *_scratch.sh config):
 # 200k iterations in 53 h on 7 A100s (0.95 s/iteration) at batch 40 per GPU, bf16, generator updated every 5th
 # iteration (dfake_gen_update_ratio 5), GAN classifier on the fake score's bottleneck.

@@ -29,7 +29,7 @@ Problems:
   imagenet64, sd15  the real networks (``roofline.real_networks``, random weights): EDM's ImageNet-64 ADM
           (296 M, 1000 classes) at batch 64 and SD v1.5's UNet (860 M, 4x64x64 latents, a guided teacher: two
           UNet calls) at batch 8; in the smoke mode the same kinds at toy size, batch 2.
-``--training``: how generator and student train (``roofline.TRAINING``: full; LoRA joins there), an axis of its
+``--training``: how generator and student train (``roofline.TRAINING``: full, LoRA), an axis of its
 own; each row says which.
 Timing: ``--warmup`` untimed iterations (the graph variants run GraphedStep's eager warm-up and the capture before
 these), then ``--iters`` timed ones, each timed with CUDA events on GPU, the wall clock on the CPU; the median is

@@ -42,7 +42,14 @@ from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
 from emd_fast.training.config import resolve  # noqa: E402
 from emd_fast.training.distiller import Distiller  # noqa: E402
 
-from diffusers_models import SD_BETAS, latent_pipeline, prompts_file, scheduler, tiny_cond_unet, tiny_unet  # noqa: E402
+from diffusers_models import (  # noqa: E402
+    SD_BETAS,
+    latent_pipeline,
+    prompts_file,
+    scheduler,
+    tiny_cond_unet,
+    tiny_unet,
+)
 from helpers import one_line_error  # noqa: E402
 
 MIXTURE = ["--teacher-fit-steps", "10", "--hidden", "16", "--depth", "1", "--batch", "8", "--K", "1", "--eval-every",

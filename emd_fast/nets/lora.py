@@ -164,38 +164,54 @@ def shared_copy(net: nn.Module, shared: Iterable[torch.Tensor]) -> nn.Module:
     return copy.deepcopy(net, {id(t): t for t in shared})
 
 
+def lora_config(settings: LoraSettings, layers: dict[str, int]):
+    """peft's LoraConfig of the adapters ``settings`` asks for on ``layers`` ({name: rank}, ``target_layers``)."""
+    peft = require("peft", "LoRA adapters (--lora)", names=("LoraConfig", "inject_adapter_in_model"))
+    narrow = {n: r for n, r in layers.items() if r < settings.rank}
+    pattern = {f"^{n.replace('.', '[.]')}": r for n, r in narrow.items()}  # peft matches (.*\.)?(key)$
+    return peft.LoraConfig(r=settings.rank, lora_alpha=settings.rank * settings.scale,
+                           lora_dropout=settings.dropout, target_modules=list(layers), rank_pattern=pattern,
+                           alpha_pattern={k: r * settings.scale for k, r in pattern.items()})
+
+
+def add_adapters(tree: nn.Module, config, layers: dict[str, int], seed: int) -> nn.Module:
+    """``tree`` (its base frozen) with peft's adapters of ``config`` on ``layers`` injected in place: fp32, A drawn
+    from a generator seeded with ``seed``, B = 0; the only parameters that require grad."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU from torch's global generator
+        torch.random.default_generator.manual_seed(seed)
+        peft.inject_adapter_in_model(copy.deepcopy(config), tree, adapter_name=ADAPTER)
+    for p in tree.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # peft gives the adapters the base layer's dtype
+    got = {n: m.r[ADAPTER] for n, m in tree.named_modules() if isinstance(m, BaseTunerLayer)}
+    if got != layers:
+        raise RuntimeError(f"peft adapted {len(got)} layers, not the {len(layers)} asked (or other ranks)")
+    return tree.train()
+
+
+def adapt(net: nn.Module, settings: LoraSettings, seed: int = 0) -> nn.Module:
+    """``net`` made, in place, what ``--lora`` makes of the generator's and student's copies: its base frozen, the
+    architecture's adapters added (the only trainable parameters). For benchmarks and memory reports of one tree."""
+    layers = target_layers(net, settings.validate())
+    return add_adapters(net.requires_grad_(False), lora_config(settings, layers), layers, seed)
+
+
 def lora_networks(base: nn.Module, t_star: float, settings: LoraSettings,
                   seeds: tuple[int, int]) -> tuple[Generator, nn.Module, dict]:
     """(generator, student, what to record in config.json) over ``base``, frozen here: each a tree sharing the base's
     tensors with its own adapters, whose A factors are drawn from a generator seeded with ``seeds[0]`` and
     ``seeds[1]``, and B = 0."""
-    peft = require("peft", "LoRA adapters (--lora)", names=("LoraConfig", "inject_adapter_in_model"))
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = target_layers(base, settings.validate())
-    narrow = {n: r for n, r in layers.items() if r < settings.rank}
-    pattern = {f"^{n.replace('.', '[.]')}": r for n, r in narrow.items()}  # peft matches (.*\.)?(key)$
-    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.rank * settings.scale,
-                             lora_dropout=settings.dropout, target_modules=list(layers), rank_pattern=pattern,
-                             alpha_pattern={k: r * settings.scale for k, r in pattern.items()})
+    config = lora_config(settings, layers)
     base.requires_grad_(False)
     shared = [*base.parameters(), *base.buffers()]
-    trees = []
-    for seed in seeds:
-        tree = shared_copy(base, shared)
-        with torch.random.fork_rng(devices=[]):  # peft draws A on the CPU from torch's global generator
-            torch.random.default_generator.manual_seed(seed)
-            peft.inject_adapter_in_model(copy.deepcopy(config), tree, adapter_name=ADAPTER)
-        for p in tree.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # peft gives the adapters the base layer's dtype
-        got = {n: m.r[ADAPTER] for n, m in tree.named_modules() if isinstance(m, BaseTunerLayer)}
-        if got != layers:
-            raise RuntimeError(f"peft adapted {len(got)} layers, not the {len(layers)} asked (or other ranks)")
-        trees.append(tree.train())
+    trees = [add_adapters(shared_copy(base, shared), config, layers, seed) for seed in seeds]
     info = {"lora_layers": len(layers), "lora_parameters": sum(p.numel() for p in trees[0].parameters()
                                                                if p.requires_grad),
-            "lora_narrow_layers": narrow}
+            "lora_narrow_layers": {n: r for n, r in layers.items() if r < settings.rank}}
     return Generator(trees[0], t_star), trees[1], info
 
 
