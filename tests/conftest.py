@@ -24,6 +24,15 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(autouse=True)
+def no_periodic_progress_lines(monkeypatch):
+    """In-process runs print no periodic one-line summaries (emd_fast.progress) unless a test asks for them: on a
+    slow machine a run past LINE_EVERY_S would put a summary line into the stderr a test reads for one error line."""
+    from emd_fast import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", float("inf"))
+
+
 @pytest.fixture
 def kernel_device():
     """Where Triton kernels run: the GPU if there is one, else the CPU through the interpreter."""

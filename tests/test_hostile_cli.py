@@ -172,7 +172,7 @@ def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting
     (pretrain.main, ["--device", "nonsense", "--out", "{tmp}/p"], "is not a device name"),
     (edm_import.main, ["{tmp}/absent.pkl", "{tmp}/o.safetensors"], "absent.pkl"),
     (edm_import.main, ["{run}/config.json", "{tmp}/o.safetensors"], "config.json"),
-    (fid.main, ["calc", "{run}", "--ref", "{tmp}/r.npz", "--inception", "{tmp}/i.pt"], "r.npz not found"),
+    (fid.main, ["calc", "{run}", "--ref", "{tmp}/r.npz", "--inception", "{tmp}/i.pt"], "r.npz: no such file"),
 ])
 def test_every_command_fails_in_one_line(finished_run, tmp_path, capsys, command, args, message):
     argv = [a.format(run=finished_run, tmp=tmp_path) for a in args]

@@ -12,7 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from ..files import sha256_file
-from .diffusers_folder import _diffusers, _load_model, _read_json, weight_files
+from .diffusers_folder.folder import check_model_config, check_model_files, read_folder_json, weight_files
+from .diffusers_folder.loading import diffusers_module, load_model
 
 VAE_CLASS = "AutoencoderKL"
 
@@ -23,9 +24,11 @@ def check_vae_folder(path) -> dict:
     if not root.is_dir():
         raise ValueError(f"--vae {root}: not a directory (a diffusers {VAE_CLASS} folder: config.json and weights; "
                          f"emd_fast never downloads it)")
-    config = _read_json(root / "config.json", "VAE config")
+    check_model_files(root)  # regular files only: diffusers reads them all
+    config = read_folder_json(root / "config.json", "VAE config")
     if config.get("_class_name") != VAE_CLASS:
         raise ValueError(f"--vae {root}: config.json describes a {config.get('_class_name')}, not an {VAE_CLASS}")
+    check_model_config(root, config)
     weight_files(root)  # ValueError where there are none
     return config
 
@@ -46,4 +49,4 @@ def load_vae_folder(path, latent_channels: int) -> nn.Module:
     if config.get("latent_channels") != latent_channels:
         raise ValueError(f"--vae {path}: its latents have {config.get('latent_channels')} channels, the teacher's "
                          f"samples {latent_channels}")
-    return _load_model(_diffusers().AutoencoderKL, Path(path), "the VAE").requires_grad_(False)
+    return load_model(diffusers_module().AutoencoderKL, Path(path), "the VAE").requires_grad_(False)
