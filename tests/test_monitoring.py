@@ -74,8 +74,13 @@ def wandb_history(out):
             if record.WhichOneof("record_type") == "run":
                 ids.add(record.run.run_id)
             if record.WhichOneof("record_type") == "history":
-                row = {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
-                       for item in record.history.item}
+                row = {}
+                for item in record.history.item:  # a media value comes as items under nested keys
+                    *path, last = list(item.nested_key) or [item.key]
+                    node = row
+                    for key in path:
+                        node = node.setdefault(key, {})
+                    node[last] = json.loads(item.value_json)
                 step = row.pop("_step")
                 assert step not in rows, f"step {step} logged twice"
                 rows[step] = row
@@ -156,6 +161,7 @@ def test_image_runs_log_sample_grids_with_their_classes_as_captions(tmp_path):
 
 
 def test_wandb_without_a_server_logs_offline_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb").teardown()  # an earlier test's W&B session would keep its settings
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored W&B credentials: an online run cannot start
@@ -183,7 +189,7 @@ def test_text_to_image_samples_are_logged_with_their_prompts(tmp_path, monkeypat
     assert set(captioned["captions"]) <= {"a cat", "a red dog"} and len(captioned["captions"]) == 6
     assert (captioned["width"], captioned["height"]) == (16, 16)  # decoded by the VAE: 3 x 16 x 16
     grid = tensorboard(out).Images("samples")[0]
-    assert (grid.width, grid.height) == (6 * 17 - 1, 16)
+    assert (grid.width, grid.height) == (8 * 17 - 1, 16)  # 8 columns of 16 px and 1 px gaps; 6 samples: one row
 
 
 # --- cost and time -------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ..training.cost import run_cost
 from ..training.loggers import TAGS
 from .images import figure, save_figure
 
@@ -123,15 +124,8 @@ class RunDir:
         clock = (self.checkpoint or {}).get("clock")
         if not clock:
             return {}
-        processes = (self.checkpoint or {}).get("processes", 1)
-        evaluation = clock["wall_s"] - clock["setup_s"] - clock["train_s"]
-        hours = {"setup": clock["setup_s"], "training": clock["train_s"], "evaluation": evaluation}
-        return {"processes": processes, "sessions": clock.get("sessions"), "at_step": self.checkpoint["step"],
-                "device_hours": round(processes * clock["wall_s"] / 3600, 4),
-                "device_hours_by_phase": {k: round(processes * v / 3600, 4) for k, v in hours.items()},
-                "wall_s": round(clock["wall_s"], 2), "samples_seen": self.checkpoint["step"] * self.config["batch"],
-                "iters_per_s": {"training": round(self.checkpoint["step"] / clock["train_s"], 3)
-                                if clock["train_s"] else None}}
+        step, processes = self.checkpoint["step"], self.checkpoint.get("processes", 1)
+        return {**run_cost(clock, step, self.config["batch"], processes), "at_step": step}
 
 
 def hyperparameters(config: dict) -> dict:

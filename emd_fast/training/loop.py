@@ -24,6 +24,7 @@ from ..progress import Progress
 from .build import Run
 from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
+from .cost import run_cost
 from .lifecycle import StopSignals, check_batch_memory, first_step
 from .loggers import Loggers
 from .rundir import (
@@ -376,21 +377,9 @@ class Clock:
                 "wall_s": self.before["wall_s"] + now - self.started, "sessions": self.sessions}
 
     def cost(self, step_count: int, batch: int, processes: int) -> dict:
-        """What the run cost, over all its sessions, as papers quote it: device-hours (processes x wall time) split
-        into set-up, training and evaluation, samples seen (global batch x steps), iterations/s by phase."""
-        t = self.totals()
-        evaluation = t["wall_s"] - t["setup_s"] - t["train_s"]
-        hours = {"setup": t["setup_s"], "training": t["train_s"], "evaluation": evaluation}
+        """``run_cost`` of this run so far, with the device's name."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {
-            "device": name, "processes": processes, "sessions": t["sessions"],
-            "device_hours": round(processes * t["wall_s"] / 3600, 4),
-            "device_hours_by_phase": {k: round(processes * v / 3600, 4) for k, v in hours.items()},
-            "wall_s": round(t["wall_s"], 2), "setup_s": round(t["setup_s"], 2), "train_s": round(t["train_s"], 2),
-            "evaluation_s": round(evaluation, 2), "samples_seen": step_count * batch,
-            "iters_per_s": {"training": round(step_count / t["train_s"], 3) if t["train_s"] else None,
-                            "overall": round(step_count / t["wall_s"], 3) if t["wall_s"] else None},
-        }
+        return {"device": name, **run_cost(self.totals(), step_count, batch, processes)}
 
     def summary(self, step_count: int, batch: int) -> dict:
         """This session's throughput and phase times."""
