@@ -52,8 +52,8 @@ def test_generator_starts_as_the_teachers_denoiser_at_lambda_star(tmp_path):
     want = run.teacher.denoise(sigma_star * z, t_star)
     assert torch.allclose(run.distiller.generator(z), want, atol=1e-5)
     assert torch.allclose(run.distiller.student(z, t_star), run.teacher.denoise(z, t_star), atol=1e-5)
-    assert run.t_star == pytest.approx(float(run.teacher.schedule.t_from_lambda(torch.tensor(-4.0,
-                                                                                             dtype=torch.float64))))
+    # the nearest training timestep: the UNet is trained at integer ones (and exports call it there)
+    assert run.t_star == round(float(run.teacher.schedule.t_from_lambda(torch.tensor(-4.0, dtype=torch.float64))))
 
 
 def test_class_conditional_pixel_unet_takes_labels(tmp_path, capsys):

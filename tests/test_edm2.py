@@ -501,7 +501,7 @@ def test_latent_teacher_without_vae_trains_and_says_so(edm_globals, tmp_path, ca
     (["--vae", "{tmp}/absent"], "--vae {tmp}/absent: not a directory"),
     (["--vae", "{tmp}/novae"], "config.json describes a UNet2DModel, not an AutoencoderKL"),
     (["--vae", "{tmp}/vae", "--teacher", "{tmp}/pixel.pkl"], "is a pixel model: its samples are images already"),
-    (["--vae", "{tmp}/vae", "--preset", "ring2d"], "--vae applies to teacher network files"),
+    (["--vae", "{tmp}/vae", "--preset", "ring2d"], "--vae applies to latent EDM2 teachers"),
     (["--fid-ref", "{tmp}/ref.npz", "--inception", "{tmp}/ref.npz"], "--fid-ref: the teacher's samples are latents"),
 ])
 def test_bad_edm2_options_are_one_line_errors(args, message, edm_globals, tmp_path, capsys):  # noqa: F811

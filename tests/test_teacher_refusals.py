@@ -97,6 +97,6 @@ def test_refused_from_the_json_before_any_weights_are_read(family, breakage, arg
 
 def test_options_of_latent_teachers_need_one(tmp_path, capsys):
     err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *SMALL, "--resolution", "16"]))
-    assert "--resolution applies to diffusers teachers" in err
+    assert "--resolution applies to latent diffusers teachers" in err
     err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *SMALL, "--max-sequence-length", "8"]))
     assert "--max-sequence-length applies to SD3 / FLUX teachers" in err

@@ -104,8 +104,8 @@ def pipeline_error(run, out: Path, lora_file: bool, n: int = 3, seed: int = 0) -
         generator = Generator(merged_copy(generator.denoiser), run.t_star)
     want = generator(z, y).float()
     if run.problem.folder.latent:
-        prompts = generator.denoiser.prompts.lookup(y, torch.float32)
-        got = pipe(prompt_embeds=prompts, num_inference_steps=1, guidance_scale=1.0, latents=z.clone(),
+        prompts = generator.denoiser.prompts.lookup(y, torch.float32)  # SD 1.x/2.x: embeddings only, no pooled
+        got = pipe(prompt_embeds=prompts.embeds, num_inference_steps=1, guidance_scale=1.0, latents=z.clone(),
                    output_type="latent").images
     else:
         raw = {}

@@ -33,7 +33,8 @@ class Problem(Protocol):
     """What a run needs from its problem. cfg: the run's options as a dict (see ``emd_fast.training.config``).
 
     The problem of a ``--teacher`` format (one of ``TEACHER_PROBLEMS``) also says which paths it reads:
-    ``claims(path) -> bool`` (static, from the path alone: a suffix, a file beside it) and ``reads``, in words.
+    ``claims(path) -> bool`` (static, from the path alone: a suffix, a file beside it) and ``reads``, in words;
+    ``option_notes`` ({option: who takes it, in words}) where an option applies to fewer teachers than ``reads``.
     Optional, where samples are not images as they are: ``decode(samples) -> images`` (N, 3, H, W) in [-1, 1], used
     by ``emd_fast.sample``; ``encode(prompts) -> embeddings`` for ``emd_fast.sample --prompt``.
     """
@@ -103,7 +104,8 @@ def check_foreign_options(cfg: dict, problem: type) -> None:
     for cls in map(_load, TEACHER_PROBLEMS):
         for key in sorted(cls.options - problem.options):
             if cfg.get(key):
-                raise ValueError(f"--{key.replace('_', '-')} applies to {cls.reads}")
+                who = getattr(cls, "option_notes", {}).get(key, cls.reads)
+                raise ValueError(f"--{key.replace('_', '-')} applies to {who}")
 
 
 def make_problem(cfg: dict) -> Problem:

@@ -123,6 +123,8 @@ class DiffusersProblem(ImageProblem):
 
     reads = "diffusers teachers (--teacher DIR: a diffusers model or pipeline folder)"
     options = frozenset({"prompts", "grad_checkpoint", "resolution", "max_sequence_length"})
+    option_notes = {"resolution": "latent diffusers teachers (--teacher DIR: SD, SDXL, SD3 / FLUX pipelines)",
+                    "max_sequence_length": "SD3 / FLUX teachers (--teacher DIR: their pipeline folders)"}
 
     def __init__(self, teacher: GuidedTeacher, cfg: dict, sigma_data: float, num_classes: int, folder):
         super().__init__(teacher, cfg, sigma_data, num_classes)

@@ -55,6 +55,7 @@ class ImageProblem:
     reads = ("teacher network files (--teacher FILE: an NVlabs/EDM or EDM2 network pickle, an emd_fast U-Net "
              ".safetensors)")
     options = frozenset({"vae", "guide", "guide_weight"})
+    option_notes = {"vae": "latent EDM2 teachers (--teacher edm2-img512-*.pkl)", "guide_weight": "--guide"}
 
     def __init__(self, teacher: NetworkTeacher, cfg: dict, sigma_data: float, num_classes: int, vae=None):
         self.teacher, self.cfg, self.sigma_data, self.num_classes = teacher, cfg, sigma_data, num_classes
