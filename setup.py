@@ -26,12 +26,13 @@ setup(
         "triton": ["triton>=3.6"],
         # diffusers teachers (--teacher DIR): the UNets, VAE and schedulers; transformers for the text encoders
         "diffusers": ["diffusers>=0.33", "transformers>=4.40"],
-        # --lora: LoRA adapters from peft (diffusers' own LoRA format is peft's); tested with peft 0.21.2
-        "lora": ["peft>=0.21"],
+        # --lora: LoRA adapters from peft (diffusers' own LoRA format is peft's); tested with peft 0.21.2. peft 0.21
+        # imports transformers' EncoderDecoderCache (4.43 on): with an older transformers, diffusers fails to import
+        "lora": ["peft>=0.21", "transformers>=4.43"],
         # --log tensorboard / --log wandb: the run's curves, images and config where people look at them
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.19"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.40", "peft>=0.21",
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "diffusers>=0.33", "transformers>=4.43", "peft>=0.21",
                  "tensorboard>=2.10", "wandb>=0.19"],
     },
     # every command also as a console script: emd-train == python -m emd_fast.train, ... (through emd_fast.entry:
