@@ -79,13 +79,15 @@ FLUX_DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size: 1024 px with its 
 @dataclass(frozen=True)
 class TextEncoder:
     """One text encoder of a pipeline: its folder and its tokenizer's (None where absent: moved away after the run
-    cached its prompts, or SD3's optional T5), its transformers class and its config (empty where absent)."""
+    cached its prompts, or SD3's optional T5), its transformers class and its config (empty where absent), and the
+    tokenizer's class as model_index.json names it (what the pipeline loads; None where it names none)."""
 
     key: str
     encoder: Path | None
     tokenizer: Path | None
     cls: str
     config: dict = field(default_factory=dict)
+    tokenizer_cls: str | None = None
 
     @property
     def present(self) -> bool:
@@ -304,7 +306,11 @@ def _text_encoders(root: Path, index: dict, family: str, pipeline: str) -> tuple
             raise ValueError(f"{root}: {key} is {cls}, not the {want} of {pipeline}")
         encoder = root / key
         config = read_folder_json(encoder / "config.json", f"{key} config") if encoder.is_dir() else {}
-        found.append(TextEncoder(key, encoder, root / tok_key if _entry(index, tok_key) else None, cls, config))
+        tokenizer_cls = _entry(index, tok_key)
+        if tokenizer_cls is not None and tokenizer_cls not in TOKENIZERS:  # never Auto*: no code named by the folder
+            raise ValueError(f"{root}: {tok_key} is a {tokenizer_cls}: not supported (emd_fast reads "
+                             f"{', '.join(TOKENIZERS)})")
+        found.append(TextEncoder(key, encoder, root / tok_key if tokenizer_cls else None, cls, config, tokenizer_cls))
     return tuple(found)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import out_of_memory
 from ...optional import require
-from .folder import TEXT_STEMS, TOKENIZERS, WEIGHT_STEM, TeacherFolder, TextEncoder, read_folder_json, weight_files
+from .folder import TEXT_STEMS, TOKENIZERS, WEIGHT_STEM, TeacherFolder, TextEncoder, weight_files
 
 MODELS = ("UNet2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKL",
           "DDPMScheduler")
@@ -62,12 +62,10 @@ def load_text_encoder(folder: TeacherFolder, text: TextEncoder, device) -> tuple
         raise ValueError(f"{folder.path}: no {text.key}/ or {text.key.replace('text_encoder', 'tokenizer')}/ in the "
                          f"pipeline folder: prompts cannot be encoded")
     transformers = transformers_module((text.cls,))
-    config = text.tokenizer / "tokenizer_config.json"
-    default = "T5TokenizerFast" if text.cls == "T5EncoderModel" else "CLIPTokenizer"
-    name = read_folder_json(config, "tokenizer config").get("tokenizer_class", default) if config.exists() else default
-    if name not in TOKENIZERS:  # never Auto*: a config's auto_map would name code in the folder to run
-        raise ValueError(f"{config}: tokenizer_class {name!r} is not supported (emd_fast reads "
-                         f"{', '.join(TOKENIZERS)})")
+    # the class the pipeline loads (model_index.json), never Auto*: an auto_map would name code in the folder to run
+    name = text.tokenizer_cls or ("T5TokenizerFast" if text.cls == "T5EncoderModel" else "CLIPTokenizer")
+    if name not in TOKENIZERS:
+        raise ValueError(f"{text.tokenizer}: a {name}: not supported (emd_fast reads {', '.join(TOKENIZERS)})")
     try:
         tokenizer = getattr(transformers, name).from_pretrained(text.tokenizer, local_files_only=True,
                                                                 trust_remote_code=False)
