@@ -16,7 +16,8 @@ pip install -q --no-deps -e "$repo"
 cd "$repo"
 pip list 2>/dev/null | grep -iE "^(torch|diffusers|transformers|triton|numpy|safetensors|matplotlib|scikit-learn) "
 python -m pytest -q -p no:cacheprovider tests/test_kernels_langevin.py tests/test_kernels_losses.py \
-    benchmarks/test_aot_check.py tests/test_diffusers*.py \
+    benchmarks/test_aot_check.py tests/test_diffusers*.py tests/test_flow_matching.py tests/test_sd3.py tests/test_flux.py \
+    tests/test_sdxl.py tests/test_teacher_refusals.py \
     -k "not bf16_teacher_and_gradient_checkpointing and not a_new_prompt_samples \
         and not pixel_folder_trains_resumes_exactly and not class_conditional_pixel_unet \
         and not grayscale_non_square and not fp16_variant_weights_only and not deferred_step"
