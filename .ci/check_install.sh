@@ -14,7 +14,8 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"  # nothing of the repo on sys.path from here on
 
 check() {
-    "$py" -c "import emd_fast, emd_fast.kernels.langevin as k; assert '$repo' not in k.__file__, k.__file__"
+    # the installed copy, not the repo's folder (the venv itself may live inside the repo, as CI's does)
+    "$py" -c "import emd_fast.kernels.langevin as k; assert not k.__file__.startswith('$repo/kernels/'), k.__file__"
     "$py" -m emd_fast.train --steps 20 --batch 64 --teacher-fit-steps 50 --eval-samples 200 --quiet --out "$1/ring"
     "$py" -m emd_fast.sample "$1/ring" --n 16 --out "$1/ring.npz"
     "$py" -m emd_fast.train --preset digits --steps 3 --batch 8 --eval-samples 50 --quiet --out "$1/digits"
@@ -23,6 +24,7 @@ check() {
         --eval-samples 100 --quiet --out "$1/triton"
     emd_train="$venv/bin/emd-train"
     "$emd_train" --help > /dev/null
+    "$venv/bin/emd-export" --help > /dev/null
     "$venv/bin/emd-report" "$1/ring" "$1/digits" --out "$1/report" > /dev/null
 }
 

@@ -278,9 +278,12 @@ def load_torch_file(path: str | Path, what: str, allowed: dict | None = None, cl
     CheckpointError (one line, naming the file) otherwise."""
     try:
         with open_regular(path, what) as f:
-            if f.read(4) == b"PK\x03\x04":
+            head = f.read(4)
+            if head == b"PK\x03\x04":
                 f.seek(0)
                 obj = _load_zip(f, Tensors(), allowed or {}, what, classes)
+            elif head and not head.startswith(b"\x80\x02"):  # torch's legacy format: pickle protocol 2
+                raise Malformed("neither torch.save's zip format nor its legacy format")
             else:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                     obj = legacy_storages(data, Tensors(), allowed or {}, what, classes)

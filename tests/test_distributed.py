@@ -84,7 +84,9 @@ def run_cli(tmp_path, world, out, *extra, patch=None) -> list[dict]:
 
 
 def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records without their clock (time_s, wall_s): what the run computed, not when."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "wall_s")} for line in lines]
 
 
 def tensors_at(out, step):

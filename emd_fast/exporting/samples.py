@@ -21,7 +21,7 @@ from ..evaluation.images import to_uint8
 def write_samples(run, out: Path, n: int, seed: int, chunk: int) -> None:
     """n samples of the run's generator (z and labels from a generator seeded with ``seed``, ``chunk`` at a time;
     a latent run's decoded) as samples.zip and samples.npz in ``out``."""
-    decode = getattr(run.problem, "decode", lambda x: x)
+    decode = getattr(run.problem, "decode", None) or (lambda x: x)  # None: samples are images as they are
     images, labels = [], []
     rng = torch.Generator(run.distiller.device).manual_seed(seed)
     with zipfile.ZipFile(out / "samples.zip", "w", compression=zipfile.ZIP_STORED) as archive:

@@ -36,7 +36,8 @@ class Problem(Protocol):
     ``claims(path) -> bool`` (static, from the path alone: a suffix, a file beside it) and ``reads``, in words;
     ``option_notes`` ({option: who takes it, in words}) where an option applies to fewer teachers than ``reads``.
     Optional, where samples are not images as they are: ``decode(samples) -> images`` (N, 3, H, W) in [-1, 1], used
-    by ``emd_fast.sample``; ``encode(prompts) -> embeddings`` for ``emd_fast.sample --prompt``.
+    by ``emd_fast.sample`` (an attribute that may be None: samples are images as they are); ``encode(prompts) ->
+    embeddings`` for ``emd_fast.sample --prompt``.
     """
 
     teacher: Teacher

@@ -232,8 +232,9 @@ class Loggers:
         with Image.open(figure_png) as img:
             figure = np.asarray(img.convert("RGB"))
         images = samples[:SAMPLE_GRID].detach().float().cpu()
-        if hasattr(problem, "decode"):
-            images = problem.decode(images)
+        decode = getattr(problem, "decode", None)  # None: samples are images as they are
+        if decode is not None:
+            images = decode(images)
         grid = tile(images, 8) if is_image_shape(tuple(images.shape[1:])) else None
         shown = captions(self.out, y[:SAMPLE_GRID]) if y is not None else None
         for kind, sink in self.sinks.items():
