@@ -41,9 +41,15 @@ def edm_stand_ins() -> None:
     def _reconstruct_persistent_obj(meta):
         raise AssertionError("only pickled here")
 
+    class EasyDict(dict):
+        pass
+
+    util = types.ModuleType("dnnlib.util")
     _reconstruct_persistent_obj.__module__ = persistence.__name__
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    for module in (types.ModuleType("torch_utils"), persistence):
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    EasyDict.__module__, EasyDict.__qualname__ = util.__name__, "EasyDict"
+    persistence._reconstruct_persistent_obj, util.EasyDict = _reconstruct_persistent_obj, EasyDict
+    for module in (types.ModuleType("torch_utils"), persistence, types.ModuleType("dnnlib"), util):
         sys.modules[module.__name__] = module
 
 
@@ -112,6 +118,9 @@ def pickles(tmp: Path) -> dict[str, Path]:
     sys.path.insert(0, str(TESTS))
     edm_stand_ins()
     import test_hostile_files as h
+    from test_edm_import import Persistent
+
+    Persistent.module_src = "raise RuntimeError('module_src was executed')\n"  # the tests' fixture sets it there
 
     files = {"memo": h.MEMO_BOMB,
              "stride0": pickle.dumps({"ema": [h.tensor(h.storage_bytes(h.legacy_storage(torch.zeros(1))),
@@ -230,6 +239,8 @@ def f9_f10(tmp: Path, run: Path, pipe: Path):
     config = json.loads((sd / "text_encoder" / "config.json").read_text())
     (sd / "text_encoder" / "config.json").write_text(json.dumps(config | {"hidden_size": 768,
                                                                           "max_position_embeddings": 77}))
+    unet = json.loads((sd / "unet" / "config.json").read_text())  # the UNet takes that width (checked from JSON)
+    (sd / "unet" / "config.json").write_text(json.dumps(unet | {"cross_attention_dim": 768}))
     yield "F9 10^5 prompts, SD-1.5's 77 x 768 embeddings (23.7 GB)", "2 unless a quarter of RAM holds them", \
         lambda: cli("train", "--teacher", str(sd), "--prompts", str(tmp / "many.txt"), *out)
     with open(tmp / "big.txt", "w") as f:
