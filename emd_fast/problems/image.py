@@ -78,8 +78,6 @@ class ImageProblem:
             check_vae_folder(cfg["vae"])
         if bool(cfg.get("guide")) != (cfg.get("guide_weight") is not None):
             raise ValueError("--guide PKL and --guide-weight W go together: the guide network and its weight")
-        if cfg.get("guide") and not Path(cfg["guide"]).is_file():
-            raise ValueError(f"--guide {cfg['guide']}: no such file (emd_fast never downloads it)")
         if cfg.get("guide") and not math.isfinite(cfg["guide_weight"]):
             raise ValueError(f"--guide-weight must be a finite number, got {cfg['guide_weight']}")
 

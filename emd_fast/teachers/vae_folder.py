@@ -6,13 +6,11 @@ refused), loaded from disk only (nothing is downloaded) in fp32 eval mode withou
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch import nn
 
-from ..files import sha256_file
-from .diffusers_folder.folder import check_model_config, check_model_files, read_folder_json, weight_files
+from .diffusers_folder.folder import check_model_config, check_model_files, hash_files, read_folder_json, weight_files
 from .diffusers_folder.loading import diffusers_module, load_model
 
 VAE_CLASS = "AutoencoderKL"
@@ -36,10 +34,7 @@ def check_vae_folder(path) -> dict:
 def vae_folder_sha256(path) -> str:
     """SHA-256 over the config and the weight files the VAE is loaded from (name and content hash of each)."""
     root = Path(path)
-    h = hashlib.sha256()
-    for f in [root / "config.json", *weight_files(root)[1]]:
-        h.update(f"{f.relative_to(root)}:{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    return hash_files(root, [root / "config.json", *weight_files(root)[1]])
 
 
 def load_vae_folder(path, latent_channels: int) -> nn.Module:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import FileRefused
-from ...files import JSON_BYTES, check_size, describe, read_json
+from ...files import JSON_BYTES, check_size, describe, read_json, sha256_file
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")  # DDPMScheduler's
@@ -557,9 +557,8 @@ def inspect_folder(path) -> TeacherFolder:
 
 # --- hashes ------------------------------------------------------------------------------------------------------
 
-def _hash_files(root: Path, files, extra: str = "") -> str:
-    from ...files import sha256_file
-
+def hash_files(root: Path, files, extra: str = "") -> str:
+    """SHA-256 over the ``files`` (their names below ``root`` and content hashes) and ``extra``."""
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.relative_to(root)}:{sha256_file(f)}\n".encode())
@@ -573,7 +572,7 @@ def folder_sha256(path) -> str:
     folder = inspect_folder(path)
     files = [folder.model / "config.json", folder.scheduler / "scheduler_config.json", *weight_files(folder.model)[1]]
     extra = f"force_zeros_for_empty_prompt:{folder.force_zeros_for_empty_prompt}\n" if folder.family == "sdxl" else ""
-    return _hash_files(folder.path, files, extra)
+    return hash_files(folder.path, files, extra)
 
 
 def text_encoder_sha256(folder: TeacherFolder) -> str | None:
@@ -581,5 +580,5 @@ def text_encoder_sha256(folder: TeacherFolder) -> str | None:
     used = [t for t in folder.text_encoders if t.encoder is not None or t.key not in OPTIONAL_TEXT_ENCODERS]
     if not used or not all(t.present for t in used):
         return None
-    return _hash_files(folder.path, sorted(f for t in used for part in (t.encoder, t.tokenizer)
+    return hash_files(folder.path, sorted(f for t in used for part in (t.encoder, t.tokenizer)
                                            for f in part.rglob("*") if f.is_file()))
