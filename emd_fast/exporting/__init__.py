@@ -126,14 +126,9 @@ def model_card(run, step: int, ckpt: Path, kind: str, written: dict, error: floa
         load = ("pipe = DiffusionPipeline.from_pretrained(folder)"
                 + ("\npipe.load_lora_weights(folder)" if "LoRA" in written["weights"] else ""))
         lines += [
-            f"A stock diffusers `{written['pipeline']}` ({written['weights']}) whose scheduler is "
-            f"EulerDiscreteScheduler over the teacher's betas cut after timestep t* = {run.t_star:g}: one step from "
-            f"pure noise is the generator.", "",
+            f"A stock diffusers `{written['pipeline']}` ({written['weights']}) {written['how']}", "",
             "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-            f"folder = '.'  # this folder\n{load}", f"images = {written['call']}.images", "```", "",
-            "`num_inference_steps=1` and no classifier-free guidance (`guidance_scale=1.0` where the pipeline has it) "
-            "are required: more steps run Euler steps below t*, guidance a second, unconditional call; neither is "
-            "the generator. `latents=z` gives the samples of `python -m emd_fast.sample` for the same z.",
+            f"folder = '.'  # this folder\n{load}", *written["code"], "```",
         ]
     else:
         labels = run.distiller.num_classes

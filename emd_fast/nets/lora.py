@@ -42,6 +42,12 @@ class TargetRule:
     exclude: tuple[str, ...] = ()
 
 
+# SD3 / FLUX transformers: the attention projections of image and text tokens and the feed-forwards in every block
+# (what diffusers' LoRA training scripts adapt), not the embedders (patches, timestep, guidance, pooled text, context),
+# the adaLN modulations (norm*.linear: functions of the timestep and pooled prompt only) or the final projection
+TRANSFORMER_BLOCK_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
 # the class name of a denoiser network, or of a module directly inside it (a diffusers UNet or transformer) -> its rule
 LORA_TARGETS: dict[str, TargetRule] = {
     "MLPDenoiser": TargetRule(),
@@ -49,7 +55,10 @@ LORA_TARGETS: dict[str, TargetRule] = {
     "UNetDenoiser": TargetRule(exclude=("map_label",)),
     "SongUNetDenoiser": TargetRule(exclude=("map_label",)),
     "UNet2DModel": TargetRule(),
-    "UNet2DConditionModel": TargetRule(),
+    "UNet2DConditionModel": TargetRule(),  # SD 1.x/2.x and SDXL (its added-condition embedding included)
+    "SD3Transformer2DModel": TargetRule(include=TRANSFORMER_BLOCK_LAYERS),
+    "FluxTransformer2DModel": TargetRule(include=(*TRANSFORMER_BLOCK_LAYERS, "single_transformer_blocks.*.proj_mlp",
+                                                  "single_transformer_blocks.*.proj_out")),
 }
 
 
