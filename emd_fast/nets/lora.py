@@ -43,8 +43,9 @@ class TargetRule:
 
 
 # SD3 / FLUX transformers: the attention projections of image and text tokens and the feed-forwards in every block
-# (what diffusers' LoRA training scripts adapt), not the embedders (patches, timestep, guidance, pooled text, context),
-# the adaLN modulations (norm*.linear: functions of the timestep and pooled prompt only) or the final projection
+# (diffusers' DreamBooth LoRA scripts' default, plus FLUX's single-block MLP and output projections), not the
+# embedders (patches, timestep, guidance, pooled text, context), the adaLN modulations (norm*.linear: functions of the
+# timestep and pooled prompt only) or the final projection (docs/lora.md)
 TRANSFORMER_BLOCK_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
