@@ -1,4 +1,4 @@
-"""LoRA runs and exports of the SDXL, SD3 / SD3.5 and FLUX.1 families (tiny random pipelines).
+"""LoRA runs and exports of the SDXL, SD3 / SD3.5 (with and without T5) and FLUX.1-dev families (tiny random pipelines).
 
 Per family a ``--lora 2`` run trains with the architecture's default targets and resumes bit for bit; its export,
 merged or as a LoRA file for ``load_lora_weights``, is the family's stock pipeline, and calling it with prompt strings
@@ -45,6 +45,7 @@ FLUX_GUIDANCE = 2.5  # not FluxPipeline's default 3.5: the export's call must pa
 FAMILIES = {
     "sdxl": (sdxl_pipeline, "StableDiffusionXLPipeline", []),
     "sd35": (lambda path: sd3_pipeline(path, sd35=True), "StableDiffusion3Pipeline", MAX_LENGTH),
+    "sd3": (lambda path: sd3_pipeline(path, t5=False), "StableDiffusion3Pipeline", MAX_LENGTH),  # no T5: zeros
     "flux": (flux_pipeline, "FluxPipeline", [*MAX_LENGTH, "--guidance-scale", str(FLUX_GUIDANCE)]),
 }
 
@@ -69,7 +70,7 @@ def lora_run(request, tmp_path_factory):
 def test_lora_run_adapts_the_default_targets_and_checkpoints_adapters_only(lora_run):
     family, run = lora_run
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["lora"] == 2 and cfg["lora_layers"] == {"sdxl": 85, "sd35": 25, "flux": 17}[family]
+    assert cfg["lora"] == 2 and cfg["lora_layers"] == {"sdxl": 85, "sd35": 25, "sd3": 21, "flux": 17}[family]
     nets = [k for k in final_tensors(run) if k.startswith(("generator.", "student.", "ema."))]
     assert len(nets) == 3 * 2 * cfg["lora_layers"] and all(".lora_A." in k or ".lora_B." in k for k in nets)
 
@@ -79,8 +80,11 @@ def test_export_is_the_stock_pipeline_whose_one_step_call_is_the_generator(lora_
     family, run = lora_run
     out = tmp_path / "export"
     assert export.main([str(run), "--out", str(out), *(["--lora-file"] if lora_file else []), "--device", "cpu"]) == 0
-    pipe = diffusers.DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # as the card says
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, local_files_only=True, **no_t5)
     assert type(pipe).__name__ == FAMILIES[family][1]
+    card = (out / "README.md").read_text()
+    assert ("text_encoder_3=None, tokenizer_3=None" in card) == bool(no_t5)
     network = pipe.unet if family == "sdxl" else pipe.transformer
     if lora_file:
         base = {k: v.clone() for k, v in network.state_dict().items()}
@@ -110,7 +114,6 @@ def test_export_is_the_stock_pipeline_whose_one_step_call_is_the_generator(lora_
     assert error <= TOL, error
     if family != "sdxl":  # the transformer's timestep: SD3 takes 1000 s*, FLUX s* (it multiplies by 1000 itself)
         assert float(seen[-1].flatten()[0]) == pytest.approx(s * (1 if family == "flux" else 1000), rel=1e-6)
-    card = (out / "README.md").read_text()
     assert "num_inference_steps=1" in card and "lora: 2" in card and f"height={PIXELS}" in card
     assert ("pipe.load_lora_weights(folder)" in card) == lora_file
     if family == "sdxl":  # without height and width the pipeline's time ids are (32, 32, 0, 0, 32, 32): not the run's
@@ -124,16 +127,14 @@ def test_export_is_the_stock_pipeline_whose_one_step_call_is_the_generator(lora_
 
 @pytest.fixture(scope="module")
 def denoisers(tmp_path_factory):
-    """family -> the teacher's denoiser of a tiny pipeline of that family (SD3 without SD3.5's dual attention too)."""
+    """family -> the teacher's denoiser of a tiny pipeline of that family."""
     tmp = tmp_path_factory.mktemp("lora-targets")
-    makers = {**{k: v[0] for k, v in FAMILIES.items()}, "sd3": sd3_pipeline}
     nets = {}
-    for family, make in makers.items():
+    for family, (make, _, options) in FAMILIES.items():
         out = tmp / family
         out.mkdir()
-        args = MAX_LENGTH if family != "sdxl" else []
         cfg = run_config("--teacher", str(make(tmp / f"{family}-pipe")), "--prompts", str(prompts_file(out)),
-                         "--resolution", str(PIXELS), *args, "--out", str(out))
+                         "--resolution", str(PIXELS), *options, "--out", str(out))
         nets[family] = DiffusersProblem.from_config(cfg).teacher.net
     return nets
 

@@ -123,12 +123,10 @@ def model_card(run, step: int, ckpt: Path, kind: str, written: dict, error: floa
         "", "## Use", "",
     ]
     if kind == "pipeline":
-        load = ("pipe = DiffusionPipeline.from_pretrained(folder)"
-                + ("\npipe.load_lora_weights(folder)" if "LoRA" in written["weights"] else ""))
         lines += [
             f"A stock diffusers `{written['pipeline']}` ({written['weights']}) {written['how']}", "",
             "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-            f"folder = '.'  # this folder\n{load}", *written["code"], "```",
+            "folder = '.'  # this folder", *written["code"], "```",
         ]
     else:
         labels = run.distiller.num_classes

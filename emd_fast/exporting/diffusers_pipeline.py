@@ -146,20 +146,26 @@ def usage(run, options: dict) -> tuple[list[str], str]:
               "`python -m emd_fast.sample`.")
 
 
+def absent_components(folder) -> dict:
+    """{component: None} of the pipeline's text encoders and tokenizers the teacher's folder does not have (SD3
+    without T5): the export has none either, and ``from_pretrained`` must be told so."""
+    return {key: None for text in folder.text_encoders if text.key in OPTIONAL_TEXT_ENCODERS and text.encoder is None
+            for key in (text.key, text.key.replace("text_encoder", "tokenizer"))}
+
+
 def text_components(folder) -> dict:
-    """The pipeline's text encoders and tokenizers by component name, from the teacher's folder (SD3's optional T5
-    None where the folder has none)."""
-    parts = {}
+    """The pipeline's text encoders and tokenizers by component name, from the teacher's folder."""
+    parts = absent_components(folder)
     for text in folder.text_encoders:
-        absent = text.key in OPTIONAL_TEXT_ENCODERS and text.encoder is None
-        tokenizer, encoder = (None, None) if absent else load_text_encoder(folder, text, "cpu")
-        parts |= {text.key: encoder, text.key.replace("text_encoder", "tokenizer"): tokenizer}
+        if text.key not in parts:
+            tokenizer, parts[text.key] = load_text_encoder(folder, text, "cpu")
+            parts[text.key.replace("text_encoder", "tokenizer")] = tokenizer
     return parts
 
 
 def write_pipeline(run, out: Path, lora_file: bool) -> dict:
     """Write the run's sampling generator (the EMA if there is one) as a pipeline folder ``out``; returns what the
-    model card says of it: {"pipeline", "weights", "code", "how"}."""
+    model card says of it: {"pipeline", "weights", "code": the lines that load and call it, "how"}."""
     diffusers, folder = _diffusers(), run.problem.folder
     name, component = PIPELINES[folder.family]
     net = run.distiller.sampler.denoiser.model
@@ -191,8 +197,11 @@ def write_pipeline(run, out: Path, lora_file: bool) -> dict:
         type(pipe).save_lora_weights(out, **{f"{component}_lora_layers": factors,
                                              f"{component}_lora_adapter_metadata": metadata})
     code, how = usage(run, call_options(run))
+    absent = "".join(f", {key}=None" for key in absent_components(folder))
+    load = [f"pipe = DiffusionPipeline.from_pretrained(folder{absent})",
+            *(["pipe.load_lora_weights(folder)"] if lora_file else [])]
     return {"pipeline": name, "weights": f"LoRA file {LORA_FILE}" if lora_file else f"merged {component}",
-            "code": code, "how": how}
+            "code": load + code, "how": how}
 
 
 @torch.no_grad()
@@ -202,7 +211,8 @@ def pipeline_error(run, out: Path, lora_file: bool, n: int = 3, seed: int = 0) -
     prompts' cached conditioning). g is the run's generator, or for a bf16 base (which the pipeline's fp32 network
     does not round) its fp32 merged copy."""
     distiller, folder = run.distiller, run.problem.folder
-    pipe = _diffusers().DiffusionPipeline.from_pretrained(out, local_files_only=True).to(distiller.device)
+    pipe = _diffusers().DiffusionPipeline.from_pretrained(out, local_files_only=True,
+                                                          **absent_components(folder)).to(distiller.device)
     pipe.set_progress_bar_config(disable=True)
     if lora_file:
         pipe.load_lora_weights(out)
