@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from test_lora import IMAGES, MIXTURE, teacher_file  # noqa: E402
 
-from emd_fast import export, sample, train  # noqa: E402
+from emd_fast import export, optional, sample, train  # noqa: E402
 from emd_fast.exporting.diffusers_pipeline import LORA_FILE  # noqa: E402
 from emd_fast.nets.generator import Generator  # noqa: E402
 from emd_fast.teachers.network_file import load_network  # noqa: E402
@@ -82,6 +82,15 @@ def test_text_to_image_lora_run_is_a_stock_pipeline_that_samples_as_emd_fast_sam
     card = (out / "README.md").read_text()
     assert "pipe.load_lora_weights(folder)" in card if lora_file else "load_lora_weights" not in card
     assert "num_inference_steps=1" in card and "lora: 2" in card
+
+
+def test_lora_file_needs_the_diffusers_that_saves_adapter_metadata(sd_lora_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(optional, "installed_version", lambda package: "0.33.1" if package == "diffusers" else "9")
+    out = tmp_path / "export"
+    assert export.main([str(sd_lora_run), "--out", str(out), "--lora-file", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora-file exports need diffusers >= 0.34, 0.33.1 is installed" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".export.partial-*"))
 
 
 def test_pixel_class_conditional_run_is_a_consistency_model_pipeline(tmp_path):

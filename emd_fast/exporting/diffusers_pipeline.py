@@ -174,6 +174,8 @@ def write_pipeline(run, out: Path, lora_file: bool) -> dict:
                          f"a stock pipeline would take both halves of its output for the prediction")
     if lora_file and run.cfg.get("lora") is None:
         raise ValueError("--lora-file: this run trained full copies (no --lora): its generator is exported as weights")
+    if lora_file:  # save_lora_weights takes the adapters' ranks and targets as metadata from diffusers 0.34 on
+        require("diffusers", "--lora-file exports", minimum="0.34")
     if lora_file and not folder.latent:
         raise ValueError("--lora-file: diffusers has no LoRA loader for UNet2DModel pipelines; export the merged "
                          "weights (leave out --lora-file)")
