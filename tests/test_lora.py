@@ -2,7 +2,7 @@
 
 Step 0 is the full-copy path exactly; the base is stored once and never changes; checkpoints hold adapters and their
 optimizer state only and resume bit for bit; the composition with torch.compile (no recompilation per role or per
-iteration), bf16, activation checkpointing, DDP (gloo, 2 processes) and --shard (refused); bad options."""
+iteration), bf16, activation checkpointing, DDP and --shard (gloo, 2 processes); bad options."""
 import datetime
 import itertools
 import json
@@ -12,6 +12,7 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -21,7 +22,7 @@ from test_distributed import SharedNoiseDistiller, launch  # noqa: E402
 from emd_fast import train  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
 from emd_fast.execution.compiled import compile_networks  # noqa: E402
-from emd_fast.execution.distributed import Ranks, data_parallel  # noqa: E402
+from emd_fast.execution.distributed import Ranks, data_parallel, fully_sharded  # noqa: E402
 from emd_fast.nets.lora import (  # noqa: E402
     LORA_TARGETS,
     LoraSettings,
@@ -306,39 +307,62 @@ def test_grad_checkpointing_leaves_the_lora_updates_unchanged(sd_folder, tmp_pat
 BATCH, STEPS = 12, 3
 
 
-def lora_trajectory(ranks, wrap=None):
-    """Adapters after each of STEPS iterations of LoRA over a network teacher (ring2d's MLP shapes), and the base."""
+def lora_trajectory(ranks, wrap=None, shard=None):
+    """LoRA over a network teacher (ring2d's MLP shapes, an EMA): the checkpoint tensors of generator, student, EMA
+    and both Adam states after each of STEPS iterations (every rank calls it; sharded, only rank 0's are filled),
+    the base (checked unchanged) and the Distiller."""
     torch.manual_seed(0)
     net = randomize(MLPDenoiser(2, VPCosine(), hidden=16, depth=2))
+    base = {k: v.clone() for k, v in net.state_dict().items()}
     teacher = NetworkTeacher(net, net.schedule, (2,))
     gen, student, _ = lora_networks(net, 0.9, LoraSettings(4), (1, 2))
     d = SharedNoiseDistiller(teacher, gen, student, EMDConfig(K=2),
                              batch=BATCH // ranks.world, global_batch=BATCH, lr_g=1e-3, lr_s=1e-3, seed=3,
-                             sigma_data=2.0, data_parallel=wrap, ranks=ranks)
+                             sigma_data=2.0, data_parallel=wrap, shard=shard, ema_halflife_kimg=0.01, ranks=ranks)
     out = []
     for _ in range(STEPS):
         d.step()
-        out.append({k: v.clone() for k, v in d.state_tensors().items() if k.startswith(("generator.", "student."))})
-    return out, {k: v.clone() for k, v in net.state_dict().items()}
+        d.update_ema()
+        out.append({k: v.clone() for k, v in d.state_tensors().items() if not k.endswith("rng")})
+    assert all(torch.equal(v, base[k]) for k, v in net.state_dict().items())  # the frozen base never changes
+    return out, base, d
 
 
-def _lora_ddp_worker(rank, world, path):
+def _lora_worker(rank, world, path, how):
     tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        result = lora_trajectory(Ranks(rank, world, rank, distributed=True), data_parallel(torch.device("cpu")))
-        torch.save(result, path / f"lora_rank{rank}.pt")
+        ranks, cpu = Ranks(rank, world, rank, distributed=True), torch.device("cpu")
+        if how == "ddp":
+            out, base, _ = lora_trajectory(ranks, data_parallel(cpu))
+        else:  # the adapters sharded (FSDP2); the base whole and the teacher's own tensors in all three networks
+            out, base, d = lora_trajectory(ranks, shard=fully_sharded(cpu, world))
+            own = {id(t): t for t in (*d.teacher.parameters(), *d.teacher.buffers())}
+            for net in (d.generator, d.student, d.ema):
+                adapters = [p for n, p in net.named_parameters() if "lora_" in n]
+                frozen = [t for n, t in (*net.named_parameters(), *net.named_buffers()) if "lora_" not in n]
+                assert adapters and all(isinstance(p, DTensor) and p.to_local().numel() <= -(-p.shape[0] // world)
+                                        * p.shape[1] for p in adapters)
+                assert len(frozen) == len(own) and all(own.get(id(t)) is t for t in frozen)
+        torch.save((out, base), path / f"{how}_rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
-def test_lora_ddp_on_two_processes_takes_the_one_process_update(tmp_path):
-    (one, base), world = lora_trajectory(Ranks()), 2
-    launch(_lora_ddp_worker, world, tmp_path)
-    ranks = [torch.load(tmp_path / f"lora_rank{r}.pt") for r in range(world)]
-    for trajectory, rank_base in ranks:
-        assert all(torch.equal(rank_base[k], base[k]) for k in base)  # the frozen base never changes
-        assert all(torch.equal(trajectory[-1][k], ranks[0][0][-1][k]) for k in trajectory[-1])  # ranks agree
-    for step, (a, b) in enumerate(zip(one, ranks[0][0]), 1):
+@pytest.mark.parametrize("how", ["ddp", "shard"])
+def test_lora_on_two_processes_takes_the_one_process_update(tmp_path, how):
+    """DDP, and --shard (the adapters, their Adam state and EMA sharded, the base whole and shared): 2 processes on
+    half the batch each follow one process on the whole batch, fp32, up to the order of float additions."""
+    (one, base, _), world = lora_trajectory(Ranks()), 2
+    launch(_lora_worker, world, tmp_path, how)
+    ranks = [torch.load(tmp_path / f"{how}_rank{r}.pt") for r in range(world)]
+    for _, rank_base in ranks:
+        assert all(torch.equal(rank_base[k], base[k]) for k in base)
+    if how == "ddp":  # ranks agree (sharded: rank 0 alone gathers the checkpoint tensors)
+        assert all(torch.equal(ranks[1][0][-1][k], ranks[0][0][-1][k]) for k in ranks[0][0][-1])
+    nets = [k for k in one[-1] if k.startswith(("generator.", "student.", "ema."))]
+    assert any(k.startswith("ema.") for k in nets) and all(".lora_" in k for k in nets)  # adapters only
+    for step, (a, b) in enumerate(zip(one, ranks[0][0], strict=True), 1):
+        assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} step {step}")
 
@@ -354,7 +378,6 @@ def test_lora_ddp_on_two_processes_takes_the_one_process_update(tmp_path):
     (["--lora-targets", "inp"], "--lora-targets sets the LoRA adapters: add --lora RANK"),
     (["--lora", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive number"),
     (["--lora", "4", "--lora-dropout", "1"], "--lora-dropout must lie in [0, 1)"),
-    (["--lora", "4", "--shard"], "--lora does not shard"),
 ])
 def test_bad_lora_options_are_one_line_errors(args, message, tmp_path, capsys):
     rc = train.main(["--out", str(tmp_path / "r"), *MIXTURE, *args])

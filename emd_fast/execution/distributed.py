@@ -204,11 +204,16 @@ def communication_failed(e: BaseException) -> bool:
 # --- FSDP2 (--shard): networks sharded across the ranks -------------------------------------------------------------
 
 def fully_sharded(device: torch.device, world: int):
-    """A function sharding a network in place across the ``world`` ranks with FSDP2 (``fully_shard``): each rank
-    keeps 1/world of every parameter (and so of its gradient and Adam moments); a forward or backward all-gathers one
-    block's parameters at a time and frees them after, and backward reduce-scatters the averaged gradients. The
-    blocks are the members of the network's outermost ModuleLists / ModuleDicts (a UNet's encoder and decoder
-    blocks, an MLP's layers); the rest is sharded as one group with the root. Parameters become DTensors.
+    """A function ``shard(network, frozen)`` sharding a network in place across the ``world`` ranks with FSDP2
+    (``fully_shard``): each rank keeps 1/world of every parameter (and so of its gradient and Adam moments); a
+    forward or backward all-gathers one block's parameters at a time and frees them after, and backward
+    reduce-scatters the averaged gradients. The blocks are the members of the network's outermost ModuleLists /
+    ModuleDicts (a UNet's encoder and decoder blocks, an MLP's layers); the rest is sharded as one group with the
+    root. Parameters become DTensors.
+    ``frozen``: parameters left out (FSDP2's ``ignored_params``): plain tensors, whole on every rank, never gathered
+    nor reduced, and still shared with whatever else holds them: a LoRA tree's frozen base (the teacher's tensors,
+    ``nets.lora``). A network with frozen parameters has its trained ones (the LoRA adapters: small) sharded as one
+    group at the root.
     Every group, the root's too, is resharded after each forward (FSDP2 keeps the root's gathered by default): the
     E-step's forwards are not followed by a backward, and ``parameters()`` must always be the shards (the EMA
     update, the optimizers)."""
@@ -217,11 +222,12 @@ def fully_sharded(device: torch.device, world: int):
 
     mesh = init_device_mesh(device.type, (world,))
 
-    def shard(module: nn.Module) -> None:
-        for block in _blocks(module):
+    def shard(module: nn.Module, frozen: set[nn.Parameter] | frozenset = frozenset()) -> None:
+        ignored = {p for p in module.parameters() if p in frozen}
+        for block in () if ignored else _blocks(module):
             if any(True for _ in block.parameters()):
                 fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None)
 
     return shard
 
@@ -242,12 +248,14 @@ def _full(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A sharded network's full state dict (plain CPU tensors, the names of the unsharded network) on rank 0, {} on
-    the others. A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of a sharded network's state dict made whole, as plain CPU tensors, on rank 0 ({} on the others):
+    each DTensor all-gathered, the others (frozen tensors, buffers) as they are. A collective: every rank calls it
+    with the same names in the same order."""
+    from torch.distributed.tensor import DTensor
 
-    return get_model_state_dict(module, options=_full(cpu_offload=True))
+    whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    return {k: v.detach().cpu() for k, v in whole.items()} if tdist.get_rank() == 0 else {}
 
 
 def full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
@@ -278,8 +286,8 @@ def load_full_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer,
     holding all of it) into the optimizer of a sharded network: each rank keeps its shards."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    (group,) = opt.param_groups  # one group: the network's parameters, in the order of named_parameters
-    names = [name for name, _ in module.named_parameters()]
+    (group,) = opt.param_groups  # one group: the network's trained parameters, in the order of named_parameters
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
     full = {"state": {names[i]: st for i, st in state.items()},
             "param_groups": [{**{k: v for k, v in group.items() if k != "params"}, "params": names}]}
     set_optimizer_state_dict(module, opt, full, options=_full())

@@ -3,9 +3,10 @@
 Teacher, generator and student are three module trees over ONE set of base tensors, the teacher's network's
 (``shared_copy`` copies a tree's modules, not its tensors). peft injects one adapter set into the generator's tree and
 one into the student's; the teacher's tree stays the plain network. Only the adapters require grad, so the Distiller's
-optimizers, EMA and checkpoints hold only them (it never copies or saves the teacher's tensors). Adapters are fp32
-whatever the base's dtype (bf16 for a diffusers teacher under ``--precision bf16``). B = 0 at initialisation (peft's
-default), so generator and student start as exactly the functions of the full fine-tuning path.
+optimizers, EMA and checkpoints hold only them (it never copies or saves the teacher's tensors); ``--shard`` shards
+them (their gradients, Adam moments and EMA too) and leaves the base whole on every process, still shared. Adapters
+are fp32 whatever the base's dtype (bf16 for a diffusers teacher under ``--precision bf16``). B = 0 at initialisation
+(peft's default), so generator and student start as exactly the functions of the full fine-tuning path.
 
 Which layers: nn.Linear and nn.Conv2d modules of exactly those classes (peft builds a layer's factors with the
 layer's own class: a Conv2d subclass with another constructor, like the U-Nets' ``ResampleConv2d``, cannot take
@@ -130,11 +131,6 @@ def check_lora_options(cfg: dict) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} sets the LoRA adapters: add --lora RANK")
         return
     settings.validate()
-    if cfg.get("shard"):
-        raise ValueError("--lora does not shard: --shard splits trained weights, their gradients and Adam moments "
-                         "across the processes, and with --lora those are the small adapters, while the frozen base "
-                         "that three networks share stays whole on each process; drop --shard (torchrun without it "
-                         "is data-parallel)")
     require("peft", "LoRA adapters (--lora)", names=("LoraConfig", "inject_adapter_in_model"))
 
 

@@ -13,8 +13,8 @@ from ..emd import EMD, EMDConfig, EStep
 from ..errors import CheckpointError
 from ..execution.backends import BACKENDS, NetworkCall, make_ops
 from ..execution.distributed import (
-    full_model_state,
     full_optimizer_state,
+    full_tensors,
     load_full_model_state,
     load_full_optimizer_state,
 )
@@ -76,7 +76,8 @@ class Distiller:
     for their training forward so that the losses' gradients are averaged across processes. Sharded runs (``--shard``):
     ``shard`` shards generator, student and EMA in place across the processes instead (FSDP2, see
     ``distributed.fully_sharded``; the EMA is copied before, and sharded like the generator: its update stays local
-    to each shard); ``state_tensors`` then gathers full tensors on process 0 (the same checkpoint as unsharded).
+    to each shard; a LoRA run's frozen base is left out, whole on every process and still shared by the networks);
+    ``state_tensors`` then gathers full tensors on process 0 (the same checkpoint as unsharded).
     """
 
     def __init__(self, teacher, generator: nn.Module, student: nn.Module, cfg: EMDConfig, *, batch: int,
@@ -115,15 +116,16 @@ class Distiller:
         # the teacher's tensors (a LoRA run's frozen base, see nets.lora) are never copied, trained or saved
         self.teacher_tensors = {id(t) for t in (*teacher.parameters(), *teacher.buffers())} \
             if isinstance(teacher, nn.Module) else set()
+        frozen = {p for net in (generator, student) for p in net.parameters() if not p.requires_grad}  # LoRA's base
         self.ema = None
         if ema_halflife_kimg:
-            shared = [*(p for p in generator.parameters() if not p.requires_grad),  # a LoRA run's frozen base
+            shared = [*(p for p in generator.parameters() if p in frozen),
                       *(b for b in generator.buffers() if id(b) in self.teacher_tensors)]
             self.ema = shared_copy(generator, shared).requires_grad_(False).eval()
         self.sharded = shard is not None
         for net in (generator, student, self.ema) if shard else ():
             if net is not None:
-                shard(net)
+                shard(net, frozen)
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.deferred = execution.finite_check == "deferred"
         ops = make_ops(execution.backend, self.rng, seed, self.device, execution.kernel_noise)
@@ -284,7 +286,7 @@ class Distiller:
         return {k: v for k, v in nets[name].state_dict().items() if k not in skip}
 
     def _model_state(self, name: str) -> dict[str, torch.Tensor]:
-        return full_model_state(self._networks()[name]) if self.sharded else self._own_state(name)
+        return full_tensors(self._own_state(name)) if self.sharded else self._own_state(name)
 
     def _optimizer_state(self, net: nn.Module, opt: torch.optim.Optimizer) -> dict[int, dict]:
         return full_optimizer_state(net, opt) if self.sharded else opt.state_dict()["state"]
