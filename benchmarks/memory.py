@@ -20,7 +20,9 @@ Counted, in bytes, all under ``--precision bf16`` (autocast bf16; fp32 master we
   of its adapters (4);
 * static, ``--shard`` over SHARDS processes (FSDP2): generator, student, their gradients, Adam moments and the EMA
   split SHARDS ways, the teacher whole on every process (per-process bytes; the one block FSDP2 gathers at a time is
-  not counted). ``--shard`` does not combine with ``--lora`` (refused);
+  not counted). With ``--lora`` only the adapters are split (their gradients, Adam moments and EMA too): the frozen
+  base stays whole on every process (the adapters FSDP2 gathers for a forward or backward, and their unsharded
+  gradients, are not counted);
 * activations: the bytes of every distinct tensor one training forward of the network saves for its backward
   (weights excluded, the bf16 weight copies autocast makes included), with and without diffusers' activation
   checkpointing (``--grad-checkpoint``: diffusers teachers only). One network's are alive at a time (the E-step's
@@ -128,10 +130,10 @@ def activations(net, mode, inputs, checkpoint: bool | None) -> tuple[int, int]:
 
 
 def static_bytes(params: int, teacher_bytes: int, adapters: int | None = None, shards: int = 1) -> int:
-    """Static bytes per process: full copies (adapters None) or one frozen base + LoRA adapters; see the docstring."""
-    if adapters is None:
-        return params * (2 * 16 + 4) // shards + params * teacher_bytes
-    return params * teacher_bytes + adapters * (2 * 16 + 4)
+    """Static bytes per process: full copies (adapters None) or one frozen base + LoRA adapters, the trained part
+    split ``shards`` ways (the teacher / base whole on each); see the docstring."""
+    trained = params if adapters is None else adapters
+    return trained * (2 * 16 + 4) // shards + params * teacher_bytes
 
 
 def largest_batch(total_mib: int, static: int, act: tuple[int, int]) -> int:
@@ -141,8 +143,8 @@ def largest_batch(total_mib: int, static: int, act: tuple[int, int]) -> int:
 
 
 def report(name: str) -> list[dict]:
-    """Every row of one network: full, full + checkpointing, full sharded (with and without checkpointing), LoRA at
-    each of RANKS (with and without checkpointing)."""
+    """Every row of one network: full and LoRA at each of RANKS, each with and without checkpointing and
+    sharding."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from emd_fast.nets.lora import LoraSettings, adapt
@@ -164,7 +166,7 @@ def report(name: str) -> list[dict]:
         to_fake(net, mode)
         for ckpt in checkpoints:
             act = activations(net, mode, inputs, ckpt)
-            for shards in ((1, SHARDS) if adapters is None else (1,)):
+            for shards in (1, SHARDS):
                 static = static_bytes(params, teacher_bytes, adapters, shards)
                 row = dict(network=name, training=training, grad_checkpoint=bool(ckpt), shards=shards,
                            params=params, adapters=adapters, static_bytes=static, act_constant_bytes=act[0],

@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stops with an error, when another process died or hangs")
     r.add_argument("--shard", action="store_true",
                    help="launched by torchrun: shard generator, student and EMA across the processes (FSDP2) for "
-                        "networks that do not fit one GPU; the teacher stays whole on each (README: Several GPUs)")
+                        "networks that do not fit one GPU; the teacher stays whole on each. With --lora only the "
+                        "adapters (and their gradients, Adam moments and EMA) are sharded: the frozen base stays "
+                        "whole on each process (README: Several GPUs)")
     lg = p.add_argument_group("monitoring (docs/monitoring.md)")
     lg.add_argument("--log", nargs="+", choices=LOGGERS, default=None,
                     help="also log the curves, sample grids and config to TensorBoard (<out>/tensorboard) and/or "

@@ -75,11 +75,12 @@ def _cli(rank, world, out_dir, argv, patch=None):
         {"code": code, "out": stdout.getvalue(), "err": stderr.getvalue(), "s": time.perf_counter() - t0}))
 
 
-def run_cli(tmp_path, world, out, *extra, patch=None) -> list[dict]:
-    """The training CLI on ``world`` processes; per rank {"code", "out", "err", "s" (seconds)}."""
+def run_cli(tmp_path, world, out, *extra, patch=None, base=SMALL) -> list[dict]:
+    """The training CLI with ``base`` and ``extra`` options on ``world`` processes; per rank {"code", "out", "err",
+    "s" (seconds)}."""
     log_dir = tmp_path / f"log_{out.name}_{time.monotonic_ns()}"
     log_dir.mkdir()
-    launch(_cli, world, log_dir, ["--out", str(out), *SMALL, *extra], patch)
+    launch(_cli, world, log_dir, ["--out", str(out), *base, *extra], patch)
     return [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 

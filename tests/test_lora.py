@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
 
-from test_distributed import SharedNoiseDistiller, launch  # noqa: E402
+from test_distributed import SharedNoiseDistiller, launch, run_cli, run_until, tensors_at  # noqa: E402
+from test_memory_report import memory  # noqa: E402
 
 from emd_fast import train  # noqa: E402
 from emd_fast.emd import EMDConfig  # noqa: E402
@@ -38,7 +39,7 @@ from emd_fast.schedules import EDMSchedule, VPCosine  # noqa: E402
 from emd_fast.teachers import NetworkTeacher  # noqa: E402
 from emd_fast.teachers.diffusers_folder import DiffusersDenoiser, DiscreteSchedule, PromptTable  # noqa: E402
 from emd_fast.teachers.network_file import save_network  # noqa: E402
-from emd_fast.training.build import Run  # noqa: E402
+from emd_fast.training.build import Run, load_run  # noqa: E402
 from emd_fast.training.checkpoint import list_checkpoints  # noqa: E402
 from emd_fast.training.config import resolve  # noqa: E402
 from emd_fast.training.distiller import Distiller  # noqa: E402
@@ -343,6 +344,16 @@ def _lora_worker(rank, world, path, how):
                 assert adapters and all(isinstance(p, DTensor) and p.to_local().numel() <= -(-p.shape[0] // world)
                                         * p.shape[1] for p in adapters)
                 assert len(frozen) == len(own) and all(own.get(id(t)) is t for t in frozen)
+            # per process: the whole base, 1/world of the adapters, their gradients, Adam moments and EMA
+            # (benchmarks/memory.py's --lora --shard rows)
+            trained = [p for net in (d.generator, d.student) for p in net.parameters() if p.requires_grad]
+            shards = [*trained, *(p.grad for p in trained), *d.ema.parameters(),
+                      *(v for opt in (d.opt_g, d.opt_s) for st in opt.state.values()
+                        for v in (st["exp_avg"], st["exp_avg_sq"]))]
+            base_bytes = sum(t.numel() * t.element_size() for t in d.teacher.parameters())
+            held = base_bytes + sum(t.to_local().numel() * t.element_size() for t in shards if isinstance(t, DTensor))
+            adapters = sum(p.numel() for p in d.generator.parameters() if p.requires_grad)
+            assert held == memory.static_bytes(base_bytes // 4, 4, adapters, world)
         torch.save((out, base), path / f"{how}_rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
@@ -361,10 +372,38 @@ def test_lora_on_two_processes_takes_the_one_process_update(tmp_path, how):
         assert all(torch.equal(ranks[1][0][-1][k], ranks[0][0][-1][k]) for k in ranks[0][0][-1])
     nets = [k for k in one[-1] if k.startswith(("generator.", "student.", "ema."))]
     assert any(k.startswith("ema.") for k in nets) and all(".lora_" in k for k in nets)  # adapters only
+    worst = 0.0
     for step, (a, b) in enumerate(zip(one, ranks[0][0], strict=True), 1):
         assert a.keys() == b.keys()
         for k in a:
+            worst = max(worst, float((b[k] - a[k]).abs().max()))
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} step {step}")
+    print(f"LoRA {how}, 2 processes vs 1: largest difference of an adapter, Adam moment or EMA after {STEPS} steps "
+          f"{worst:.1e}")
+
+
+def test_sharded_lora_run_checkpoints_adapters_only_and_resumes_bit_for_bit(tmp_path):
+    """--lora --shard under torchrun (2 processes, an EDM ADM teacher): the checkpoints hold the adapters of
+    generator, student and EMA and their Adam states only; a sharded resume continues bit for bit; a plain process
+    loads them exactly."""
+    argv = ["--teacher", str(teacher_file(tmp_path)), *IMAGES, "--batch", "4", "--steps", "4", "--ema", "0.01",
+            "--lora", "2", "--shard"]
+    straight = tmp_path / "straight"
+    assert [r["code"] for r in run_cli(tmp_path, 2, straight, base=argv)] == [0, 0]
+    again = run_until(straight, tmp_path / "again", 2)
+    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--resume", base=argv)] == [0, 0]
+    a, b = tensors_at(straight, 4), tensors_at(again, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    nets = [k for k in a if k.startswith(("generator.", "student.", "ema."))]
+    assert nets and all(".lora_A." in k or ".lora_B." in k for k in nets)
+    adapters = sum(k.startswith("generator.") for k in nets)
+    assert adapters == sum(k.startswith("student.") for k in nets) == sum(k.startswith("ema.") for k in nets)
+    assert len({k.rsplit(".", 1)[0] for k in a if k.startswith("opt_g.")}) == adapters
+    loaded, step, _ = load_run(straight, "cpu", training_state=True)
+    state = {k: v for k, v in loaded.distiller.state_tensors().items() if k.startswith(("generator.", "student.",
+                                                                                        "ema.", "opt_"))}
+    assert step == 4 and state.keys() == {k for k in a if k.startswith(("generator.", "student.", "ema.", "opt_"))}
+    assert all(torch.equal(v, a[k]) for k, v in state.items())
 
 
 @pytest.mark.parametrize("args,message", [
