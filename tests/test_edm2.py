@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from test_edm_import import Persistent, assert_matches, edm_globals  # noqa: F401 (a fixture)
 
 from emd_fast import edm_import, sample, train
+from emd_fast.emd import EMDConfig
 from emd_fast.errors import CheckpointError
-from emd_fast.nets.edm2 import EDM2_CONFIGS, EDM2Denoiser, MPConv, VAELatents, mp_cat, mp_silu, mp_sum, normalize
+from emd_fast.nets.edm2 import EDM2_CONFIGS, Block, EDM2Denoiser, MPConv, VAELatents, mp_cat, mp_silu, mp_sum, normalize
 from emd_fast.nets.unet import build_network
 from emd_fast.problems import init_networks
 from emd_fast.schedules import EDMSchedule, VPCosine
@@ -27,6 +28,7 @@ from emd_fast.teachers import GuidedNetworkTeacher
 from emd_fast.teachers.edm2_pickle import VERIFIED_ATTRS, edm2_arch
 from emd_fast.teachers.network_file import load_network, load_nvlabs_pickle, load_teacher_network, save_network
 from emd_fast.training.checkpoint import list_checkpoints
+from emd_fast.training.distiller import Distiller
 
 from helpers import NoHostRead
 
@@ -408,6 +410,52 @@ def test_guided_teacher_is_edm2_guidance(label_dim):
         g = guide(x, sigma, y if label_dim else None)
         assert_matches(teacher.denoise(x, sigma, y), g + 1.7 * (net(x, sigma, y) - g), rtol=1e-6)
     assert teacher.to_config()["guide_weight"] == 1.7 and teacher.to_config()["guide_arch"]["label_dim"] == label_dim
+
+
+def guided_distiller():
+    """Generator and student of a one-level EDM2 network (random: its blocks' kinds, few, keep the compilation short)
+    under its guidance by a wider unconditional network (EDM2's classifier-free guidance)."""
+    arch = dict(img_resolution=8, img_channels=4, channel_mult=[1], num_blocks=1, attn_resolutions=[8],
+                channels_per_head=8)
+    net = random_network(arch | dict(label_dim=10, model_channels=8), seed=2)
+    guide = random_network(arch | dict(label_dim=0, model_channels=16), seed=3)
+    teacher = GuidedNetworkTeacher(net, guide, 1.7, net.schedule, (4, 8, 8))
+    generator, student = init_networks(net, net.schedule.t_at_lambda(-4.0))
+    return Distiller(teacher, generator, student, EMDConfig(K=2), batch=3, lr_g=1e-3, lr_s=1e-3, sigma_data=0.5,
+                     num_classes=10)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_guide_is_regional_equals_eager_and_never_recompiles(backend):
+    """--compile of a guided EDM2 teacher: the guide network is compiled as the teacher's network is, block by block
+    (EDM2's Blocks are regions). Inductor: the guided teacher D = g + w (D_net - g) equals the eager one on fresh
+    inputs (forward graphs only: the C++ builds of the training graphs would take minutes). aot_eager (the same
+    regions and Dynamo guards, no C++): three iterations give the eager losses, and nothing compiles after the
+    first."""
+    from emd_fast.execution.compiled import compile_count, compile_networks, is_compiled, regions
+
+    torch._dynamo.reset()
+    eager, comp = guided_distiller(), guided_distiller()
+    report = compile_networks(comp, backend=backend)
+    nets = {"generator": comp.generator, "student": comp.student, "teacher network": comp.teacher.net,
+            "guide network": comp.teacher.guide}
+    assert report.compiled == list(nets) and report.regions == {
+        name: sum(isinstance(m, Block) for m in net.modules()) for name, net in nets.items()}, report
+    guide = comp.teacher.guide  # its blocks compiled, the glue between them eager
+    assert all(is_compiled(b) for b in regions(guide)) and guide._compiled_call_impl is None
+    if backend == "inductor":
+        g = torch.Generator().manual_seed(5)
+        x, sigma, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.05, 1.3, 40.0]), torch.tensor([7, 0, 2])
+        torch.testing.assert_close(comp.teacher.denoise(x, sigma, y), eager.teacher.denoise(x, sigma, y),
+                                   rtol=1e-5, atol=1e-5)
+        return
+    counts = [compile_count()]
+    for _ in range(3):
+        a, b = eager.step(), comp.step()
+        counts.append(compile_count())
+        for k in ("loss_g", "loss_s"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert counts[1] > counts[0] and counts[-1] == counts[1], counts
 
 
 # ------------------------------------------------------------------ latents and the VAE

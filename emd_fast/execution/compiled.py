@@ -1,4 +1,4 @@
-"""torch.compile for the networks of a distillation run: generator, student and the teacher's network.
+"""torch.compile for the networks of a distillation run: generator, student, the teacher's network and its guide.
 
 ``compile_networks(distiller)`` compiles *in place* (``nn.Module.compile``): the modules stay the same objects with
 the same parameters, so the optimizers, ``state_dict`` keys and checkpoints are exactly those of an eager run (a
@@ -7,10 +7,11 @@ Langevin updates, losses, optimizers) stays eager; only the network calls are co
 an image-sized problem are. Results equal the eager run up to float rounding.
 
 Regional compilation (the default, ``scope="regional"``): a network built of repeated blocks (the residual blocks of
-our ADM / DDPM++ U-Nets, diffusers' ResNet and transformer blocks: ``REGION_CLASSES``) has each block compiled, not
-the whole network. Blocks of one class share their code, so the compiler traces and builds each distinct block
+our ADM / DDPM++ and EDM2 U-Nets, diffusers' ResNet and transformer blocks: ``REGION_CLASSES``) has each block
+compiled, not the whole network. Blocks of one class share their code, so the compiler traces and builds each distinct block
 (its channels, resolution and attention) once, and the generator, student and teacher, copies of one architecture,
-share those builds; the glue between blocks (embeddings, concatenations, the output layer) stays eager. A whole
+share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks share the
+teacher's code and add the builds of their own sizes); the glue between blocks (embeddings, concatenations, the output layer) stays eager. A whole
 ImageNet-64 ADM compiles as one graph per network and call mode (teacher, student and generator forwards without
 gradients, the generator's VJP, two training forwards with their backward graphs); regionally, as one small graph
 per distinct block and mode (benchmarks/compile_time.py measures both). Regions compile with static shapes
@@ -44,8 +45,9 @@ from torch import nn
 MODES = ("default", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 SCOPES = ("regional", "whole")
-# the repeated blocks compiled one by one: ours (ADM and DDPM++/NCSN++ U-Nets) and diffusers' UNets'
-REGION_CLASSES = ("UNetBlock", "ResnetBlock2D", "Transformer2DModel")
+# the repeated blocks compiled one by one, by class name: ours (ADM and DDPM++/NCSN++ U-Nets; EDM2's, whose class
+# keeps EDM2's name ``Block`` and is named by its module) and diffusers' UNets'
+REGION_CLASSES = ("UNetBlock", "emd_fast.nets.edm2.Block", "ResnetBlock2D", "Transformer2DModel")
 # Dynamo keeps at most recompile_limit compiled versions per code object; the blocks of one class share theirs
 # (one version per distinct block and call mode: ~100 for an ImageNet-64 ADM run), so regions raise the limits
 RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT = 512, 2048
@@ -73,20 +75,25 @@ class CompileReport:
 
 
 def networks(distiller) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The networks of a Distiller that can be compiled (name -> module), and the parts that are not networks."""
+    """The networks of a Distiller that can be compiled (name -> module): generator, student, the teacher's network
+    and its guide network (EDM2's guidance) where it has them; and the parts that are not networks."""
     found = {"generator": distiller.generator, "student": distiller.student}
     teacher = distiller.teacher
     net = getattr(teacher, "net", None)
     if isinstance(net, nn.Module):
         found["teacher network"] = net
+        if isinstance(getattr(teacher, "guide", None), nn.Module):
+            found["guide network"] = teacher.guide
         return found, {}
     return found, {"teacher": f"{type(teacher).__name__} is analytic (closed-form scores), not a network: "
                               "it stays eager"}
 
 
 def regions(module: nn.Module) -> list[nn.Module]:
-    """The outermost submodules of ``module`` whose class is one of REGION_CLASSES, in order ([]: none)."""
-    if type(module).__name__ in REGION_CLASSES:
+    """The outermost submodules of ``module`` whose class is one of REGION_CLASSES (its name, or its module and
+    name), in order ([]: none)."""
+    cls = type(module)
+    if cls.__name__ in REGION_CLASSES or f"{cls.__module__}.{cls.__name__}" in REGION_CLASSES:
         return [module]
     return [r for child in module.children() for r in regions(child)]
 
@@ -117,7 +124,8 @@ def is_compiled(module: nn.Module) -> bool:
 
 def compile_networks(distiller, mode: str = "default", backend: str | None = None, dynamic: bool | None = None,
                      scope: str = "regional") -> CompileReport:
-    """Apply torch.compile in place to the generator, the student and the teacher's network (where it is one).
+    """Apply torch.compile in place to the generator, the student and the teacher's network and guide network (where
+    it has them).
 
     distiller: a ``training.distiller.Distiller``; mode: one of MODES; backend: a torch.compile backend (default
     $EMD_COMPILE_BACKEND or "inductor"); scope: "regional" (each repeated block, see the module docstring; a network
