@@ -8,10 +8,11 @@ an image-sized problem are. Results equal the eager run up to float rounding.
 
 Regional compilation (the default, ``scope="regional"``): a network built of repeated blocks (the residual blocks of
 our ADM / DDPM++ and EDM2 U-Nets, diffusers' ResNet and transformer blocks: ``REGION_CLASSES``) has each block
-compiled, not the whole network. Blocks of one class share their code, so the compiler traces and builds each distinct block
-(its channels, resolution and attention) once, and the generator, student and teacher, copies of one architecture,
-share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks share the
-teacher's code and add the builds of their own sizes); the glue between blocks (embeddings, concatenations, the output layer) stays eager. A whole
+compiled, not the whole network. Blocks of one class share their code, so the compiler traces and builds each
+distinct block (its channels, resolution and attention) once, and the generator, student and teacher, copies of one
+architecture, share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks
+share the teacher's code and add the builds of their own sizes); the glue between blocks (embeddings,
+concatenations, the output layer) stays eager. A whole
 ImageNet-64 ADM compiles as one graph per network and call mode (teacher, student and generator forwards without
 gradients, the generator's VJP, two training forwards with their backward graphs); regionally, as one small graph
 per distinct block and mode (benchmarks/compile_time.py measures both). Regions compile with static shapes
