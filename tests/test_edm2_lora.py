@@ -14,7 +14,15 @@ from torch import nn
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
-from test_edm2 import SMALL, final_tensors, fixture_network, fixture_pickle, read_fixture, tiny_vae, vae_folder  # noqa: E402,E501
+from test_edm2 import (  # noqa: E402
+    SMALL,
+    final_tensors,
+    fixture_network,
+    fixture_pickle,
+    read_fixture,
+    tiny_vae,
+    vae_folder,
+)
 from test_edm_import import assert_matches, edm_globals  # noqa: E402,F401 (a fixture)
 from test_lora import perturb, run_of, storages  # noqa: E402
 
@@ -22,7 +30,14 @@ from emd_fast import export, sample, train  # noqa: E402
 from emd_fast.nets.edm2 import MPConv, mp_weight  # noqa: E402
 from emd_fast.nets.generator import Generator  # noqa: E402
 from emd_fast.nets.lora import (  # noqa: E402
-    LoraSettings, adapt, check_adapters_run, lora_layers, lora_networks, merged_copy, target_layers)
+    LoraSettings,
+    adapt,
+    check_adapters_run,
+    lora_layers,
+    lora_networks,
+    merged_copy,
+    target_layers,
+)
 from emd_fast.problems import init_networks  # noqa: E402
 from emd_fast.teachers.network_file import load_network, save_network  # noqa: E402
 

@@ -10,12 +10,12 @@ default), so generator and student start as exactly the functions of the full fi
 Which layers: nn.Linear and nn.Conv2d modules of exactly those classes (peft builds a layer's factors with the
 layer's own class: a Conv2d subclass with another constructor, like the U-Nets' ``ResampleConv2d``, cannot take
 them) and EDM2's magnitude-preserving ``MPConv`` (peft's custom-layer API, ``edm2_lora``: the adapter updates the
-weight before the layer normalises it), chosen by name patterns (``matches``): ``--lora-targets``, else the architecture's ``TargetRule`` in
-``LORA_TARGETS`` (a later architecture plugs in with one entry there), else every such layer. A layer narrower than
-the rank (min(fan in, fan out) < rank) gets an adapter of its full width, with the same scale alpha / rank as the
-others; a rank larger than every adapted layer is an error. One forward at start-up (``check_adapters_run``) refuses
-adapters that never run (a layer whose weight is read directly, as ``embed_labels`` reads ``map_label``): their B
-factor never runs.
+weight before the layer normalises it), chosen by name patterns (``matches``): ``--lora-targets``, else the
+architecture's ``TargetRule`` in ``LORA_TARGETS`` (a later architecture plugs in with one entry there), else every
+such layer. A layer narrower than the rank (min(fan in, fan out) < rank) gets an adapter of its full width, with the
+same scale alpha / rank as the others; a rank larger than every adapted layer is an error. One forward at start-up
+(``check_adapters_run``) refuses adapters that never run, their B factor not called (a layer whose weight is read
+directly, as ``embed_labels`` reads ``map_label``).
 """
 from __future__ import annotations
 
