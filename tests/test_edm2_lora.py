@@ -19,6 +19,7 @@ from test_edm2 import (  # noqa: E402
     final_tensors,
     fixture_network,
     fixture_pickle,
+    guide_pickle,
     read_fixture,
     tiny_vae,
     vae_folder,
@@ -39,9 +40,16 @@ from emd_fast.nets.lora import (  # noqa: E402
     target_layers,
 )
 from emd_fast.problems import init_networks  # noqa: E402
-from emd_fast.teachers.network_file import load_network, save_network  # noqa: E402
+from emd_fast.teachers.network_file import load_network, load_teacher_network  # noqa: E402
 
 from helpers import assert_resumes_exactly, one_line_error  # noqa: E402
+
+RUN = [*SMALL, "--eval-samples", "2"]  # the Heun reference of 2 samples: the slow part of these runs
+
+
+def conditional_pickle(path):
+    """An EDM2 pickle of a small random class-conditional pixel network: 3x8x8, 10 classes."""
+    return guide_pickle(path, label_dim=10, img_resolution=8)
 
 
 class Holder(nn.Module):
@@ -110,10 +118,9 @@ def test_edm2_lora_networks_start_as_the_full_copies_and_merge_exactly(case):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
 
 
-def test_edm2_base_is_stored_once_and_never_changes(tmp_path):
-    teacher = tmp_path / "edm2.safetensors"
-    save_network(fixture_network("pix_cond"), teacher)
-    argv = ["--teacher", str(teacher), "--out", str(tmp_path / "r"), *SMALL, "--lora", "2"]
+def test_edm2_base_is_stored_once_and_never_changes(edm_globals, tmp_path):  # noqa: F811
+    teacher = conditional_pickle(tmp_path / "edm2.pkl")
+    argv = ["--teacher", str(teacher), "--out", str(tmp_path / "r"), *RUN, "--lora", "2"]
     d = run_of(argv).distiller
     base = {k: v.clone() for k, v in d.teacher.net.state_dict().items()}
     adapters = [p for p in d.generator.parameters() if p.requires_grad]
@@ -153,20 +160,20 @@ def exported_samples(net, labels, t_star):
 def test_pixel_lora_run_checkpoints_adapters_resumes_and_exports(edm_globals, tmp_path):  # noqa: F811
     """--lora 2 on an EDM2 pickle: adapters only in the checkpoints, a resume that continues bit for bit; the export:
     a merged generator file that computes what emd_fast.sample draws, and samples for FID tools."""
-    pkl = fixture_pickle("pix_cond", tmp_path / "edm2-img64-tiny.pkl")
+    pkl = conditional_pickle(tmp_path / "edm2-img64-tiny.pkl")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert_resumes_exactly(lambda out, *a: train.main(["--out", str(out), *a]), straight, split,
-                           *SMALL, "--teacher", str(pkl), "--lora", "2")
+                           *RUN, "--teacher", str(pkl), "--lora", "2")
     nets = [k for k in final_tensors(straight) if k.startswith(("generator.", "student.", "ema."))]
     assert nets and all(".lora_A." in k or ".lora_B." in k for k in nets)
     cfg = json.loads((straight / "config.json").read_text())
-    assert cfg["lora_layers"] == sum(isinstance(m, MPConv) for m in fixture_network("pix_cond").modules())
+    assert cfg["lora_layers"] == sum(isinstance(m, MPConv) for m in load_teacher_network(pkl).modules()) == 47
     net, card = exported(straight, tmp_path / "export", "--samples", "3", "--batch", "2")
     images, labels = sample_npz(straight, tmp_path)
     assert_matches(exported_samples(net, labels, cfg["t_star"]), images)
     assert "images in about [-1, 1]" in card and "lora: 2" in card
     with np.load(tmp_path / "export" / "samples.npz") as f:
-        assert f["arr_0"].shape == (3, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
 
 
 def test_latent_run_with_vae_exports_a_generator_and_decoded_samples(edm_globals, tmp_path):  # noqa: F811
@@ -174,7 +181,7 @@ def test_latent_run_with_vae_exports_a_generator_and_decoded_samples(edm_globals
     VAE as the model card says are emd_fast.sample's images; --samples writes decoded 8x images."""
     pkl, vae = fixture_pickle("latent_uncond_clip", tmp_path / "latent.pkl"), vae_folder(tmp_path / "vae")
     run = tmp_path / "run"
-    assert train.main(["--out", str(run), *SMALL, "--steps", "2", "--teacher", str(pkl), "--vae", str(vae)]) == 0
+    assert train.main(["--out", str(run), *RUN, "--steps", "2", "--teacher", str(pkl), "--vae", str(vae)]) == 0
     net, card = exported(run, tmp_path / "export", "--samples", "2")
     images, labels = sample_npz(run, tmp_path)
     latents = exported_samples(net, labels, json.loads((run / "config.json").read_text())["t_star"])
@@ -187,7 +194,7 @@ def test_latent_run_with_vae_exports_a_generator_and_decoded_samples(edm_globals
 
 def test_latent_lora_run_without_vae_exports_its_generator_and_refuses_samples(edm_globals, tmp_path, capsys):  # noqa: F811,E501
     pkl, run = fixture_pickle("latent_uncond_clip", tmp_path / "latent.pkl"), tmp_path / "run"
-    assert train.main(["--out", str(run), *SMALL, "--steps", "2", "--teacher", str(pkl), "--lora", "2"]) == 0
+    assert train.main(["--out", str(run), *RUN, "--steps", "2", "--teacher", str(pkl), "--lora", "2"]) == 0
     capsys.readouterr()
     out = tmp_path / "export"
     assert export.main([str(run), "--out", str(out), "--samples", "2", "--device", "cpu"]) == 2
@@ -202,6 +209,6 @@ def test_latent_lora_run_without_vae_exports_its_generator_and_refuses_samples(e
 
 def test_lora_dropout_is_refused_for_edm2(edm_globals, tmp_path, capsys):  # noqa: F811
     pkl = fixture_pickle("pix_uncond_opts", tmp_path / "t.pkl")
-    err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *SMALL, "--teacher", str(pkl),
+    err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *RUN, "--teacher", str(pkl),
                                              "--lora", "2", "--lora-dropout", "0.1"]))
     assert "--lora-dropout: EDM2's adapters change the weight of a layer" in err
