@@ -36,6 +36,26 @@ def state_bytes(*tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+def real_and_fake(build):
+    """build() made twice: with real tensors (seed 0), and with fake ones (returned with their FakeTensorMode)."""
+    torch.manual_seed(0)
+    real = build()
+    with torch.device("meta"):
+        fake = build()
+    mode = FakeTensorMode()
+    memory.to_fake(fake, mode)
+    return real, fake, mode
+
+
+def assert_counted(real, fake, mode, inputs, checkpoint) -> None:
+    """The fake count at batch 2 is the real forward's saved bytes within 2%, and the line through batch 1 and 2
+    (constant + per image) gives batch 3."""
+    counted = memory.saved_bytes(fake, mode, inputs, 2)
+    assert memory.saved_bytes(real, contextlib.nullcontext(), inputs, 2) == pytest.approx(counted, rel=0.02)
+    constant, per_image = memory.activations(fake, mode, inputs, checkpoint)
+    assert per_image > 0 and memory.saved_bytes(fake, mode, inputs, 3) == constant + 3 * per_image
+
+
 @pytest.mark.parametrize("lora", [None, 4])
 def test_fake_count_is_the_real_forwards_saved_bytes(lora):
     """Fake tensors count what a real bf16-autocast forward saves (full and LoRA over a bf16 base), within 2%;
@@ -48,19 +68,11 @@ def test_fake_count_is_the_real_forwards_saved_bytes(lora):
             adapt(unet, LoraSettings(lora))
         return unet
 
-    torch.manual_seed(0)
-    real = net()
-    with torch.device("meta"):
-        fake = net()
-    mode = FakeTensorMode()
-    memory.to_fake(fake, mode)
+    real, fake, mode = real_and_fake(net)
     for ckpt in (False, True):
         real.enable_gradient_checkpointing() if ckpt else real.disable_gradient_checkpointing()
         fake.enable_gradient_checkpointing() if ckpt else fake.disable_gradient_checkpointing()
-        counted = memory.saved_bytes(fake, mode, unet_inputs, 2)
-        assert memory.saved_bytes(real, contextlib.nullcontext(), unet_inputs, 2) == pytest.approx(counted, rel=0.02)
-        constant, per_image = memory.activations(fake, mode, unet_inputs, ckpt)
-        assert per_image > 0 and memory.saved_bytes(fake, mode, unet_inputs, 3) == constant + 3 * per_image
+        assert_counted(real, fake, mode, unet_inputs, ckpt)
     assert memory.activations(fake, mode, unet_inputs, True)[1] < memory.activations(fake, mode, unet_inputs,
                                                                                      False)[1]
 
@@ -127,13 +139,4 @@ def test_edm2_fake_count_is_the_real_forwards_saved_bytes(lora):
         g = torch.Generator().manual_seed(b)
         return (torch.randn(b, 4, 8, 8, generator=g), torch.rand(b, generator=g) + 0.1, torch.arange(b) % 10), {}
 
-    torch.manual_seed(0)
-    real = net()
-    with torch.device("meta"):
-        fake = net()
-    mode = FakeTensorMode()
-    memory.to_fake(fake, mode)
-    counted = memory.saved_bytes(fake, mode, inputs, 2)
-    assert memory.saved_bytes(real, contextlib.nullcontext(), inputs, 2) == pytest.approx(counted, rel=0.02)
-    constant, per_image = memory.activations(fake, mode, inputs, None)
-    assert per_image > 0 and memory.saved_bytes(fake, mode, inputs, 3) == constant + 3 * per_image
+    assert_counted(*real_and_fake(net), inputs, None)
