@@ -58,5 +58,5 @@ def sample_kind(run) -> str:
     latents = getattr(run.problem, "latents", None)
     if latents is None:
         return "images in about [-1, 1]"
-    return (f"latents; images in about [-1, 1]: g.denoiser.latents.decode(vae, x), vae = diffusers' AutoencoderKL "
-            f"of {latents.vae}")
+    return (f"latents of {latents.vae}; images (about [-1, 1]) = g.denoiser.latents.decode(vae, x), vae: that "
+            f"AutoencoderKL (diffusers)")
