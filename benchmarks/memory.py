@@ -3,8 +3,10 @@ full copies, LoRA, --grad-checkpoint and --shard, and the largest batch that fit
 
     python benchmarks/memory.py                        # every network; writes benchmarks/results/memory_report.json
     python benchmarks/memory.py --networks sd15 edm-imagenet64 --no-json
+    python benchmarks/memory.py --networks edm2-img512-s     # replaces that network's rows in the JSON, keeps others
 
-Networks (``NETWORKS``): EDM's ImageNet-64 ADM (roofline.real_networks' config), SD v1.5's UNet and the text-to-image
+Networks (``NETWORKS``): EDM's ImageNet-64 ADM (roofline.real_networks' config), EDM2-S and EDM2-XXL for ImageNet-512
+(nets.edm2.EDM2_CONFIGS, the published presets: 280 M and 1.5 B parameters), SD v1.5's UNet and the text-to-image
 families of real_size_configs.py (SDXL, SD3-medium, SD3.5-medium, SD3.5-large, FLUX.1-dev), built on the meta device
 from their configs; LoRA adapters injected there by peft exactly as ``--lora RANK`` does (emd_fast.nets.lora.adapt:
 the architecture's LORA_TARGETS rule), so their parameter counts are exact. The networks are then turned into fake
@@ -13,8 +15,8 @@ tensors (FakeTensorMode: shapes and dtypes only, nothing allocated or computed) 
 Counted, in bytes, all under ``--precision bf16`` (autocast bf16; fp32 master weights and optimizer state):
 
 * static, full copies: generator and student fp32 weights, gradients and two Adam moments (16 bytes a parameter
-  each), the generator's fp32 EMA (4), the frozen teacher (2 for a diffusers teacher, kept in bf16; 4 for EDM's,
-  which stays fp32);
+  each), the generator's fp32 EMA (4), the frozen teacher (2 for a diffusers teacher, kept in bf16; 4 for EDM's and
+  EDM2's, which stay fp32);
 * static, ``--lora RANK``: one frozen base (the teacher's tensors, shared by the three networks; bf16 / fp32 as the
   teacher) + two fp32 adapter sets with gradients and Adam (16 bytes an adapter parameter each) + the generator's EMA
   of its adapters (4);
@@ -28,7 +30,8 @@ Counted, in bytes, all under ``--precision bf16`` (autocast bf16; fp32 master we
   checkpointing (``--grad-checkpoint``: diffusers teachers only). One network's are alive at a time (the E-step's
   generator VJP, the M-step and the student update run one after another; the E-step's teacher and student forwards
   keep nothing). Counted at batch 1 and 2: a constant (autocast's weight copies) plus a per-image part; exact for
-  these networks (tests/test_memory_report.py checks the line at batch 3).
+  these networks (tests/test_memory_report.py checks the line at batch 3). EDM2's LoRA layers build W + s B A for
+  the forward (nets/edm2_lora.py): those weight-sized tensors are in the constant.
 
 Largest batch on a card: usable = (1 - MARGIN) x the card's memory (nvidia-smi's total) - CONTEXT for what is not
 counted (CUDA context, caching-allocator slack, cuDNN/cuBLAS workspaces, the transient buffers of a backward and of
@@ -61,6 +64,8 @@ CARDS = {"24 GB": ("RTX 4090", 24564), "48 GB": ("RTX A6000", 49140), "80 GB": (
          "141 GB": ("H200", 143771)}
 MARGIN, CONTEXT = 0.10, 1 * GIB  # assumed overhead: 10% of the card + 1 GiB
 NETWORKS = {"edm-imagenet64": "EDM ImageNet-64 ADM, 3x64x64, 1000 classes",
+            "edm2-img512-s": "EDM2-S ImageNet-512, 4x64x64 latents, 1000 classes",
+            "edm2-img512-xxl": "EDM2-XXL ImageNet-512, 4x64x64 latents, 1000 classes",
             "sd15": "SD v1.5 UNet, 4x64x64 latents (512 px), 77x768 text",
             **{n: f"{s.cls}, {s.pixels} px, {real_size_configs.TEXT_TOKENS[n]} text tokens"
                for n, s in real_size_configs.REAL_SIZE.items()}}
@@ -70,10 +75,11 @@ RESULTS = Path(__file__).parent / "results" / "memory_report.json"
 def network(name: str):
     """(network on the meta device, inputs(batch) -> (args, kwargs) of one forward made in the current device
     context, diffusers: whether it is a diffusers teacher)."""
-    if name == "edm-imagenet64":
+    if name.startswith("edm"):  # EDM's ADM, EDM2's U-Nets: emd_fast networks, fp32 teachers
+        from emd_fast.nets.edm2 import EDM2_CONFIGS
         from emd_fast.nets.unet import UNET_CONFIGS, build_network
         with torch.device("meta"):
-            net = build_network(dict(UNET_CONFIGS["edm-imagenet64-adm"]))
+            net = build_network(dict({"edm-imagenet64": UNET_CONFIGS["edm-imagenet64-adm"], **EDM2_CONFIGS}[name]))
         r = net.img_resolution
         return net, lambda b: ((torch.randn(b, net.img_channels, r, r), torch.full((b,), 0.5),
                                 torch.zeros(b, dtype=torch.long)), {}), False
@@ -207,15 +213,29 @@ def main(argv=None) -> int:
     print(table([]))
     rows = [row for name in args.networks for row in report(name)]
     if not args.no_json:
-        import diffusers
-        import peft
-        args.json.write_text(json.dumps({
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "diffusers": diffusers.__version__, "peft": peft.__version__, "platform": platform.platform()},
-            "precision": "bf16", "shards": SHARDS, "ranks": RANKS, "margin": MARGIN, "context_bytes": CONTEXT,
-            "cards": CARDS, "networks": {n: NETWORKS[n] for n in args.networks}, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(merged_report(args.json, rows), indent=1))
     return 0
 
+
+def merged_report(path: Path, rows: list[dict]) -> dict:
+    """The report of ``rows`` plus the rows of other networks kept from the report at ``path`` (if any): a partial
+    run adds or replaces its own networks' rows. ``machine``: the versions each network was counted with."""
+    import diffusers
+    import peft
+
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    names = {r["network"] for r in rows}
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+               "peft": peft.__version__, "platform": platform.platform()}
+    order = [*NETWORKS, *old.get("networks", {})]
+    rows = sorted([r for r in old.get("rows", []) if r["network"] not in names] + rows,
+                  key=lambda r: order.index(r["network"]))
+    covered = dict.fromkeys(r["network"] for r in rows)
+    machines = old.get("machine", {}) | {n: machine for n in names}
+    networks = old.get("networks", {}) | {n: NETWORKS[n] for n in names}
+    return {"machine": {n: machines[n] for n in covered}, "precision": "bf16", "shards": SHARDS, "ranks": RANKS,
+            "margin": MARGIN, "context_bytes": CONTEXT, "cards": CARDS,
+            "networks": {n: networks[n] for n in covered}, "rows": rows}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lora-dropout", type=float, default=0.0,
                     help="dropout on the adapters' input in training (0: none)")
     lo.add_argument("--lora-targets", default=None, metavar="NAMES",
-                    help="comma-separated names or patterns (* ? [..]) of the nn.Linear / nn.Conv2d layers to adapt, "
-                         "each matching a module's full name or its ending after a '.' (e.g. to_q,to_k,to_v,to_out.0); "
+                    help="comma-separated names or patterns (* ? [..]) of the nn.Linear / nn.Conv2d layers (EDM2: "
+                         "MPConv) to adapt, each matching a module's full name or its ending after a '.' (e.g. "
+                         "to_q,to_k,to_v,to_out.0); "
                          "default: the architecture's list (docs/lora.md)")
     v = p.add_argument_group("EDM2 teachers (docs/teachers_edm2.md)")
     v.add_argument("--vae", type=Path, default=None,

@@ -21,7 +21,7 @@ from ..nets.unet import ImageDenoiser
 from ..problems.diffusers_folder import DiffusersProblem
 from ..training.build import find_checkpoint, load_run
 from ..training.checkpoint import list_checkpoints
-from .network_file import GENERATOR_FILE
+from .network_file import GENERATOR_FILE, sample_kind
 
 TOLERANCE = 1e-5  # largest relative error of an export against the run's generator (fp32)
 CARD_SETTINGS = ("K", "gamma_eps", "gamma_z", "z_step", "variant", "cancel_noise", "lambda_star", "gen_weighting",
@@ -71,6 +71,8 @@ def export_run(path: Path, out: Path, lora_file: bool = False, samples: int = 0,
     if lora_file and kind != "pipeline":
         raise ValueError("--lora-file applies to diffusers teachers (pipe.load_lora_weights); this run's generator "
                          "is exported as a network file")
+    if samples and kind == "network":
+        network_file.check_samples(run)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -138,7 +140,7 @@ def model_card(run, step: int, ckpt: Path, kind: str, written: dict, error: floa
             f"z = torch.randn(16, {', '.join(map(str, run.distiller.shape))}, "
             f"generator=torch.Generator().manual_seed(0))",
             *([f"y = torch.randint({labels}, (16,))"] if labels else ["y = None"]),
-            "with torch.no_grad():", "    x = g(z, y)  # images in about [-1, 1]", "```",
+            "with torch.no_grad():", f"    x = g(z, y)  # {sample_kind(run)}", "```",
         ]
     if samples:
         lines += ["", f"`samples.zip`, `samples.npz`: {samples} samples (seed of z and labels: see the export "

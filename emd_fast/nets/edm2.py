@@ -82,6 +82,13 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.cat([a * (s * (1 - t) / math.sqrt(na)), b * (s * t / math.sqrt(nb))], dim=1)
 
 
+def mp_weight(weight: torch.Tensor, gain=1.0) -> torch.Tensor:
+    """The weight an MP layer applies for a stored ``weight`` (out, in, *kernel): gain * n(weight_i) / sqrt(fan_in)
+    per output i, fp32."""
+    w = weight.float()
+    return normalize(w, tuple(range(1, w.dim()))) * (gain / math.sqrt(w[0].numel()))
+
+
 class MPFourier(nn.Module):
     """c (N,) -> (N, num_channels): sqrt(2) cos(c freqs + phases) in fp32; buffers freqs ~ 2 pi N(0, 1) and
     phases ~ 2 pi U(0, 1) (EDM2's initialisation)."""
@@ -107,11 +114,15 @@ class MPConv(nn.Module):
 
     def effective_weight(self, gain=1.0) -> torch.Tensor:
         """The weight the layer applies, fp32."""
-        w = self.weight.float()
-        return normalize(w, tuple(range(1, w.dim()))) * (gain / math.sqrt(w[0].numel()))
+        return mp_weight(self.weight, gain)
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        w = self.effective_weight(gain).to(x.dtype)
+        return self.apply_weight(x, self.effective_weight(gain))
+
+    @staticmethod
+    def apply_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x through an applied weight w (out, in, *kernel), in x's dtype."""
+        w = w.to(x.dtype)
         return x @ w.t() if w.dim() == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 

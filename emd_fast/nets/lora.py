@@ -10,11 +10,13 @@ are fp32 whatever the base's dtype (bf16 for a diffusers teacher under ``--preci
 
 Which layers: nn.Linear and nn.Conv2d modules of exactly those classes (peft builds a layer's factors with the
 layer's own class: a Conv2d subclass with another constructor, like the U-Nets' ``ResampleConv2d``, cannot take
-them), chosen by name patterns (``matches``): ``--lora-targets``, else the architecture's ``TargetRule`` in
-``LORA_TARGETS`` (a later architecture plugs in with one entry there), else every such layer. A layer narrower than
-the rank (min(fan in, fan out) < rank) gets an adapter of its full width, with the same scale alpha / rank as the
-others; a rank larger than every adapted layer is an error. One forward at start-up (``check_adapters_run``) refuses
-adapters that never run (a layer whose weight is read directly, as ``embed_labels`` reads ``map_label``).
+them) and EDM2's magnitude-preserving ``MPConv`` (peft's custom-layer API, ``edm2_lora``: the adapter updates the
+weight before the layer normalises it), chosen by name patterns (``matches``): ``--lora-targets``, else the
+architecture's ``TargetRule`` in ``LORA_TARGETS`` (a later architecture plugs in with one entry there), else every
+such layer. A layer narrower than the rank (min(fan in, fan out) < rank) gets an adapter of its full width, with the
+same scale alpha / rank as the others; a rank larger than every adapted layer is an error. One forward at start-up
+(``check_adapters_run``) refuses adapters that never run, their B factor not called (a layer whose weight is read
+directly, as ``embed_labels`` reads ``map_label``).
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ import torch
 from torch import nn
 
 from ..optional import require
+from .edm2 import MPConv
 from .generator import Generator
 
-ADAPTABLE = (nn.Linear, nn.Conv2d)
+ADAPTABLE = (nn.Linear, nn.Conv2d, MPConv)
 ADAPTER = "default"  # the adapter set's name in each tree (one per tree)
 
 
@@ -61,6 +64,8 @@ LORA_TARGETS: dict[str, TargetRule] = {
     "SD3Transformer2DModel": TargetRule(include=TRANSFORMER_BLOCK_LAYERS),
     "FluxTransformer2DModel": TargetRule(include=(*TRANSFORMER_BLOCK_LAYERS, "single_transformer_blocks.*.proj_mlp",
                                                   "single_transformer_blocks.*.proj_out")),
+    # EDM2: every MPConv; emb_label's weight is read through effective_weight, which carries its adapter
+    "EDM2Denoiser": TargetRule(),
 }
 
 
@@ -79,6 +84,8 @@ def width(layer: nn.Module) -> int:
     """min(fan in, fan out) of an ADAPTABLE layer: the largest useful LoRA rank."""
     if isinstance(layer, nn.Linear):
         return min(layer.in_features, layer.out_features)
+    if isinstance(layer, MPConv):
+        return min(layer.weight[0].numel(), layer.weight.shape[0])
     return min(layer.in_channels * math.prod(layer.kernel_size) // layer.groups, layer.out_channels)
 
 
@@ -153,10 +160,10 @@ def target_layers(net: nn.Module, settings: LoraSettings) -> dict[str, int]:
             if not any(n in layers for n in hits):
                 kinds = sorted({type(modules[n]).__name__ for n in hits})
                 raise ValueError(f"--lora-targets {pattern!r} matches {', '.join(kinds)} modules only: LoRA adapts "
-                                 f"nn.Linear and nn.Conv2d layers")
+                                 f"nn.Linear, nn.Conv2d and EDM2's MPConv layers")
             names += [n for n in hits if n in layers and n not in names]
     if not names:
-        raise ValueError(f"the {arch} network has no nn.Linear / nn.Conv2d layer to adapt")
+        raise ValueError(f"the {arch} network has no nn.Linear / nn.Conv2d / MPConv layer to adapt")
     widest = max(names, key=lambda n: width(layers[n]))
     if settings.rank > width(layers[widest]):
         raise ValueError(f"--lora {settings.rank} is larger than the layers it adapts: the widest, {widest}, has "
@@ -173,11 +180,15 @@ def shared_copy(net: nn.Module, shared: Iterable[torch.Tensor]) -> nn.Module:
 def lora_config(settings: LoraSettings, layers: dict[str, int]):
     """peft's LoraConfig of the adapters ``settings`` asks for on ``layers`` ({name: rank}, ``target_layers``)."""
     peft = require("peft", "LoRA adapters (--lora)", names=("LoraConfig", "inject_adapter_in_model"))
+    from .edm2_lora import MPConvLora
+
     narrow = {n: r for n, r in layers.items() if r < settings.rank}
     pattern = {f"^{n.replace('.', '[.]')}": r for n, r in narrow.items()}  # peft matches (.*\.)?(key)$
-    return peft.LoraConfig(r=settings.rank, lora_alpha=settings.rank * settings.scale,
-                           lora_dropout=settings.dropout, target_modules=list(layers), rank_pattern=pattern,
-                           alpha_pattern={k: r * settings.scale for k, r in pattern.items()})
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.rank * settings.scale,
+                             lora_dropout=settings.dropout, target_modules=list(layers), rank_pattern=pattern,
+                             alpha_pattern={k: r * settings.scale for k, r in pattern.items()})
+    config._register_custom_module({MPConv: MPConvLora})  # peft's (experimental) API for other layer types
+    return config
 
 
 def add_adapters(tree: nn.Module, config, layers: dict[str, int], seed: int) -> nn.Module:
@@ -228,7 +239,7 @@ def check_adapters_run(net: nn.Module, forward: Callable[[], object]) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     ran: set[str] = set()
-    hooks = [m.lora_A[ADAPTER].register_forward_hook(lambda *_, name=name: ran.add(name))
+    hooks = [m.lora_B[ADAPTER].register_forward_hook(lambda *_, name=name: ran.add(name))
              for name, m in net.named_modules() if isinstance(m, BaseTunerLayer)]
     try:
         forward()
