@@ -129,6 +129,13 @@ def stages(out: Path, cpu: bool) -> list[Stage]:
     ]
 
 
+def default_sigint() -> None:
+    """In a stage's process before it starts: SIGINT back to its default, which a playbook started with SIGINT
+    ignored (nohup, a background job of a non-interactive shell, some job runners) would otherwise pass on, so
+    that the stage cannot be asked to stop and write its results."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_stage(stage: Stage, limit_s: float, log, grace_s: float = GRACE_S) -> tuple[str, int | None, float]:
     """Run one stage for at most ``limit_s`` seconds (then SIGINT, and SIGKILL ``grace_s`` later): (status, exit
     code, seconds). status: "ok", "failed" (a non-zero exit) or "cut" (stopped at its time limit)."""
@@ -139,7 +146,7 @@ def run_stage(stage: Stage, limit_s: float, log, grace_s: float = GRACE_S) -> tu
     log.flush()
     t0 = time.perf_counter()
     proc = subprocess.Popen(stage.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     cut = False
     try:
         rc = proc.wait(timeout=max(limit_s, 0.1))

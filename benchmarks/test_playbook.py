@@ -26,7 +26,7 @@ def test_budget_cut_skip_and_partial_results(tmp_path):
     out = tmp_path / "out"
     plan = [
         Stage("a", "passes", [PY, "-c", "print('hello')"], 30, 0),
-        Stage("b", "cut with partial results", [PY, "-c", CUT_AFTER_PARTIAL, str(out / "b.json")], 6, 0,
+        Stage("b", "cut with partial results", [PY, "-c", CUT_AFTER_PARTIAL, str(out / "b.json")], 2, 0,
               ["b.json"]),
         Stage("c", "fails", [PY, "-c", "import sys; sys.exit(3)"], 30, 0),
         Stage("d", "missing feature", [PY, "-c", "1/0"], 30, 0, skip="the feature has not landed"),
