@@ -1,18 +1,26 @@
 """The EMD paper's K ablation on the digits preset: FD and recall against the number of Langevin steps K at equal
 iterations and at equal training time, and seconds per step.
 
+    python benchmarks/k_ablation.py time                                 # seconds per step per K, on an idle machine
     python benchmarks/k_ablation.py run --out runs/k_ablation            # 15 runs, one after another (resumable)
     python benchmarks/k_ablation.py report --out runs/k_ablation         # figure + JSON + markdown table
 
+``time``: each K trains TIME_STEPS steps with evaluation off, the K one after another, --repeat rounds; seconds per
+step are read from the run's own training clock between steps TIME_FROM and TIME_STEPS (the first steps warm up).
+The smallest of the rounds is each K's figure (a shared virtual machine's neighbours only ever add time), all rounds
+are kept in RESULTS/k_ablation_step_time.json with the load average before and after (run it with the machine
+otherwise idle).
+
 ``run``: one ``python -m emd_fast.train --preset digits`` per K x seed with today's preset defaults, only --K,
 --seed and --steps given. Every run makes at least the preset's 300 steps (equal iterations are read at step 300);
-EMD-1 and EMD-2 make more, so that they train at least as long as EMD-4's 300 steps: equal training time is read at
-the longest training time every run reached (the last evaluation at or before it). A finished run (summary.json) is
-skipped, an interrupted one continues with --resume. The times are those of the machine the runs share: on a busy
-machine they are noisy.
+the cheaper K make more steps, so that each trains at least as long as EMD-8's 300 steps at the idle seconds per
+step (STEPS). A finished run (summary.json) is skipped, an interrupted or shorter one continues with --resume (the
+number of steps only decides where a run stops, so a longer run resumed is the same run).
 
 ``report``: the curves and the sweep figure by ``emd_fast.report`` (RESULTS/k_ablation_digits/index.html and PNGs),
-the numbers in RESULTS/k_ablation_digits.json and a markdown table on stdout.
+the numbers in RESULTS/k_ablation_digits.json and a markdown table on stdout. Training time at equal wall time is the
+step count times the idle seconds per step of ``time``, not the runs' own clocks: the runs share the machine with
+other work, so their clocks measure the load as much as K.
 """
 from __future__ import annotations
 
@@ -29,9 +37,12 @@ RESULTS = Path(__file__).parent / "results"
 KS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 EQUAL_STEPS = 300  # the digits preset's --steps
-# steps per K: EMD-1 and EMD-2 about 1.15x EMD-4's 300-step training time at the per-step costs measured on 2 CPU
-# cores (EMD-1 1.5 s, EMD-16 4.8 s per step under load; linear in K between)
-STEPS = {1: 500, 2: 450, 4: 300, 8: 300, 16: 300}
+# steps per K: each K trains at least as long as EMD-8's 300 steps at the idle seconds per step
+# (RESULTS/k_ablation_step_time.json: 0.140, 0.236, 0.325, 0.542 and 0.966 s for K = 1, 2, 4, 8, 16 on this
+# project's 2-core CPU machine), to the next evaluation (every 50 steps); EMD-16 is read where its time runs out
+STEPS = {1: 1200, 2: 700, 4: 550, 8: 300, 16: 300}
+TIME_FROM, TIME_STEPS = 10, 60
+STEP_TIME = RESULTS / "k_ablation_step_time.json"
 
 
 def run_dir(out: Path, k: int, seed: int) -> Path:
@@ -43,7 +54,8 @@ def run_all(out: Path, ks, seeds) -> None:
     for seed in seeds:
         for k in ks:
             directory = run_dir(out, k, seed)
-            if (directory / "summary.json").is_file():
+            summary = directory / "summary.json"
+            if summary.is_file() and json.loads(summary.read_text()).get("steps", 0) >= STEPS[k]:
                 continue
             resume = ["--resume"] if any((directory / "checkpoints").glob("step_*.json")) else []
             cmd = [sys.executable, "-m", "emd_fast.train", "--preset", "digits", "--K", str(k), "--seed", str(seed),
@@ -54,14 +66,46 @@ def run_all(out: Path, ks, seeds) -> None:
                 print(f"run {directory} ended with exit code {code}", flush=True)
 
 
+def time_steps(ks, repeat: int) -> dict[int, float]:
+    """Idle seconds per training step of each K, the smallest of ``repeat`` rounds
+    (RESULTS/k_ablation_step_time.json)."""
+    import tempfile
+
+    import torch
+
+    load_before, rounds = os.getloadavg(), {k: [] for k in ks}
+    for k in [k for _ in range(repeat) for k in ks]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "emd_fast.train", "--preset", "digits", "--K", str(k), "--steps",
+                   str(TIME_STEPS), "--eval-every", "0", "--plot-every", "0", "--ckpt-every", "0", "--out", tmp,
+                   "--quiet"]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            clock = {r["step"]: r["time_s"] for r in map(json.loads, Path(tmp, "metrics.jsonl").read_text().splitlines())
+                     if "time_s" in r}
+        rounds[k].append((clock[TIME_STEPS] - clock[TIME_FROM]) / (TIME_STEPS - TIME_FROM))
+        print(f"K = {k}: {rounds[k][-1]:.3f} s / step", flush=True)
+    per_step = {k: min(r) for k, r in rounds.items()}
+    RESULTS.mkdir(exist_ok=True)
+    STEP_TIME.write_text(json.dumps({
+        "command": f"python benchmarks/k_ablation.py time --repeat {repeat}", "s_per_step": per_step,
+        "rounds": rounds,
+        "steps": [TIME_FROM, TIME_STEPS], "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
+        "processor": platform.processor(), "cpu_count": os.cpu_count()}, indent=1))
+    return per_step
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("run", "report"))
+    p.add_argument("what", choices=("time", "run", "report"))
     p.add_argument("--out", type=Path, default=Path("runs/k_ablation"), help="folder of the run directories")
     p.add_argument("--K", type=int, nargs="+", default=KS)
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    p.add_argument("--repeat", type=int, default=3, help="time: rounds over the K (the smallest counts)")
     a = p.parse_args(argv)
-    if a.what == "run":
+    if a.what == "time":
+        time_steps(a.K, a.repeat)
+    elif a.what == "run":
         run_all(a.out, a.K, a.seeds)
     else:
         report(a.out, a.K, a.seeds)
@@ -115,14 +159,19 @@ def report(out: Path, ks, seeds) -> None:
 
     runs = {k: [run_dir(out, k, s) for s in seeds if (run_dir(out, k, s) / "config.json").is_file()] for k in ks}
     runs = {k: dirs for k, dirs in runs.items() if dirs}
-    index = make_report([d for dirs in runs.values() for d in dirs], out / "report", sweep_key="K")
+    if not STEP_TIME.is_file():
+        raise SystemExit(f"{STEP_TIME} is missing: measure the idle seconds per step first "
+                         "(python benchmarks/k_ablation.py time)")
+    step_time = {int(k): v for k, v in json.loads(STEP_TIME.read_text())["s_per_step"].items()}
+    index = make_report([d for dirs in runs.values() for d in dirs], out / "report", sweep_key="K",
+                        step_time=step_time)
     data = json.loads((index.parent / "report.json").read_text())
     table, rows = digits_table(runs, data["sweep"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "k_ablation_digits.png").write_bytes((index.parent / "sweep.png").read_bytes())
     (RESULTS / "k_ablation_digits.json").write_text(json.dumps({
         "command": "python benchmarks/k_ablation.py run && python benchmarks/k_ablation.py report",
-        "steps": STEPS, "seeds": list(seeds), "sweep": data["sweep"], "runs": data["runs"], "digits_table": rows,
+        "steps": STEPS, "seeds": list(seeds), "s_per_step_idle": step_time, "sweep": data["sweep"], "runs": data["runs"], "digits_table": rows,
         "digits_table_md": table, "machine": platform.platform(), "cpu_count": os.cpu_count()}, indent=1))
     print(f"report: {index}\n\n{table}")
 

@@ -25,6 +25,7 @@ from test_edm2 import (  # noqa: E402
     vae_folder,
 )
 from test_edm_import import assert_matches, edm_globals  # noqa: E402,F401 (a fixture)
+from test_distributed import run_cli, run_until, tensors_at  # noqa: E402
 from test_lora import perturb, run_of, storages  # noqa: E402
 
 from emd_fast import export, sample, train  # noqa: E402
@@ -234,3 +235,23 @@ def test_lora_run_in_bf16_or_compiled_keeps_fp32_adapters_and_resumes_bit_for_bi
     assert adapters and all(v.dtype == torch.float32 and v.isfinite().all() for v in adapters.values())
     losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss_g"]) and np.isfinite(r["loss_s"]) for r in losses if "loss_g" in r)
+
+
+@pytest.mark.parametrize("how", [[], ["--shard"]])
+def test_lora_on_two_processes_checkpoints_adapters_and_resumes_bit_for_bit(how, edm_globals, tmp_path):  # noqa: F811
+    """--lora 2 on an EDM2 pickle under torchrun, 2 processes, DDP and --shard (FSDP2 shards the adapters of EDM2's
+    MPConv layers): finite fp32 adapters of generator, student and EMA only in the checkpoints, and a resume on 2
+    processes that continues bit for bit."""
+    pkl = conditional_pickle(tmp_path / "edm2-img64-tiny.pkl")
+    argv = [*RUN, "--teacher", str(pkl), "--lora", "2", "--ema", "0.01", *how]
+    straight = tmp_path / "straight"
+    assert [r["code"] for r in run_cli(tmp_path, 2, straight, base=argv)] == [0, 0]
+    again = run_until(straight, tmp_path / "again", 2)
+    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--resume", base=argv)] == [0, 0]
+    a, b = tensors_at(straight, 4), tensors_at(again, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    nets = {k: v for k, v in a.items() if k.startswith(("generator.", "student.", "ema."))}
+    assert nets and all(".lora_A." in k or ".lora_B." in k for k in nets)
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in nets.values())
+    assert {k.split(".", 1)[1] for k in nets if k.startswith("generator.")} == \
+        {k.split(".", 1)[1] for k in nets if k.startswith("ema.")}

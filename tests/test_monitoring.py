@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,6 +343,28 @@ def test_report_of_finished_interrupted_and_running_runs(tmp_path, capsys, monke
     sources = re.findall(r'<img src="([^"]*)"', page)
     assert len(sources) == 6 and all(src.startswith("data:image/png;base64,") for src in sources)
     assert "device-hours" in page and "running (pid" in page and "interrupted" in page
+
+
+def test_sweep_reads_equal_time_from_idle_seconds_per_step_when_given():
+    """Runs timed on a shared machine: given the idle seconds per step of each value, the equal-time reading is
+    steps x seconds per step, not the runs' own clocks (which here say the opposite)."""
+    from emd_fast.evaluation.report import IDLE_TIME, RunDir, sweep
+
+    def run(k, seed, steps, own_s_per_step):
+        lines = [{"step": s, "time_s": s * own_s_per_step, "fd_real": 100.0 / (1 + s) + seed} for s in steps]
+        return RunDir(Path(f"K{k}_{seed}"), {"K": k, "seed": seed}, lines, None, "finished", None, None)
+
+    runs = [run(1, s, range(0, 41, 10), 5.0) for s in (0, 1)] + [run(4, s, range(0, 21, 5), 0.5) for s in (0, 1)]
+    own = sweep(runs, "K", ["fd_real"])  # own clocks: K = 4 looks 10x cheaper per step
+    assert own["equal_time_s"] == 10.0 and own["time"] != IDLE_TIME
+    assert [r["at_time"]["step"] for v in own["values"] for r in v["runs"]] == [0, 0, 20, 20]
+    idle = sweep(runs, "K", ["fd_real"], step_time={1: 1.0, 4: 3.0})
+    assert idle["equal_time_s"] == 40.0 and idle["time"] == IDLE_TIME and idle["equal_step"] == 20
+    one, four = idle["values"]
+    assert [r["at_time"]["step"] for r in one["runs"]] == [40, 40] and [r["at_time"]["step"] for r in four["runs"]] == [
+        10, 10]
+    assert [r["at_time"]["time_s"] for r in four["runs"]] == [30.0, 30.0] and four["s_per_step"] == [3.0, 0.0]
+    assert one["at_time"]["fd_real"][0] == 100.0 / 41 + 0.5 and four["at_step"]["fd_real"][0] == 100.0 / 21 + 0.5
 
 
 def test_report_refuses_what_is_not_a_run_directory(tmp_path, capsys):

@@ -216,33 +216,49 @@ def draw_curves(runs: list[RunDir], keys: list[str], x: str, path: Path) -> bool
     return True
 
 
-def _at(run: RunDir, step: int | None = None, time_s: float | None = None) -> dict | None:
-    """The run's evaluation at ``step`` (the last at or before it), or the last one at training time <= time_s."""
-    evals = [r for r in run.evals if (step is None or r["step"] <= step) and
-             (time_s is None or r.get("time_s", math.inf) <= time_s)]
+IDLE_TIME = "steps x idle seconds per step, measured apart"  # a sweep's training time from step_time
+
+
+def _at(run: RunDir, step: int | None = None, time_s: float | None = None, clock=None) -> dict | None:
+    """The run's evaluation at ``step`` (the last at or before it), or the last one at training time <= time_s
+    (``clock(record)``: a record's training time; default its time_s)."""
+    clock = clock or (lambda r: r.get("time_s", math.inf))
+    evals = [r for r in run.evals if (step is None or r["step"] <= step) and (time_s is None or clock(r) <= time_s)]
     return evals[-1] if evals else None
 
 
-def sweep(runs: list[RunDir], key: str, metrics: list[str]) -> dict:
+def sweep(runs: list[RunDir], key: str, metrics: list[str], step_time: dict | None = None) -> dict:
     """Metrics against ``key`` over the other differing options (seeds): at equal iterations (the last step every
     run evaluated) and at equal training time (the shortest training time of the runs: each run's last evaluation
-    at or before it), with the seconds per training step. Returns the numbers (report.json's "sweep")."""
+    at or before it), with the seconds per training step. The training time is the runs' own clock (time_s), or,
+    given ``step_time`` ({value of key: seconds per step}, measured apart on an idle machine), steps x seconds per
+    step: runs that shared a machine with other work have clocks that measure the load as much as the option.
+    Returns the numbers (report.json's "sweep")."""
+    def clock(run: RunDir):
+        if step_time is None:
+            return lambda r: r.get("time_s", math.inf)
+        return lambda r: r["step"] * step_time[run.config.get(key)]
+
     equal_step = min(run.evals[-1]["step"] for run in runs)
-    timed = [run for run in runs if "time_s" in run.lines[-1]]
-    equal_time = min(run.lines[-1]["time_s"] for run in timed) if len(timed) == len(runs) else None
+    timed = [run for run in runs if step_time is not None or "time_s" in run.lines[-1]]
+    equal_time = min(clock(run)(run.lines[-1]) for run in timed) if len(timed) == len(runs) else None
     groups: dict = {}
     for run in runs:
         value = run.config.get(key)
-        at_step, at_time = _at(run, step=equal_step), _at(run, time_s=equal_time) if equal_time else None
+        at_step = _at(run, step=equal_step)
+        at_time = _at(run, time_s=equal_time, clock=clock(run)) if equal_time else None
         last = run.lines[-1]
+        per_step = step_time[value] if step_time is not None else (
+            last["time_s"] / last["step"] if last.get("time_s") and last["step"] else None)
         groups.setdefault(value, []).append({
             "run": str(run.path), "seed": run.config.get("seed"),
             "at_step": {"step": at_step["step"], **{m: at_step.get(m) for m in metrics}} if at_step else None,
-            "at_time": ({"step": at_time["step"], "time_s": at_time.get("time_s"),
+            "at_time": ({"step": at_time["step"], "time_s": clock(run)(at_time),
                          **{m: at_time.get(m) for m in metrics}} if at_time else None),
-            "s_per_step": last["time_s"] / last["step"] if last.get("time_s") and last["step"] else None})
+            "s_per_step": per_step})
     floor = next((r.summary.get("exact_sample_floor") for r in runs if r.summary), None) or {}
     return {"key": key, "metrics": metrics, "equal_step": equal_step, "equal_time_s": equal_time,
+            "time": "the runs' own clocks" if step_time is None else IDLE_TIME,
             "floor": {m: floor.get(m) for m in metrics}, "values": [
                 {"value": v, "runs": rs, **_mean_std(rs, metrics)} for v, rs in sorted(groups.items())]}
 
@@ -290,7 +306,8 @@ def draw_sweep(data: dict, path: Path) -> None:
         ax.set_xlabel(key)
         title = {"at_step": f"{metric} at step {data['equal_step']} (equal iterations)",
                  "at_time": f"{metric} at {data['equal_time_s'] or 0:.0f} s of training (equal time)",
-                 None: "training seconds per step"}[where]
+                 None: "training seconds per step" + (" (idle, measured apart)" if data.get("time") == IDLE_TIME else "")
+                 }[where]
         ax.set_title(title, fontsize=9)
     counts = sorted({len(v["runs"]) for v in values})
     runs = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -315,9 +332,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def make_report(paths: list[Path], out: Path, metrics: list[str] | None = None, sweep_key: str | None = None) -> Path:
+def make_report(paths: list[Path], out: Path, metrics: list[str] | None = None, sweep_key: str | None = None,
+                step_time: dict | None = None) -> Path:
     """Write the report of the run directories ``paths`` into ``out``; returns its index.html. NotARun for a
-    directory that is not a run's."""
+    directory that is not a run's. step_time: the sweep's seconds per step per value, measured apart (``sweep``)."""
     runs = [RunDir.read(p) for p in paths]
     keys = label_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +350,7 @@ def make_report(paths: list[Path], out: Path, metrics: list[str] | None = None, 
     if key and all(isinstance(r.config.get(key), (int, float)) for r in runs) and all(r.evals for r in runs):
         chosen = metrics or [m for m in SWEEP_METRICS if all(m in r.final() for r in runs)][:2]
         if chosen:
-            sweep_data = sweep(runs, key, chosen)
+            sweep_data = sweep(runs, key, chosen, step_time)
             draw_sweep(sweep_data, out / "sweep.png")
     for i, run in enumerate(runs):
         if run.grid is not None:
@@ -375,7 +393,9 @@ def make_report(paths: list[Path], out: Path, metrics: list[str] | None = None, 
             rows.append(row + [f"{v['s_per_step'][0]:.3g} ± {v['s_per_step'][1]:.2g}" if v["s_per_step"] else None])
         header = [sweep_data["key"], "runs", *[f"{m} @ step {sweep_data['equal_step']}" for m in sweep_data["metrics"]],
                   *[f"{m} @ {sweep_data['equal_time_s'] or 0:.0f} s" for m in sweep_data["metrics"]], "s / step"]
-        parts += [f"<h2>{html.escape(sweep_data['key'])} sweep</h2>", _img(out / "sweep.png"), _table(header, rows)]
+        parts += [f"<h2>{html.escape(sweep_data['key'])} sweep</h2>",
+                  f"<p>training time: {html.escape(sweep_data['time'])}</p>", _img(out / "sweep.png"),
+                  _table(header, rows)]
     for name, x in figures.items():
         parts += [f"<h2>Curves against {'steps' if x == 'step' else 'wall time'}</h2>", _img(out / name)]
     parts.append("<h2>Last samples</h2>")
