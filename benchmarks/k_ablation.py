@@ -80,8 +80,8 @@ def time_steps(ks, repeat: int) -> dict[int, float]:
                    str(TIME_STEPS), "--eval-every", "0", "--plot-every", "0", "--ckpt-every", "0", "--out", tmp,
                    "--quiet"]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            clock = {r["step"]: r["time_s"] for r in map(json.loads, Path(tmp, "metrics.jsonl").read_text().splitlines())
-                     if "time_s" in r}
+            lines = Path(tmp, "metrics.jsonl").read_text().splitlines()
+            clock = {r["step"]: r["time_s"] for r in map(json.loads, lines) if "time_s" in r}
         rounds[k].append((clock[TIME_STEPS] - clock[TIME_FROM]) / (TIME_STEPS - TIME_FROM))
         print(f"K = {k}: {rounds[k][-1]:.3f} s / step", flush=True)
     per_step = {k: min(r) for k, r in rounds.items()}
@@ -171,7 +171,8 @@ def report(out: Path, ks, seeds) -> None:
     (RESULTS / "k_ablation_digits.png").write_bytes((index.parent / "sweep.png").read_bytes())
     (RESULTS / "k_ablation_digits.json").write_text(json.dumps({
         "command": "python benchmarks/k_ablation.py run && python benchmarks/k_ablation.py report",
-        "steps": STEPS, "seeds": list(seeds), "s_per_step_idle": step_time, "sweep": data["sweep"], "runs": data["runs"], "digits_table": rows,
+        "steps": STEPS, "seeds": list(seeds), "s_per_step_idle": step_time, "sweep": data["sweep"],
+        "runs": data["runs"], "digits_table": rows,
         "digits_table_md": table, "machine": platform.platform(), "cpu_count": os.cpu_count()}, indent=1))
     print(f"report: {index}\n\n{table}")
 

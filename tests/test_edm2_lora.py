@@ -14,6 +14,7 @@ from torch import nn
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
+from test_distributed import run_cli, run_until, tensors_at  # noqa: E402
 from test_edm2 import (  # noqa: E402
     SMALL,
     final_tensors,
@@ -25,7 +26,6 @@ from test_edm2 import (  # noqa: E402
     vae_folder,
 )
 from test_edm_import import assert_matches, edm_globals  # noqa: E402,F401 (a fixture)
-from test_distributed import run_cli, run_until, tensors_at  # noqa: E402
 from test_lora import perturb, run_of, storages  # noqa: E402
 
 from emd_fast import export, sample, train  # noqa: E402

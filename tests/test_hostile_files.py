@@ -356,3 +356,27 @@ def test_fuzz_diffusers_folder_configs(tmp_path, capsys):
         with bounded(seconds=60):
             code = train.main(["--teacher", str(folder), "--out", str(tmp_path / f"run{i}"), *SMALL])
         one_line_exit_2(capsys, code)
+
+
+def test_input_file_hashes_are_reused_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """sha256_file(reuse=True) reads a file once per process while it is unchanged (a run's set-up names its teacher
+    file in several places), reads it again once it changed, and a plain call (checkpoint checks) always reads."""
+    import hashlib
+    import os
+    import time
+    import types
+
+    from emd_fast import files
+
+    made = []
+    monkeypatch.setattr(files, "hashlib", types.SimpleNamespace(sha256=lambda: made.append(1) or hashlib.sha256()))
+    path = tmp_path / "teacher.safetensors"
+    path.write_bytes(os.urandom(3000))
+    first = files.sha256_file(path, reuse=True)
+    assert files.sha256_file(path, reuse=True) == first == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(made) == 1
+    assert files.sha256_file(path) == first and len(made) == 2
+    time.sleep(0.05)  # past the file system's time granularity
+    path.write_bytes(os.urandom(3000))  # the same size, new content
+    assert files.sha256_file(path, reuse=True) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+    assert len(made) == 3

@@ -304,10 +304,10 @@ def draw_sweep(data: dict, path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel(key)
+        idle = " (idle, measured apart)" if data.get("time") == IDLE_TIME else ""
         title = {"at_step": f"{metric} at step {data['equal_step']} (equal iterations)",
-                 "at_time": f"{metric} at {data['equal_time_s'] or 0:.0f} s of training (equal time)",
-                 None: "training seconds per step" + (" (idle, measured apart)" if data.get("time") == IDLE_TIME else "")
-                 }[where]
+                 "at_time": f"{metric} at {data['equal_time_s'] or 0:.0f} s of training{idle} (equal time)",
+                 None: f"training seconds per step{idle}"}[where]
         ax.set_title(title, fontsize=9)
     counts = sorted({len(v["runs"]) for v in values})
     runs = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"

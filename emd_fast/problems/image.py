@@ -83,9 +83,9 @@ class ImageProblem:
 
     @classmethod
     def input_files(cls, cfg: dict) -> dict[str, str]:
-        files = {"teacher_sha256": sha256_file(Path(cfg["teacher"]))}
+        files = {"teacher_sha256": sha256_file(Path(cfg["teacher"]), reuse=True)}
         if cfg.get("guide"):
-            files["guide_sha256"] = sha256_file(Path(cfg["guide"]))
+            files["guide_sha256"] = sha256_file(Path(cfg["guide"]), reuse=True)
         if cfg.get("vae"):
             from ..teachers.vae_folder import vae_folder_sha256
 

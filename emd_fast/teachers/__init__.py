@@ -42,7 +42,8 @@ class NetworkTeacher(nn.Module):
 
     def to_config(self) -> dict:
         """What a run's config.json records of its teacher: the file and its SHA-256, architecture and schedule."""
-        source = {} if self.source is None else {"file": str(self.source), "sha256": sha256_file(Path(self.source))}
+        source = {} if self.source is None else {"file": str(self.source),
+                                                 "sha256": sha256_file(Path(self.source), reuse=True)}
         return {**source, "arch": getattr(self.net, "arch", None), "schedule": self.schedule.config()}
 
     @torch.no_grad()
@@ -65,7 +66,8 @@ class GuidedNetworkTeacher(NetworkTeacher):
         self.guide_source = guide_source
 
     def to_config(self) -> dict:
-        guide = {} if self.guide_source is None else {"guide_sha256": sha256_file(Path(self.guide_source))}
+        guide = {} if self.guide_source is None else {"guide_sha256": sha256_file(Path(self.guide_source),
+                                                                                               reuse=True)}
         return super().to_config() | {"guide_arch": getattr(self.guide, "arch", None), "guide_weight": self.weight,
                                       **guide}
 

@@ -561,7 +561,7 @@ def hash_files(root: Path, files, extra: str = "") -> str:
     """SHA-256 over the ``files`` (their names below ``root`` and content hashes) and ``extra``."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root)}:{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(root)}:{sha256_file(f, reuse=True)}\n".encode())
     h.update(extra.encode())
     return h.hexdigest()
 
