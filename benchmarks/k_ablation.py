@@ -13,7 +13,7 @@ otherwise idle).
 
 ``run``: one ``python -m emd_fast.train --preset digits`` per K x seed with today's preset defaults, only --K,
 --seed and --steps given. Every run makes at least the preset's 300 steps (equal iterations are read at step 300);
-the cheaper K make more steps, so that each trains at least as long as EMD-8's 300 steps at the idle seconds per
+the cheaper K make more steps, so that each trains at least as long as EMD-4's 300 steps at the idle seconds per
 step (STEPS). A finished run (summary.json) is skipped, an interrupted or shorter one continues with --resume (the
 number of steps only decides where a run stops, so a longer run resumed is the same run).
 
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,10 +38,11 @@ RESULTS = Path(__file__).parent / "results"
 KS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 EQUAL_STEPS = 300  # the digits preset's --steps
-# steps per K: each K trains at least as long as EMD-8's 300 steps at the idle seconds per step
+# steps per K: each K trains at least as long as EMD-4's 300 steps (the preset's) at the idle seconds per step
 # (RESULTS/k_ablation_step_time.json: 0.140, 0.236, 0.325, 0.542 and 0.966 s for K = 1, 2, 4, 8, 16 on this
-# project's 2-core CPU machine), to the next evaluation (every 50 steps); EMD-16 is read where its time runs out
-STEPS = {1: 1200, 2: 700, 4: 550, 8: 300, 16: 300}
+# project's 2-core CPU machine), to the next evaluation (every 50 steps); EMD-8 and EMD-16 are read where that time
+# runs out, before their step 300
+STEPS = {1: 700, 2: 450, 4: 300, 8: 300, 16: 300}
 TIME_FROM, TIME_STEPS = 10, 60
 STEP_TIME = RESULTS / "k_ablation_step_time.json"
 
@@ -61,7 +63,13 @@ def run_all(out: Path, ks, seeds) -> None:
             cmd = [sys.executable, "-m", "emd_fast.train", "--preset", "digits", "--K", str(k), "--seed", str(seed),
                    "--steps", str(STEPS[k]), "--out", str(directory), "--quiet", *resume]
             print(" ".join(cmd), flush=True)
-            code = subprocess.run(cmd).returncode
+            run = subprocess.Popen(cmd)
+            try:
+                code = run.wait()
+            except KeyboardInterrupt:  # the run stops at its next iteration with a checkpoint; the sweep stops
+                run.send_signal(signal.SIGINT)
+                run.wait()
+                raise
             if code != 0:
                 print(f"run {directory} ended with exit code {code}", flush=True)
 
