@@ -23,11 +23,13 @@ strict bound.
 H100 rates: 3.0 TB/s device copy, 800 TFLOP/s dense bf16 (both measured on this workplace's H100), 60 TFLOP/s fp32
 non-tensor; the device at hand: its copy bandwidth and matmul rate measured here (GPU: bf16, CPU: fp32). Benchmark
 tables report measured / floor ("x floor") against these.
-Real networks (``real_rows``, ``--real``): EDM's ImageNet-64 ADM and SD v1.5's UNet, built on the meta device, for
+Real networks (``real_rows``, ``--real``): EDM's ImageNet-64 ADM, SD v1.5's UNet, EDM2-S and -XXL, SDXL,
+SD3-medium, SD3.5-medium and -large and FLUX.1-dev (``REAL_NETWORKS``), built on the meta device, for
 EMD-1/4/8/16 and each way of training them (``TRAINING``: full, LoRA at rank ``LORA_RANK``), at batch 64: FLOPs
 per sample, bytes, the bf16 floors on an H100 and an H200, the EMD-K/EMD-1 FLOP ratio, and the goal each GPU row is
-measured against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x from
-torch.compile. docs/performance.md holds the table.
+measured against: DMD2's MFU on ImageNet-64 carried over to the same GPU (``dmd2_anchor``), next to FastGen's 1.55x
+from torch.compile. The ADM and SD v1.5 are counted through our teachers; the later families from their own
+networks (``real_counts``; the teacher as its classifier-free-guided calls). docs/performance.md holds the table.
 """
 from __future__ import annotations
 
@@ -84,31 +86,47 @@ def counted_flops(fn) -> float:
     return counter.get_total_flops()
 
 
-def network_flops(net: torch.nn.Module, shape: tuple[int, ...], condition=None) -> NetFlops:
-    """Counted with a batch of 2 (shape: one example's) on the meta device. condition(n): the network's y for n
-    examples on the meta device (labels, text embeddings), or None. ``train`` differentiates the parameters that
+def call_flops(net: torch.nn.Module, inputs) -> NetFlops:
+    """NetFlops of ``net(*args, **kwargs)`` per example, counted with a batch of 2 on the meta device.
+    inputs(n) -> (args, kwargs) for n examples, made in the current device context; the image (the first positional
+    argument, else the first tensor keyword) takes the VJP's gradient. ``train`` differentiates the parameters that
     require grad in ``net`` (all of a full network; of a LoRA-adapted one, the adapters), or all of them if none
     does (a frozen teacher's network counted as a student)."""
     net = copy.deepcopy(net).to("meta")
     params = list(net.parameters())
     trainable = [p for p in params if p.requires_grad] or params
-    y = condition(2) if condition else None
+    trained = {id(p) for p in trainable}
 
     def count(inputs_grad: bool, weights_grad: bool) -> float:
         for p in params:
-            p.requires_grad_(weights_grad and any(p is q for q in trainable))
-        x = torch.randn((2, *shape), device="meta", requires_grad=inputs_grad)
-        t = torch.full((2,), 0.5, device="meta")
+            p.requires_grad_(weights_grad and id(p) in trained)
+        with torch.device("meta"):
+            args, kwargs = inputs(2)
+        image = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+        image.requires_grad_(inputs_grad)
 
         def call():
-            out = net(x, t, y)
-            wrt = ([x] if inputs_grad else []) + (trainable if weights_grad else [])
+            out = net(*args, **kwargs)
+            out = out if torch.is_tensor(out) else out[0]  # diffusers' output classes index as tuples
+            wrt = ([image] if inputs_grad else []) + (trainable if weights_grad else [])
             if wrt:
                 torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
 
         return counted_flops(call) / 2
 
     return NetFlops(count(False, False), count(True, False), count(False, True))
+
+
+def xty_inputs(shape: tuple[int, ...], condition=None):
+    """inputs(n) for call_flops of a network called as net(x, t, y) (ours, and the wrapped denoisers of our
+    teachers): shape is one example's; condition(n): y for n examples on the meta device (labels, text
+    embeddings), or None."""
+    return lambda n: ((torch.randn((n, *shape)), torch.full((n,), 0.5), condition(n) if condition else None), {})
+
+
+def network_flops(net: torch.nn.Module, shape: tuple[int, ...], condition=None) -> NetFlops:
+    """call_flops of a network called as net(x, t, y) (``xty_inputs``)."""
+    return call_flops(net, xty_inputs(shape, condition))
 
 
 def teacher_flops(teacher, shape: tuple[int, ...], condition=None) -> float:
@@ -172,7 +190,17 @@ A100_BF16_TFLOPS = 312.0  # NVIDIA A100 SXM datasheet, dense bf16
 REAL_NETWORKS = {
     "edm-imagenet64": "EDM ImageNet-64 ADM (UNET_CONFIGS['edm-imagenet64-adm']), 3x64x64, 1000 classes",
     "sd15": "Stable Diffusion v1.5 UNet, 4x64x64 latents, 77x768 text; teacher with CFG (2 UNet calls)",
+    "edm2-img512-s": "EDM2-S ImageNet-512, 4x64x64 latents, 1000 classes; teacher without a guide network",
+    "edm2-img512-xxl": "EDM2-XXL ImageNet-512, 4x64x64 latents, 1000 classes; teacher without a guide network",
+    "sdxl": "SDXL UNet, 4x128x128 latents (1024 px), 77x2048 text; teacher with CFG (2 UNet calls)",
+    "sd3-medium": "SD3-medium MMDiT, 16x128x128 latents, 333 text tokens; teacher with CFG (2 calls)",
+    "sd3.5-medium": "SD3.5-medium MMDiT-X, 16x128x128 latents, 333 text tokens; teacher with CFG (2 calls)",
+    "sd3.5-large": "SD3.5-large MMDiT, 16x128x128 latents, 333 text tokens; teacher with CFG (2 calls)",
+    "flux.1-dev": "FLUX.1-dev, 16x128x128 latents (4096 tokens), 512 text tokens; guidance-distilled teacher (1 call)",
 }
+# the families counted from their own networks (benchmarks/memory.py builds them): teacher calls per denoising
+TEACHER_CALLS = {"edm2-img512-s": 1, "edm2-img512-xxl": 1, "sdxl": 2, "sd3-medium": 2, "sd3.5-medium": 2,
+                 "sd3.5-large": 2, "flux.1-dev": 1}
 REAL_KS = (1, 4, 8, 16)
 REAL_BATCH = 64  # the GPU playbook's batch (the edm-imagenet64 preset trains at 256; floors per sample do not care)
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' UNet2DConditionModel defaults are SD v1.5's
@@ -266,6 +294,25 @@ def student_of(teacher) -> torch.nn.Module:
     return copy.deepcopy(teacher.net).requires_grad_(True)
 
 
+def real_counts(name: str):
+    """(make() -> a trainable generator/student copy on the meta device, inputs(n) -> (args, kwargs) of one call,
+    one example's data shape, teacher FLOPs per example and denoising, teacher parameters) of a real network.
+    EDM's ADM and SD v1.5 through our teachers (``real_networks``); the later families from their own networks
+    (benchmarks/memory.py builds them), the teacher as TEACHER_CALLS forwards."""
+    if name not in TEACHER_CALLS:
+        teacher, shape, num_classes, _ = real_networks(name)
+        condition = labels(num_classes)
+        return (lambda: student_of(teacher)), xty_inputs(shape, condition), shape, \
+            teacher_flops(teacher, shape, condition), sum(q.numel() for q in teacher.net.parameters())
+    import memory
+    base, inputs, _ = memory.network(name)
+    with torch.device("meta"):
+        args, kwargs = inputs(1)
+    image = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+    return (lambda: memory.network(name)[0]), inputs, tuple(image.shape[1:]), \
+        TEACHER_CALLS[name] * call_flops(base, inputs).forward, sum(q.numel() for q in base.parameters())
+
+
 def real_rows(names=tuple(REAL_NETWORKS), ks=REAL_KS, training=tuple(TRAINING), batch: int = REAL_BATCH) -> dict:
     """Floor rows of the real networks: per network, training mode and K, FLOPs per sample, bytes per iteration at
     ``batch``, the bf16 time floors on an H100 and an H200, the images/s ceiling (100% of the bf16 rate), the goal
@@ -276,14 +323,12 @@ def real_rows(names=tuple(REAL_NETWORKS), ks=REAL_KS, training=tuple(TRAINING), 
                        adm_encoder_flops(adm, shape, labels(num_classes)))
     rows = []
     for name in names:
-        teacher, shape, num_classes, _ = real_networks(name)
-        t_flops = teacher_flops(teacher, shape, labels(num_classes))
-        t_params = sum(q.numel() for q in teacher.net.parameters())
+        make, inputs, shape, t_flops, t_params = real_counts(name)
         for mode in training:
-            net = student_of(teacher)
+            net = make()
             if TRAINING[mode] is not None:
                 TRAINING[mode](net)
-            flops = network_flops(net, shape, labels(num_classes))
+            flops = call_flops(net, inputs)
             params = sum(q.numel() for q in net.parameters())
             trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
             cost = functools.partial(iteration_cost, batch, shape, net=flops, teacher=t_flops, params=params,

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from emd_fast.training.distiller import Execution
 
@@ -80,3 +81,39 @@ def test_real_adm_rows_and_training_seam(monkeypatch):
     assert 0 < d["mfu"] < 1 and d["images_per_s_h100"] == pytest.approx(d["images_per_s_a100"] * 800 / 312)
     assert r["h100_goal_images_s"] == pytest.approx(d["mfu"] * 800e12 / r["flops_per_sample"])
     assert "| edm-imagenet64 | full | 8 |" in roofline.real_table(res)
+
+
+def test_families_counted_from_their_own_networks(monkeypatch):
+    """The later families (SDXL, SD3, FLUX, EDM2) are counted from their own networks called with keyword inputs:
+    on the meta device the same FLOPs as a real CPU call; their teacher is TEACHER_CALLS forwards (classifier-free
+    guidance: 2); a LoRA copy trains fewer parameters and moves fewer optimizer bytes; the data shape is that of the network's image input."""
+    diffusers = pytest.importorskip("diffusers")
+    import memory
+
+    def tiny(name):
+        torch.manual_seed(0)
+        net = diffusers.UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                             norm_num_groups=4, attention_head_dim=4, cross_attention_dim=16,
+                                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        return net, lambda b: ((), dict(sample=torch.randn(b, 4, 8, 8), timestep=torch.full((b,), 500.0),
+                                        encoder_hidden_states=torch.randn(b, 5, 16))), True
+
+    net, inputs, _ = tiny("x")
+    args, kwargs = inputs(2)
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU's fused attention kernel is not counted; its math form is
+        on_cpu = roofline.counted_flops(lambda: net(*args, **kwargs)) / 2
+    counted = roofline.call_flops(net, inputs)
+    assert counted.forward == on_cpu > 0 and counted.forward < counted.vjp < counted.train
+    monkeypatch.setattr(memory, "network", tiny)
+    monkeypatch.setitem(roofline.TEACHER_CALLS, "tiny-family", 2)
+    monkeypatch.setitem(roofline.REAL_NETWORKS, "tiny-family", "a tiny SD-like UNet")
+    monkeypatch.setattr(roofline, "LORA_RANK", 2)  # below the tiny layers' widths
+    make, _, shape, teacher, teacher_params = roofline.real_counts("tiny-family")
+    assert shape == (4, 8, 8) and teacher == 2 * on_cpu and teacher_params == sum(p.numel() for p in net.parameters())
+    res = roofline.real_rows(["tiny-family"], ks=(1, 4), training=("full", "lora"))
+    full = {r["K"]: r for r in res["rows"] if r["training"] == "full"}
+    lora = {r["K"]: r for r in res["rows"] if r["training"] == "lora"}
+    assert full[1]["flops_per_sample"] == 2 * on_cpu + counted.forward + counted.vjp + 2 * counted.train
+    assert lora[4]["trainable"] < full[4]["trainable"] and lora[4]["param_bytes"] < full[4]["param_bytes"]
+    assert "| tiny-family | lora | 4 |" in roofline.real_table(res)
