@@ -69,7 +69,8 @@ def run_all(out: Path, ks, seeds) -> None:
             except KeyboardInterrupt:  # the run stops at its next iteration with a checkpoint; the sweep stops
                 run.send_signal(signal.SIGINT)
                 run.wait()
-                raise
+                raise SystemExit(f"stopped: {directory} checkpointed where it stopped; the same command resumes") \
+                    from None
             if code != 0:
                 print(f"run {directory} ended with exit code {code}", flush=True)
 
