@@ -358,8 +358,8 @@ def real_table(res: dict) -> str:
     lines += [f"| {r['network']} | {r['training']} | {r['K']} | {r['params'] / 1e6:.1f} M "
               f"({r['trainable'] / 1e6:.1f} M) | {r['flops_per_sample'] / 1e9:.4g} | {r['ratio_vs_K1']:.2f} | "
               f"{r['bytes'] / 1e9:.3g} | "
-              f"{r['h100_floor_ms']:.4g} | {r['h200_floor_ms']:.4g} | {r['h100_ceiling_images_s']:.0f} / "
-              f"{r['h200_ceiling_images_s']:.0f} | {r['h100_goal_images_s']:.0f} / {r['h200_goal_images_s']:.0f} |"
+              f"{r['h100_floor_ms']:.4g} | {r['h200_floor_ms']:.4g} | {r['h100_ceiling_images_s']:.3g} / "
+              f"{r['h200_ceiling_images_s']:.3g} | {r['h100_goal_images_s']:.3g} / {r['h200_goal_images_s']:.3g} |"
               for r in res["rows"]]
     batch = res["rows"][0]["batch"] if res["rows"] else REAL_BATCH
     return "\n".join([
@@ -435,6 +435,15 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def versions() -> dict:
+    """torch's and diffusers' versions (diffusers builds the later families' networks; None if absent)."""
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+    return {"torch": torch.__version__, "diffusers": getattr(diffusers, "__version__", None)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="also write every row here")
@@ -448,6 +457,8 @@ def main(argv=None) -> int:
         res["real"] = real_rows(args.real, args.K)
         print("\n" + real_table(res["real"]))
     if args.json:
+        res["command"] = " ".join(["python benchmarks/roofline.py", *(argv if argv is not None else sys.argv[1:])])
+        res["versions"] = versions()
         args.json.write_text(json.dumps(res, indent=1))
     return 0
 
