@@ -13,7 +13,7 @@ otherwise idle).
 
 ``run``: one ``python -m emd_fast.train --preset digits`` per K x seed with today's preset defaults, only --K,
 --seed and --steps given. Every run makes at least the preset's 300 steps (equal iterations are read at step 300);
-the cheaper K make more steps, so that each trains at least as long as EMD-4's 300 steps at the idle seconds per
+the cheaper K make more steps, so that each trains at least as long as EMD-8's 300 steps at the idle seconds per
 step (STEPS). A finished run (summary.json) is skipped, an interrupted or shorter one continues with --resume (the
 number of steps only decides where a run stops, so a longer run resumed is the same run).
 
@@ -38,11 +38,11 @@ RESULTS = Path(__file__).parent / "results"
 KS = (1, 2, 4, 8, 16)
 SEEDS = (0, 1, 2)
 EQUAL_STEPS = 300  # the digits preset's --steps
-# steps per K: each K trains at least as long as EMD-4's 300 steps (the preset's) at the idle seconds per step
+# steps per K: each K trains at least as long as EMD-8's 300 steps at the idle seconds per step
 # (RESULTS/k_ablation_step_time.json: 0.140, 0.236, 0.325, 0.542 and 0.966 s for K = 1, 2, 4, 8, 16 on this
-# project's 2-core CPU machine), to the next evaluation (every 50 steps); EMD-8 and EMD-16 are read where that time
-# runs out, before their step 300
-STEPS = {1: 700, 2: 450, 4: 300, 8: 300, 16: 300}
+# project's 2-core CPU machine), to the next evaluation (every 50 steps); EMD-16 is read where that time runs out,
+# before its step 300
+STEPS = {1: 1200, 2: 700, 4: 550, 8: 300, 16: 300}
 TIME_FROM, TIME_STEPS = 10, 60
 STEP_TIME = RESULTS / "k_ablation_step_time.json"
 
@@ -162,6 +162,32 @@ def digits_table(runs: dict[int, list[Path]], sweep: dict) -> tuple[str, list[di
     return "\n".join(lines), rows
 
 
+def draw_time_curves(runs: dict[int, list[Path]], step_time: dict[int, float], metrics, path: Path) -> None:
+    """Each metric against the idle training time (steps x idle seconds per step), one line per K (mean over the
+    seeds at the evaluations all its seeds reached, the spread shaded)."""
+    from emd_fast.evaluation.images import figure, save_figure
+
+    fig = figure((5.2 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for k, dirs in runs.items():
+            evals = [{r["step"]: r[metric] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                      if metric in r} for d in dirs]
+            steps = sorted(set.intersection(*(set(e) for e in evals)))
+            values = [[e[s] for e in evals] for s in steps]
+            mean = [statistics.mean(v) for v in values]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            t = [s * step_time[k] for s in steps]
+            ax.plot(t, mean, label=f"EMD-{k}")
+            ax.fill_between(t, [m - e for m, e in zip(mean, sd)], [m + e for m, e in zip(mean, sd)], alpha=0.15)
+        ax.set_xlabel("training time on one idle machine (s): steps x idle s / step")
+        ax.set_ylabel(metric)
+        if metric.startswith("fd"):  # from ~200 at step 0 to ~10
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    save_figure(fig, path, "digits: metrics against training time (mean ± std over seeds)")
+
+
 def report(out: Path, ks, seeds) -> None:
     """The report of every run there is (finished or not), the sweep figure and numbers into RESULTS."""
     from emd_fast.evaluation.report import make_report
@@ -178,6 +204,7 @@ def report(out: Path, ks, seeds) -> None:
     table, rows = digits_table(runs, data["sweep"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "k_ablation_digits.png").write_bytes((index.parent / "sweep.png").read_bytes())
+    draw_time_curves(runs, step_time, data["sweep"]["metrics"], RESULTS / "k_ablation_digits_time.png")
     (RESULTS / "k_ablation_digits.json").write_text(json.dumps({
         "command": "python benchmarks/k_ablation.py run && python benchmarks/k_ablation.py report",
         "steps": STEPS, "seeds": list(seeds), "s_per_step_idle": step_time, "sweep": data["sweep"],
