@@ -314,6 +314,19 @@ def run_until(src, dst, step):
     return dst
 
 
+def resumes_exactly_on_two_processes(tmp_path, argv: list[str], stop: int, end: int):
+    """The training CLI with ``argv`` on 2 processes, straight to step ``end``, and a copy stopped at ``stop``
+    resumed on 2 processes: asserts both end in the same checkpoint bit for bit; returns the straight run's
+    directory and its tensors at ``end``."""
+    straight = tmp_path / "straight"
+    assert [r["code"] for r in run_cli(tmp_path, 2, straight, base=argv)] == [0, 0]
+    again = run_until(straight, tmp_path / "again", stop)
+    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--resume", base=argv)] == [0, 0]
+    a, b = tensors_at(straight, end), tensors_at(again, end)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight, a
+
+
 def test_sharded_checkpoints_resume_on_any_number_of_processes_and_sample(tmp_path):
     """--shard on 2 processes: its checkpoints equal the DDP run's (full tensors, the same names); a sharded resume
     on 2 processes continues bit for bit; one process (sharded under torchrun, or not) loads them exactly and both

@@ -14,7 +14,7 @@ from torch import nn
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
-from test_distributed import run_cli, run_until, tensors_at  # noqa: E402
+from test_distributed import resumes_exactly_on_two_processes  # noqa: E402
 from test_edm2 import (  # noqa: E402
     SMALL,
     final_tensors,
@@ -244,12 +244,7 @@ def test_lora_on_two_processes_checkpoints_adapters_and_resumes_bit_for_bit(how,
     processes that continues bit for bit."""
     pkl = conditional_pickle(tmp_path / "edm2-img64-tiny.pkl")
     argv = [*RUN, "--teacher", str(pkl), "--lora", "2", "--ema", "0.01", *how]
-    straight = tmp_path / "straight"
-    assert [r["code"] for r in run_cli(tmp_path, 2, straight, base=argv)] == [0, 0]
-    again = run_until(straight, tmp_path / "again", 2)
-    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--resume", base=argv)] == [0, 0]
-    a, b = tensors_at(straight, 4), tensors_at(again, 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, a = resumes_exactly_on_two_processes(tmp_path, argv, stop=2, end=4)
     nets = {k: v for k, v in a.items() if k.startswith(("generator.", "student.", "ema."))}
     assert nets and all(".lora_A." in k or ".lora_B." in k for k in nets)
     assert all(v.dtype == torch.float32 and v.isfinite().all() for v in nets.values())

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
 
-from test_distributed import SharedNoiseDistiller, launch, run_cli, run_until, tensors_at  # noqa: E402
+from test_distributed import SharedNoiseDistiller, launch, resumes_exactly_on_two_processes  # noqa: E402
 from test_memory_report import memory  # noqa: E402
 
 from emd_fast import train  # noqa: E402
@@ -388,12 +388,7 @@ def test_sharded_lora_run_checkpoints_adapters_only_and_resumes_bit_for_bit(tmp_
     loads them exactly."""
     argv = ["--teacher", str(teacher_file(tmp_path)), *IMAGES, "--batch", "4", "--steps", "4", "--ema", "0.01",
             "--lora", "2", "--shard"]
-    straight = tmp_path / "straight"
-    assert [r["code"] for r in run_cli(tmp_path, 2, straight, base=argv)] == [0, 0]
-    again = run_until(straight, tmp_path / "again", 2)
-    assert [r["code"] for r in run_cli(tmp_path, 2, again, "--resume", base=argv)] == [0, 0]
-    a, b = tensors_at(straight, 4), tensors_at(again, 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight, a = resumes_exactly_on_two_processes(tmp_path, argv, stop=2, end=4)
     nets = [k for k in a if k.startswith(("generator.", "student.", "ema."))]
     assert nets and all(".lora_A." in k or ".lora_B." in k for k in nets)
     adapters = sum(k.startswith("generator.") for k in nets)
