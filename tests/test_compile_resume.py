@@ -1,18 +1,57 @@
-"""Compiled networks under bf16 autocast: a run's backward passes run outside autocast, so the backward graphs of
+"""Compiled networks under bf16, and resumes. A run's backward passes run outside autocast, so the backward graphs of
 compiled networks are traced without it too (``compile_networks``; torch's default traces them under the forward's
-autocast, and under bf16 the fp32 matrix products of the CPU's math attention backward became bf16 ones)."""
+autocast, and under bf16 the fp32 matrix products of the CPU's math attention backward became bf16 ones). Compiled
+code still need not compute eager's bits (inductor fuses; even aot_eager sums the gradient of a tensor used both
+inside and outside a compiled region in another order), and --compile, like the other execution options, is given
+anew to each resume: a checkpoint records them, a resume with the same ones continues bit for bit
+(tests/test_edm2_lora.py: bf16 + --compile), and one with other ones says that it need not."""
 import copy
+import shutil
 
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
+from emd_fast import train
 from emd_fast.emd import EMDConfig
 from emd_fast.execution.compiled import compile_networks
 from emd_fast.nets.unet import UNetBlock
+from emd_fast.training.checkpoint import load_checkpoint
 from emd_fast.training.distiller import Distiller
 
 from helpers import small_problem
+
+SMALL = ["--teacher-fit-steps", "10", "--batch", "8", "--hidden", "16", "--depth", "1", "--eval-every", "0",
+         "--eval-samples", "50", "--ckpt-every", "2", "--K", "1", "--quiet", "--device", "cpu", "--precision", "bf16"]
+RESUME = ["--resume", "--steps", "3", "--quiet", "--device", "cpu"]
+
+
+def resume_notes(capsys, out, *flags) -> list[str]:
+    """The notes on stderr of ``--resume`` of the run ``out`` to step 3 with ``flags``."""
+    capsys.readouterr()
+    assert train.main(["--out", str(out), *RESUME, *flags]) == 0
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+
+def test_resume_with_other_execution_options_says_it_need_not_be_bit_for_bit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
+    run = tmp_path / "run"
+    assert train.main(["--out", str(run), *SMALL, "--steps", "2", "--compile"]) == 0
+    _, state = load_checkpoint(run / "checkpoints" / "step_0000002.json")
+    assert state["execution"] == {"backend": "reference", "kernel_noise": True, "precision": "bf16",
+                                  "channels_last": False, "finite_check": "sync", "compile": "default",
+                                  "compile_backend": "aot_eager", "cuda_graph": False, "device": "cpu"}
+    copies = [shutil.copytree(run, tmp_path / name) for name in ("eager", "other_backend")]
+    assert resume_notes(capsys, run, "--compile") == []  # the same options: nothing to say
+
+    [note] = resume_notes(capsys, copies[0])
+    assert note.startswith("note: step_0000002.json was computed with other execution options than this resume "
+                           "has (compile: checkpoint 'default', run None, compile_backend: checkpoint 'aot_eager', "
+                           "run None)") and "need not continue it bit for bit" in note, note
+    monkeypatch.setenv("EMD_COMPILE_BACKEND", "eager")
+    [note] = resume_notes(capsys, copies[1], "--compile", "--finite-check", "deferred")
+    assert "(finite_check: checkpoint 'sync', run 'deferred', compile_backend: checkpoint 'aot_eager', run 'eager')" \
+        in note, note
 
 
 def test_compiled_attention_block_in_bf16_computes_the_eager_bits(monkeypatch):
