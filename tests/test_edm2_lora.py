@@ -215,22 +215,19 @@ def test_lora_dropout_is_refused_for_edm2(edm_globals, tmp_path, capsys):  # noq
     assert "--lora-dropout: EDM2's adapters change the weight of a layer" in err
 
 
-# bf16 together with --compile does not resume bit for bit, for any teacher (found here: an ADM teacher's LoRA run and
-# a full EDM2 run differ in the same way after the resume); each alone does. Kept as a strict xfail until mended.
-BF16_COMPILED = pytest.param(["--precision", "bf16", "--compile"], marks=pytest.mark.xfail(
-    strict=True, reason="bf16 + --compile resumes are not bit-exact yet (every teacher)"))
-
-
-@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--compile"], BF16_COMPILED])
+# the resume is given the flags again: --compile is not saved with the run, and compiled code need not compute eager's
+# bits (tests/test_compile_resume.py)
+@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--compile"], ["--precision", "bf16", "--compile"]])
 def test_lora_run_in_bf16_or_compiled_keeps_fp32_adapters_and_resumes_bit_for_bit(flags, edm_globals, tmp_path,  # noqa: F811
                                                                                    monkeypatch):
     """--lora 2 on an EDM2 pickle in bf16, or its networks compiled (aot_eager: the compiled path, quickly): fp32
-    adapters on the teacher's base, finite losses, a resume that continues bit for bit."""
+    adapters on the teacher's base, finite losses, a resume given the same flags that continues bit for bit."""
     monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
     pkl = conditional_pickle(tmp_path / "edm2-img64-tiny.pkl")
     straight, split = tmp_path / "straight", tmp_path / "split"
     argv = [*RUN, "--teacher", str(pkl), "--lora", "2", *flags]
-    assert_resumes_exactly(lambda out, *a: train.main(["--out", str(out), *a]), straight, split, *argv)
+    assert_resumes_exactly(lambda out, *a: train.main(["--out", str(out), *a]), straight, split, *argv,
+                           resume_args=("--quiet", "--device", "cpu", *flags))
     adapters = {k: v for k, v in final_tensors(straight).items() if ".lora_" in k}
     assert adapters and all(v.dtype == torch.float32 and v.isfinite().all() for v in adapters.values())
     losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 from torch import nn
 
 MODES = ("default", "max-autotune-no-cudagraphs")
@@ -143,7 +144,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
         raise ValueError(f"torch.compile mode must be one of {MODES}, got {mode!r}")
     if scope not in SCOPES:
         raise ValueError(f"compile scope must be one of {SCOPES}, got {scope!r}")
-    backend = backend or os.environ.get("EMD_COMPILE_BACKEND") or "inductor"
+    backend = backend or default_backend()
     report = CompileReport(backend=backend, mode=mode, scope=scope)
     found, report.skipped = networks(distiller)
     why = backend_unavailable(backend, distiller.device)
@@ -152,6 +153,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
         kwargs["mode"] = mode
     elif mode != "default":
         report.skipped["mode"] = f"mode {mode!r} applies to inductor only; backend {backend} ignores it"
+    backward_without_autocast()
     for name, module in found.items():
         blocks = regions(module) if scope == "regional" else []
         if why:
@@ -168,6 +170,20 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
             module.compile(**kwargs, dynamic=dynamic)
             report.compiled.append(name)
     return report
+
+
+def default_backend() -> str:
+    """The backend ``compile_networks`` uses when given none: $EMD_COMPILE_BACKEND, else inductor."""
+    return os.environ.get("EMD_COMPILE_BACKEND") or "inductor"
+
+
+def backward_without_autocast() -> None:
+    """Trace the backward graphs of compiled code without the forward's autocast, as eager autograd runs them: a
+    run's backward passes run outside autocast (``NetworkCall`` wraps the forward calls only). torch's default
+    ("same_as_forward", torch 2.13) traces them under the forward's autocast instead, so under bf16 backward matrix
+    products that eager runs in fp32 (on the CPU those of attention's math path, which runs below autocast) ran in
+    bf16 (pytorch/pytorch#179804; #177287 changes torch's default). Process-wide, read when a graph is traced."""
+    functorch_config.backward_pass_autocast = "off"
 
 
 def raise_recompile_limits() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, RunError, Stopped
-from ..execution.compiled import compile_count
+from ..execution.compiled import compile_count, default_backend
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
 from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
@@ -114,8 +114,7 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
     summary = {
         "out": str(cfg["out"]), "preset": cfg["preset"], "problem": type(run.problem).__name__,
         "steps": distiller.step_count, "device": str(device), "processes": ranks.world,
-        "execution": {**dataclasses.asdict(distiller.execution), "compile": cfg["compile"],
-                      "cuda_graph": cfg["cuda_graph"]},
+        "execution": execution_record(cfg, distiller),
         **clock.summary(distiller.step_count, cfg["batch"]),
         "cost": clock.cost(distiller.step_count, cfg["batch"], ranks.world),
         "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -127,6 +126,16 @@ def _train(cfg: dict, device: torch.device, notes: list[str], latest: Path | Non
 
 
 # --- set-up and resume ---------------------------------------------------------------------------------------------
+
+def execution_record(cfg: dict, distiller) -> dict:
+    """How the iterations are computed beyond the saved config: the Distiller's Execution, --compile with its
+    backend, --cuda-graph and the device type. A checkpoint records it, because these options are given anew to
+    each resume (they are not in the config) and compiled, fused or NHWC code rounds differently from the eager
+    default: a resume continues bit for bit when it repeats them."""
+    return {**dataclasses.asdict(distiller.execution), "compile": cfg["compile"],
+            "compile_backend": cfg["compile"] and default_backend(), "cuda_graph": cfg["cuda_graph"],
+            "device": distiller.device.type}
+
 
 def load_resume_point(cfg: dict, latest: Path, saved_cfg: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of the checkpoint a run resumes from, refused if a file the run reads changed since."""
@@ -168,6 +177,12 @@ def restore(run: Run, tensors: dict[str, torch.Tensor], state: dict, latest: Pat
         distiller.reseed(rank_seed(run.cfg["seed"], ranks.rank, state["step"]))
     if ranks.main:
         truncate_metrics(run.cfg["out"] / "metrics.jsonl", state["step"])
+        written = state.get("execution")  # absent in checkpoints written before it was recorded
+        if written and (changed := config_differences(written, execution_record(run.cfg, distiller))):
+            print(f"note: {latest.name} was computed with other execution options than this resume has "
+                  f"({changed}): the run continues, but compiled and eager, fused and plain code may round "
+                  f"differently, so it need not continue it bit for bit (a resume with the checkpoint's options "
+                  f"does)", file=sys.stderr)
 
 
 def record_start(run: Run, saved_cfg: dict) -> None:
@@ -240,7 +255,7 @@ class Maintenance:
         tensors = distiller.state_tensors() if ranks.main or distiller.sharded else None  # sharded: all ranks gather
         if ranks.main:
             state = {"config": self.saved_cfg, "torch": torch.__version__, "processes": ranks.world,
-                     "clock": self.clock.totals()}
+                     "execution": execution_record(self.cfg, distiller), "clock": self.clock.totals()}
             save_checkpoint(self.out / "checkpoints", distiller.step_count, tensors | random_states, state,
                             keep=self.cfg["keep"])
 
