@@ -86,7 +86,8 @@ def test_real_adm_rows_and_training_seam(monkeypatch):
 def test_families_counted_from_their_own_networks(monkeypatch):
     """The later families (SDXL, SD3, FLUX, EDM2) are counted from their own networks called with keyword inputs:
     on the meta device the same FLOPs as a real CPU call; their teacher is TEACHER_CALLS forwards (classifier-free
-    guidance: 2); a LoRA copy trains fewer parameters and moves fewer optimizer bytes; the data shape is that of the network's image input."""
+    guidance: 2); a LoRA copy trains fewer parameters and moves fewer optimizer bytes; the data shape is that of
+    the network's image input."""
     diffusers = pytest.importorskip("diffusers")
     import memory
 
