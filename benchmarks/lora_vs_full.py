@@ -176,6 +176,44 @@ def summarise(records: dict[str, dict], modes: list[str]) -> dict:
     return out
 
 
+def plot_diffusers(everything: dict, path: Path) -> None:
+    """FD to the real digits against steps, mean ± std over seeds, of every diffusers comparison in ``everything``
+    (full copies once, each LoRA setting), from the initial generator (step 0) toward the teacher's floor: a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [v for k, v in sorted(everything.items()) if k.startswith("diffusers_") and "initial_generator" in v]
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    drawn = set()
+    for key, entry in everything.items():  # earlier runs kept for the record ("before"): their final figures only
+        if key.startswith("diffusers_") and "before" in entry:
+            steps = statistics.mean(r["steps"] for r in entry["runs"].values())
+            for mode, fig_ in entry["summary"].items():
+                if mode != "lora_over_full":
+                    ax.errorbar([steps], [fig_["fd_real"]["mean"]], yerr=[fig_["fd_real"]["std"]], marker="x",
+                                capsize=3, ls="none", label=f"{mode}, {entry['before']}")
+    for entry in entries:
+        start = entry["initial_generator"]["fd_real"]
+        for mode, fig_ in entry["summary"].items():
+            if mode in drawn or "fd_real_by_step" not in fig_:
+                continue
+            drawn.add(mode)
+            steps = [0, *map(int, fig_["fd_real_by_step"])]
+            mean = [start, *(v["mean"] for v in fig_["fd_real_by_step"].values())]
+            std = [0.0, *(v["std"] for v in fig_["fd_real_by_step"].values())]
+            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=mode)
+    if entries:
+        ax.axhline(entries[0]["teacher_heun18"]["fd_real"], color="k", ls="--", label="teacher, 18 Heun steps")
+    ax.set(xlabel="EMD steps (batch 32)", ylabel="FD to the real digits (3 seeds)", yscale="log",
+           title="diffusers DDPM teacher: one-step generator")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("problem", choices=("digits", "diffusers"))
@@ -213,6 +251,8 @@ def main(argv=None) -> None:
     everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     everything[f"{args.problem}_{lora_mode}"] = result
     RESULTS.write_text(json.dumps(everything, indent=1) + "\n")
+    if args.problem == "diffusers":
+        plot_diffusers(everything, RESULTS.with_name("lora_vs_full_diffusers.png"))
     print(json.dumps(result["summary"], indent=1))
 
 
