@@ -11,10 +11,12 @@ diffusers: a diffusers teacher folder made here (nothing is downloaded): a class
 8x8 digits (1 channel, block_out_channels (16, 32), one attention level, 10 class embeddings, 1000 DDPM timesteps
 with linear betas, epsilon prediction; 177k parameters), trained with the DDPM loss by ``train_teacher`` below
 (``--teacher-steps``, seeded, cached in ``<out>/teacher``). It is distilled with the digits preset's EMD settings
-(K 4, lambda* -4, lr_g 1e-4, lr_s 1e-3, EMA 500 kimg) but 200 steps of batch 32 (what this shared CPU affords), full
-against LoRA; the quality figures are computed here from
-1000 one-step samples of each run (``emd_fast.sample``) with the digits classifier, as the digits preset computes
-them: FD to the real digits and k-NN recall. The teacher's own figures (18 Heun steps, 1000 samples) are the floor.
+(K 4, lambda* -4, lr_g 1e-4, lr_s 1e-3, EMA 500 kimg) and the library's loss weightings for an epsilon-prediction
+teacher (student snr, generator sqrt_inv_snr: docs/teachers.md), 300 steps of batch 32 (what this shared CPU
+affords), full against LoRA; the quality figures are computed here from 1000 one-step samples of each run's
+checkpoints at steps 100, 200, 300 (``emd_fast.sample``) with the digits classifier, as the digits preset computes
+them: FD to the real digits and k-NN recall. The teacher's own figures (18 Heun steps, 1000 samples) are the floor;
+the initial generator's (the teacher's denoiser at lambda*, the same for full and LoRA) the start.
 
 Each run is one ``python -m emd_fast.train`` (one thread per process; skipped if its summary.json exists, resumed if
 it has a checkpoint). Raw numbers per run, means and the LoRA / full ratios go to
@@ -33,8 +35,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "lora_vs_full.json"
 FIGURES = ("fd_real", "recall", "precision", "class_accuracy", "fd_teacher")
 DIFFUSERS_RUN = ["--K", "4", "--gamma-eps", "0.3", "--gamma-z", "0.01", "--lambda-star", "-4", "--lr-g", "1e-4",
-                 "--lr-s", "1e-3", "--batch", "32", "--steps", "200", "--eval-every", "50", "--ckpt-every", "100",
-                 "--eval-samples", "256"]
+                 "--lr-s", "1e-3", "--batch", "32", "--steps", "300", "--eval-every", "50", "--ckpt-every", "100",
+                 "--keep", "0", "--eval-samples", "256"]
 
 
 def train_teacher(folder: Path, steps: int, seed: int = 0) -> dict:
@@ -121,40 +123,95 @@ def run_one(job: tuple[str, Path, list[str]]) -> tuple[str, dict]:
               "iters_per_s": summary["iters_per_s"], "wall_s": round(time.perf_counter() - t0, 1)}
     if summary["problem"] == "DigitsProblem":
         record |= {k: summary["final"][k] for k in FIGURES}
-    else:
-        npz = run_dir / "samples_1000.npz"
-        if not npz.is_file():
-            sample.main([str(run_dir), "--n", "1000", "--seed", "1", "--out", str(npz), "--device", "cpu"])
-        data = np.load(npz)
-        record |= digit_figures(data["images"], data["labels"])
+    else:  # the figures of every checkpoint's samples; the last checkpoint's are the run's
+        by_step = {}
+        for ckpt in list_checkpoints(run_dir / "checkpoints"):
+            step = int(json.loads(ckpt.read_text())["step"])
+            npz = run_dir / f"samples_1000_step{step}.npz"
+            if not npz.is_file():
+                sample.main([str(ckpt), "--n", "1000", "--seed", "1", "--out", str(npz), "--device", "cpu"])
+            data = np.load(npz)
+            by_step[step] = digit_figures(data["images"], data["labels"])
+        record |= by_step[max(by_step)] | {"fd_real_by_step": {s: f["fd_real"] for s, f in sorted(by_step.items())}}
     return name, record
 
 
-def teacher_floor(folder: Path, n: int = 1000) -> dict:
-    """The diffusers teacher's own figures: n samples of 18 Heun steps with balanced labels."""
+def teacher_figures(folder: Path, lambda_star: float, n: int = 1000) -> tuple[dict, dict]:
+    """The diffusers teacher's own figures (n samples of 18 Heun steps, balanced labels: the floor) and those of the
+    initial generator (its denoiser at ``lambda_star``: the start)."""
     import torch
 
     from emd_fast.evaluation.heun import heun_sample
+    from emd_fast.nets.generator import Generator
     from emd_fast.problems.diffusers_folder import DiffusersProblem
 
     problem = DiffusersProblem.from_config({"teacher": str(folder), "seed": 0, "eval_samples": n})
+    schedule = problem.teacher.schedule
     y = torch.arange(n) % 10
     noise = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(12345))
-    x = heun_sample(problem.teacher.denoise, problem.teacher.schedule, noise, y, 18)
-    return digit_figures(x, y)
+    x = heun_sample(problem.teacher.denoise, schedule, noise, y, 18)
+    with torch.no_grad():
+        x0 = Generator(problem.teacher.net, schedule.generator_t(lambda_star))(noise, y)
+    return digit_figures(x, y), digit_figures(x0, y)
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def summarise(records: dict[str, dict], modes: list[str]) -> dict:
-    """Means (and stds) over seeds of each mode's figures, and the LoRA / full ratio of the means."""
+    """Means (and stds) over seeds of each mode's figures (and of FD by checkpoint step where the runs have it), and
+    the LoRA / full ratio of the means."""
     out = {}
     for mode in modes:
         runs = [r for name, r in records.items() if name.startswith(mode + "_seed")]
-        out[mode] = {k: {"mean": statistics.mean(r[k] for r in runs),
-                         "std": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0}
+        out[mode] = {k: mean_std([r[k] for r in runs])
                      for k in ("fd_real", "recall", "precision", "train_s") if all(k in r for r in runs)}
+        if all("fd_real_by_step" in r for r in runs):
+            steps = sorted(set.intersection(*(set(r["fd_real_by_step"]) for r in runs)))
+            out[mode]["fd_real_by_step"] = {s: mean_std([r["fd_real_by_step"][s] for r in runs]) for s in steps}
     full, lora = out[modes[0]], out[modes[1]]
-    out["lora_over_full"] = {k: lora[k]["mean"] / full[k]["mean"] for k in full if full[k]["mean"]}
+    out["lora_over_full"] = {k: lora[k]["mean"] / full[k]["mean"] for k in full
+                             if k != "fd_real_by_step" and full[k]["mean"]}
     return out
+
+
+def plot_diffusers(everything: dict, path: Path) -> None:
+    """FD to the real digits against steps, mean ± std over seeds, of every diffusers comparison in ``everything``
+    (full copies once, each LoRA setting), from the initial generator (step 0) toward the teacher's floor: a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [v for k, v in sorted(everything.items()) if k.startswith("diffusers_") and "initial_generator" in v]
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    drawn = set()
+    for key, entry in everything.items():  # earlier runs kept for the record ("before"): their final figures only
+        if key.startswith("diffusers_") and "before" in entry:
+            steps = statistics.mean(r["steps"] for r in entry["runs"].values())
+            for mode, fig_ in entry["summary"].items():
+                if mode != "lora_over_full":
+                    ax.errorbar([steps], [fig_["fd_real"]["mean"]], yerr=[fig_["fd_real"]["std"]], marker="x",
+                                capsize=3, ls="none", label=f"{mode}, {entry['before']}")
+    for entry in entries:
+        start = entry["initial_generator"]["fd_real"]
+        for mode, fig_ in entry["summary"].items():
+            if mode in drawn or "fd_real_by_step" not in fig_:
+                continue
+            drawn.add(mode)
+            steps = [0, *map(int, fig_["fd_real_by_step"])]
+            mean = [start, *(v["mean"] for v in fig_["fd_real_by_step"].values())]
+            std = [0.0, *(v["std"] for v in fig_["fd_real_by_step"].values())]
+            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=mode)
+    if entries:
+        ax.axhline(entries[0]["teacher_heun18"]["fd_real"], color="k", ls="--", label="teacher, 18 Heun steps")
+    ax.set(xlabel="EMD steps (batch 32)", ylabel="FD to the real digits (3 seeds)", yscale="log",
+           title="diffusers DDPM teacher: one-step generator")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -180,7 +237,8 @@ def main(argv=None) -> None:
             info = train_teacher(folder, args.teacher_steps)
             (out / "teacher_info.json").write_text(json.dumps(info, indent=1))
         result["teacher"] = json.loads((out / "teacher_info.json").read_text())
-        result["teacher_heun18"] = teacher_floor(folder)
+        lambda_star = float(DIFFUSERS_RUN[DIFFUSERS_RUN.index("--lambda-star") + 1])
+        result["teacher_heun18"], result["initial_generator"] = teacher_figures(folder, lambda_star)
         base = ["--teacher", str(folder), *DIFFUSERS_RUN]
     jobs = [(f"{mode}_seed{seed}", out / f"{mode}_seed{seed}", [*base, "--seed", str(seed), *extra])
             for mode, extra in (("full", []), (lora_mode, lora)) for seed in args.seeds]
@@ -193,6 +251,8 @@ def main(argv=None) -> None:
     everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     everything[f"{args.problem}_{lora_mode}"] = result
     RESULTS.write_text(json.dumps(everything, indent=1) + "\n")
+    if args.problem == "diffusers":
+        plot_diffusers(everything, RESULTS.with_name("lora_vs_full_diffusers.png"))
     print(json.dumps(result["summary"], indent=1))
 
 

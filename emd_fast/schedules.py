@@ -9,7 +9,7 @@ import math
 
 import torch
 
-WEIGHTINGS = ("uniform", "snr", "inv_snr", "edm")
+WEIGHTINGS = ("uniform", "snr", "inv_snr", "sqrt_inv_snr", "edm")
 
 
 class Schedule:
@@ -64,9 +64,11 @@ class Schedule:
     def weight(self, kind: str, t: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
         """Loss weighting w(t), (N,).
 
-        uniform: 1.  snr: alpha^2/sigma^2 (epsilon-prediction MSE).  inv_snr: sigma^2/alpha^2 (the
-        generator gradient becomes the plain denoiser difference D_T - D_psi).  edm: Karras et al.'s
-        (s^2 + s_d^2) / (s * s_d)^2 with s = sigma/alpha (unit-variance denoiser targets).
+        uniform: 1.  snr: alpha^2/sigma^2 (on an epsilon-prediction denoiser D = (x_t - sigma eps_hat) / alpha,
+        w ||D - x||^2 is the noise-prediction MSE ||eps_hat - eps||^2).  inv_snr: sigma^2/alpha^2 (the generator
+        gradient becomes the plain denoiser difference D_T - D_psi).  sqrt_inv_snr: sigma/alpha (the generator
+        gradient becomes the noise-prediction difference eps_T - eps_psi = alpha/sigma (D_T - D_psi)).  edm:
+        Karras et al.'s (s^2 + s_d^2) / (s * s_d)^2 with s = sigma/alpha (unit-variance denoiser targets).
         """
         alpha, sigma = self.alpha_sigma(t)
         if kind == "uniform":
@@ -75,6 +77,8 @@ class Schedule:
             return (alpha / sigma) ** 2
         if kind == "inv_snr":
             return (sigma / alpha) ** 2
+        if kind == "sqrt_inv_snr":
+            return sigma / alpha
         if kind == "edm":
             s = sigma / alpha
             return (s**2 + sigma_data**2) / (s * sigma_data) ** 2

@@ -35,9 +35,11 @@ class Problem(Protocol):
     The problem of a ``--teacher`` format (one of ``TEACHER_PROBLEMS``) also says which paths it reads:
     ``claims(path) -> bool`` (static, from the path alone: a suffix, a file beside it) and ``reads``, in words;
     ``option_notes`` ({option: who takes it, in words}) where an option applies to fewer teachers than ``reads``.
-    Optional, where samples are not images as they are: ``decode(samples) -> images`` (N, 3, H, W) in [-1, 1], used
-    by ``emd_fast.sample`` (an attribute that may be None: samples are images as they are); ``encode(prompts) ->
-    embeddings`` for ``emd_fast.sample --prompt``.
+    Optional: ``option_defaults(cfg) -> dict`` (classmethod), the defaults of options that depend on the teacher
+    (a new run's options not given on the command line take them), e.g. the loss weightings of an
+    epsilon-prediction network. Optional, where samples are not images as they are: ``decode(samples) -> images``
+    (N, 3, H, W) in [-1, 1], used by ``emd_fast.sample`` (an attribute that may be None: samples are images as they
+    are); ``encode(prompts) -> embeddings`` for ``emd_fast.sample --prompt``.
     """
 
     teacher: Teacher

@@ -68,6 +68,13 @@ def with_preset_defaults(cfg: dict, explicit: set[str], keys=None) -> dict:
     return cfg | {k: v for k, v in defaults.items() if k not in explicit and (keys is None or k in keys)}
 
 
+def with_teacher_defaults(cfg: dict, explicit: set[str]) -> dict:
+    """cfg with its teacher's own defaults (the problem's ``option_defaults``, e.g. the loss weightings of an
+    epsilon-prediction network) for the options not in ``explicit``."""
+    defaults = getattr(problem_class(cfg), "option_defaults", None)
+    return cfg | {k: v for k, v in (defaults(cfg) if defaults else {}).items() if k not in explicit}
+
+
 def run_name(cfg: dict) -> str:
     """runs/<name>_K<K>_seed<seed>: the preset, else the teacher or mixture file's stem."""
     source = cfg.get("teacher") or cfg.get("mixture")
@@ -239,6 +246,8 @@ def resolve(cfg: dict, explicit: set[str], distributed: bool = False) -> tuple[d
     device = parse_device(cfg["device"])
     cfg, notes = with_fast_defaults(cfg, set(explicit), device, distributed)
     validate(cfg)
+    if not cfg["resume"]:  # a resumed run keeps its saved settings
+        cfg = with_teacher_defaults(cfg, set(explicit))
     return cfg, device, notes
 
 
