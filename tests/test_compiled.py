@@ -5,6 +5,7 @@ for the regional U-Net's few distinct blocks); the region, recompilation and CLI
 (EMD_COMPILE_BACKEND): it exercises the same in-place compile, Dynamo's sharing of block code and the same
 state_dict path without C++ builds, and none of that depends on the backend.
 """
+import copy
 import json
 import os
 
@@ -158,10 +159,10 @@ def block_kinds(net, config: dict) -> set:
 
 
 def test_regions_share_code_and_nothing_recompiles_after_warmup():
-    """Regional compile of a one-level U-Net (5 blocks of 3 kinds): the first iteration compiles at most one graph
-    per distinct block and call mode (no-grad forward of the frozen teacher and of the student, the generator's
-    VJP, training), shared by the blocks of a kind and by the three networks; the next iterations compile nothing.
-    Whole-network scope compiles the networks, not their blocks."""
+    """Regional compile of a one-level U-Net (5 blocks of 3 kinds): the first iteration compiles one graph per
+    distinct block and call mode (3: the no-grad forward, shared by the teacher and the frozen student, the
+    generator's VJP, training), shared by the blocks of a kind and by the three networks; the next iterations
+    compile nothing. Whole-network scope compiles the networks, not their blocks."""
     torch._dynamo.reset()
     distiller = unet_distiller(ONE_LEVEL)
     blocks, kinds = len(regions(distiller.student)), block_kinds(distiller.student, ONE_LEVEL)
@@ -173,8 +174,8 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         counts.append(compile_count())
     warmup, after = counts[1] - counts[0], counts[-1] - counts[1]
     assert after == 0, counts  # no recompilation after the first iteration
-    # at most 4 call modes per distinct block: shared by the networks (each on its own: 5 = 1 teacher + 2 + 2)
-    assert 0 < warmup <= 4 * len(kinds) and len(kinds) < blocks
+    # 3 call modes per distinct block, shared by the networks (each on its own: 5 = 1 teacher + 2 + 2)
+    assert warmup == 3 * len(kinds) and len(kinds) < blocks
     whole = unet_distiller(ONE_LEVEL)
     report = compile_networks(whole, backend="aot_eager", scope="whole")
     assert report.regions == {} and report.compiled == ["generator", "student", "teacher network"]
@@ -210,3 +211,35 @@ def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkey
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled_graphs"]["warmup"] > 0 and summary["compiled_graphs"]["after_warmup"] == 0
     assert summary["warmup_s"] > 0
+
+
+def test_no_grad_calls_of_frozen_and_trained_blocks_share_one_graph():
+    """torch.compile specialises on requires_grad (and on ``training`` where a block reads it): a block called
+    without gradients as the frozen, eval-mode teacher's and as the trained, train-mode student's would build two
+    graphs. Frozen (``emd.frozen``, as the E-step and sampling call them) and without dropout, both calls share one
+    graph; trainable weights, or dropout in train mode, still build a graph of their own."""
+    from emd_fast.emd import frozen
+    from emd_fast.nets.unet import UNetBlock
+
+    def graphs(calls, p):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        teacher = UNetBlock(12, 20, 16, num_heads=2, dropout=p).requires_grad_(False).eval()
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        student.compile(backend="eager", dynamic=False)
+        teacher.compile(backend="eager", dynamic=False)
+        x, emb = torch.randn(3, 12, 6, 6), torch.randn(3, 16)
+        before = compile_count()
+        with torch.no_grad():
+            for name in calls:
+                if name == "frozen student":
+                    with frozen(student):
+                        student(x, emb)
+                else:
+                    (teacher if name == "teacher" else student)(x, emb)
+        assert all(p.requires_grad for p in student.parameters())  # unfrozen again
+        return compile_count() - before
+
+    assert graphs(["teacher", "frozen student", "teacher", "frozen student"], 0.0) == 1
+    assert graphs(["teacher", "student"], 0.0) == 2  # trainable weights: a graph of their own
+    assert graphs(["teacher", "frozen student"], 0.1) == 2  # dropout reads the mode: eval and train differ
