@@ -8,6 +8,9 @@ state_dict path without C++ builds, and none of that depends on the backend.
 import copy
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +38,14 @@ def make(seed=0):
 
 def params(distiller):
     return {k: v for k, v in distiller.state_tensors().items() if k != "rng"}
+
+
+@pytest.fixture
+def frame_cache():
+    """Dynamo's traced-frame cache as it was before the test (``use_compile_cache`` turns it on for the process)."""
+    was = torch._dynamo.config.caching_precompile
+    yield
+    torch._dynamo.config.caching_precompile = was
 
 
 def test_compiled_iterations_equal_eager():
@@ -110,14 +121,31 @@ def unet_distiller(config: dict, execution=Execution(finite_check="deferred"), s
                      execution=execution)
 
 
-def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch):
+WARM_PROCESS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from emd_fast.execution.compiled import compile_count, compile_networks, use_compile_cache
+from test_compiled import ONE_LEVEL, unet_distiller
+use_compile_cache(sys.argv[1])
+distiller = unet_distiller(ONE_LEVEL)
+compile_networks(distiller, backend="inductor")
+losses = [float(distiller.step()["loss_g"]) for _ in range(2)]
+print(json.dumps({"graphs": compile_count(), "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "frames_loaded": counters["dynamo_cache"]["dynamo_cache_hit"], "loss_g": losses}))
+"""
+
+
+def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch, frame_cache):
     """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding
     over 3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose
     gradient is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run
-    is bounded by 1e-3 of its update's norm and elementwise by a tenth of lr. A second set-up on the same cache
-    directory (after Dynamo forgets everything, as a new process would) builds nothing: every graph comes from
-    inductor's FX-graph cache."""
-    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
+    is bounded by 1e-3 of its update's norm and elementwise by a tenth of lr. A second process on the same cache
+    directory builds and traces nothing: it loads the block's traced frames and their graphs (one per distinct block
+    and call mode), and its iterations equal the eager ones too."""
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)
+    cache = tmp_path / "cache"
+    compiled.use_compile_cache(cache)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
@@ -125,8 +153,10 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
     start = {k: v.clone() for k, v in params(eager).items()}
     report = compile_networks(comp, backend="inductor")
     assert report.regions == {"generator": 5, "student": 5, "teacher network": 5}, report
+    eager_losses = []
     for _ in range(3):
         a, b = eager.step(), comp.step()
+        eager_losses.append(float(a["loss_g"]))
         for k in ("loss_g", "loss_s"):
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     ends = params(comp)
@@ -134,14 +164,18 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
         if k in start and v.is_floating_point() and v.dim() > 0:  # the networks' tensors (not the step counts)
             diff = ends[k] - v
             assert diff.norm() <= 1e-3 * (v - start[k]).norm() + 1e-7 and diff.abs().max() <= 1e-4, k
-    built = counters["inductor"]["fxgraph_cache_miss"]
-    assert built > 0 and any((tmp_path / "cache").iterdir())
-    torch._dynamo.reset()
-    warm = unet_distiller(ONE_LEVEL)
-    compile_networks(warm, backend="inductor")
-    torch.testing.assert_close(warm.step()["loss_g"], unet_distiller(ONE_LEVEL).step()["loss_g"], rtol=1e-4,
-                               atol=1e-5)
-    assert counters["inductor"]["fxgraph_cache_miss"] == built and counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0
+    compiled.save_traced_frames()
+    assert (cache / "dynamo").is_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.pop(compiled.CACHE_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", WARM_PROCESS, str(cache)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert warm["graphs"] == 0 and warm["fx_miss"] == 0 and warm["frames_loaded"] >= 1, warm
+    torch.testing.assert_close(torch.tensor(warm["loss_g"]), torch.tensor(eager_losses[:2]), rtol=1e-4, atol=1e-5)
 
 
 def block_kinds(net, config: dict) -> set:
@@ -184,18 +218,26 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         compile_networks(unet_distiller(ONE_LEVEL), scope="blocks")
 
 
-def test_compile_cache_directory(tmp_path, monkeypatch):
-    """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR; one set by an earlier
-    run of this process is replaced."""
+def test_compile_cache_directory(tmp_path, monkeypatch, frame_cache):
+    """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR (torch's default
+    there, which importing torch._dynamo puts into the environment, names none); one set by an earlier run of this
+    process is replaced. Dynamo's traced-frame cache is turned on with it."""
     monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
     monkeypatch.setattr(compiled, "_cache_set", None)
     line = compiled.use_compile_cache(tmp_path / "a")
+    assert torch._dynamo.config.caching_precompile
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "a") and (tmp_path / "a").is_dir() and "warm" in line
     compiled.use_compile_cache(tmp_path / "b")  # set by us before: a new run in this process uses its own
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "b")
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "user"))
     assert "from $TORCHINDUCTOR_CACHE_DIR" in compiled.use_compile_cache(tmp_path / "c")
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "user") and not (tmp_path / "c").exists()
+    # torch's default, which importing torch._dynamo writes into the environment, is not a choice of the user's
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(compiled.CACHE_ENV, default_cache_dir())
+    compiled.use_compile_cache(tmp_path / "d")
+    assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "d")
 
 
 def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkeypatch, capsys):
