@@ -136,15 +136,17 @@ print(json.dumps({"graphs": compile_count(), "fx_miss": counters["inductor"]["fx
 
 
 def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch, frame_cache):
-    """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding
-    over 3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose
-    gradient is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run
-    is bounded by 1e-3 of its update's norm and elementwise by a tenth of lr. A second process on the same cache
-    directory builds and traces nothing: it loads the block's traced frames and their graphs (one per distinct block
-    and call mode), and its iterations equal the eager ones too."""
+    """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding over
+    3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose gradient
+    is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run is bounded by
+    1e-3 of its update's norm and elementwise by a tenth of lr. With Dynamo's traced-frame cache
+    (TORCH_CACHING_PRECOMPILE=1), a second process on the same cache directory builds and traces nothing: it loads the
+    block's traced frames and their graphs (one per distinct block and call mode), and its iterations equal the eager
+    ones too."""
     monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
     monkeypatch.setattr(compiled, "_cache_set", None)
     cache = tmp_path / "cache"
+    torch._dynamo.config.caching_precompile = True  # what TORCH_CACHING_PRECOMPILE=1 sets (restored: frame_cache)
     compiled.use_compile_cache(cache)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -170,6 +172,7 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop(compiled.CACHE_ENV, None)
+    env["TORCH_CACHING_PRECOMPILE"] = "1"
     proc = subprocess.run([sys.executable, "-c", WARM_PROCESS, str(cache)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -221,11 +224,10 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
 def test_compile_cache_directory(tmp_path, monkeypatch, frame_cache):
     """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR (torch's default
     there, which importing torch._dynamo puts into the environment, names none); one set by an earlier run of this
-    process is replaced. Dynamo's traced-frame cache is turned on with it."""
+    process is replaced."""
     monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
     monkeypatch.setattr(compiled, "_cache_set", None)
     line = compiled.use_compile_cache(tmp_path / "a")
-    assert torch._dynamo.config.caching_precompile
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "a") and (tmp_path / "a").is_dir() and "warm" in line
     compiled.use_compile_cache(tmp_path / "b")  # set by us before: a new run in this process uses its own
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "b")

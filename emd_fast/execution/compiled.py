@@ -13,18 +13,20 @@ distinct block (its channels, resolution and attention) once, and the generator,
 architecture, share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks
 share the teacher's code and add the builds of their own sizes); the glue between blocks (embeddings,
 concatenations, the output layer) stays eager. A whole
-ImageNet-64 ADM compiles as one graph per network and call mode (teacher, student and generator forwards without
-gradients, the generator's VJP, two training forwards with their backward graphs); regionally, as one small graph
-per distinct block and mode (benchmarks/compile_time.py measures both). Regions compile with static shapes
-(``dynamic=False``): one code object serves blocks of different sizes, and torch's automatic dynamic shapes would
-otherwise turn them into dynamic-shape graphs. A network without such blocks (the MLPs) is compiled whole.
+ImageNet-64 ADM compiles as one graph per network and call mode (forwards without gradients, the generator's VJP,
+training forwards with their backward graphs); regionally, as one small graph per distinct block and mode (3 modes:
+the no-grad calls of all three networks share one, see ``emd.frozen``; benchmarks/compile_time.py measures both).
+Regions compile with static shapes (``dynamic=False``): one code object serves blocks of different sizes, and
+torch's automatic dynamic shapes would otherwise turn them into dynamic-shape graphs. A network without such
+blocks (the MLPs) is compiled whole.
 
 Compiled artefacts are kept (``use_compile_cache``): inductor's FX-graph and AOTAutograd caches, its compiled C++
-and Triton kernels, and Dynamo's traced frames with their guards (torch's ``caching_precompile``), all under one
-directory (``TORCHINDUCTOR_CACHE_DIR``; by default ``<run>/compile_cache``), so a resume, another process of the
-same job, or a sweep pointed at one directory (``--compile-cache``) starts warm: it loads every graph built before
-and traces nothing. That cache is keyed by function, so each class's forward is compiled once per process
-(``compile_in_place``) and every module of the class calls that one wrapper.
+and Triton kernels, all under one directory (``TORCHINDUCTOR_CACHE_DIR``; by default ``<run>/compile_cache``), so a
+resume, another process of the same job, or a sweep pointed at one directory (``--compile-cache``) starts warm: its
+compiler finds every graph built before and only re-traces. With $TORCH_CACHING_PRECOMPILE=1 (opt in, see
+``cache_traced_frames``) Dynamo's traced frames are kept too and a warm start traces nothing. That cache is keyed by
+function, so each class's forward is compiled once per process (``compile_in_place``) and every module of the class
+calls that one wrapper.
 
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
@@ -54,7 +56,7 @@ SCOPES = ("regional", "whole")
 # keeps EDM2's name ``Block`` and is named by its module) and diffusers' UNets'
 REGION_CLASSES = ("UNetBlock", "emd_fast.nets.edm2.Block", "ResnetBlock2D", "Transformer2DModel")
 # Dynamo keeps at most recompile_limit compiled versions per code object; the blocks of one class share theirs
-# (one version per distinct block and call mode: ~100 for an ImageNet-64 ADM run), so regions raise the limits
+# (one version per distinct block and call mode: 72 for an ImageNet-64 ADM run), so regions raise the limits
 RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT = 512, 2048
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -203,8 +205,8 @@ _cache_set: str | None = None  # the directory use_compile_cache put into the en
 
 def use_compile_cache(directory: Path | str) -> str:
     """Keep this process's compiled artefacts in ``directory`` (inductor's FX-graph and AOTAutograd caches, C++ and
-    Triton kernels, Dynamo's traced frames: ``cache_traced_frames``), unless $TORCHINDUCTOR_CACHE_DIR names one the
-    user chose; call it before the first compilation. Returns a line saying which directory holds them. Safe for
+    Triton kernels; Dynamo's traced frames if opted in: ``cache_traced_frames``), unless $TORCHINDUCTOR_CACHE_DIR names
+    one the user chose; call it before the first compilation. Returns a line saying which directory holds them. Safe for
     concurrent processes (torch writes its cache entries atomically)."""
     global _cache_set
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -229,11 +231,12 @@ class _DroppedGuardNotes(logging.Filter):
 
 
 def cache_traced_frames() -> None:
-    """Keep Dynamo's traced frames with the compiled graphs (torch's ``caching_precompile``, in ``<cache>/dynamo``),
-    so that a warm process neither traces nor builds guards, and load them there: call before ``compile_networks``;
-    ``save_traced_frames`` writes them. $TORCH_CACHING_PRECOMPILE=0 turns it off."""
-    if os.environ.get("TORCH_CACHING_PRECOMPILE") != "0":
-        torch._dynamo.config.caching_precompile = True
+    """With torch's ``caching_precompile`` (opt in: $TORCH_CACHING_PRECOMPILE=1), Dynamo's traced frames are kept with
+    the compiled graphs (in ``<cache>/dynamo``, written by ``save_traced_frames``) and a warm process loads them, so it
+    neither traces nor builds guards. Not the default: in torch 2.13 its bundled AOTAutograd cache fails on some
+    graphs (an EDM2 guide network's blocks: "expected OutputCode, got <class 'method'>"). Here: hides its warning,
+    once per guard of every graph, that it drops the guards on the identity of global functions."""
+    if torch._dynamo.config.caching_precompile:
         guards = logging.getLogger("torch._dynamo.guards")
         if not any(isinstance(f, _DroppedGuardNotes) for f in guards.filters):
             guards.addFilter(_DroppedGuardNotes())
