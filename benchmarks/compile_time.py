@@ -15,7 +15,9 @@ counted: on a shared machine wall time measures the neighbours), the eager itera
 without compilation, measured first in the same process), the phases of torch's compile-time metrics (Dynamo's
 tracing and guards; AOTAutograd; Inductor's lowering and code generation and the kernel build (C++ on the CPU,
 Triton on a GPU), forward graphs at the first call and backward graphs at the first backward), the graphs compiled
-during the warm-up and after it (must be 0), and inductor's FX-graph cache hits and misses.
+during the warm-up and after it (must be 0), inductor's FX-graph cache hits and misses, Dynamo's traced-frame cache
+hits (a warm start that loads its frames traces nothing), and how far the compiled iterations' losses are from the
+eager ones (the first ``--eager-iters`` iterations, same seeds).
 Configs: ``edm-imagenet64-adm`` (EDM's 296 M network); ``adm-structure``: the same blocks, levels, resolutions and
 attention (64x64 images, channel_mult 1-2-3-4, 3 blocks, attention at 32/16/8, 1000 classes) at 32 base channels
 (1/36 of the FLOPs: compile work depends on the graph, not on the widths, while the iterations that carry it get
@@ -69,7 +71,7 @@ def child(args) -> dict:
     import torch
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    from emd_fast.execution.compiled import compile_count, compile_networks, use_compile_cache
+    from emd_fast.execution.compiled import compile_count, compile_networks, save_traced_frames, use_compile_cache
     from emd_fast.nets.unet import UNET_CONFIGS
     from emd_fast.training.distiller import Execution
 
@@ -83,11 +85,12 @@ def child(args) -> dict:
     nets = throughput.build_networks(spec, device)
     execution = Execution(finite_check="deferred")  # what --fast sets on a CPU
     eager = throughput.make_distiller(copy.deepcopy(nets), args.batch, args.K, execution, device)
-    eager_s = []
+    eager_s, eager_losses = [], []
     for _ in range(args.eager_iters):
         t = time.perf_counter()
-        eager.step()
+        out = eager.step()
         eager_s.append(time.perf_counter() - t)
+        eager_losses.append([float(out["loss_g"]), float(out["loss_s"])])
     del eager
     distiller = throughput.make_distiller(nets, args.batch, args.K, execution, device)
     wall0, cpu0, graphs0 = time.perf_counter(), cpu_s(), compile_count()
@@ -95,13 +98,20 @@ def child(args) -> dict:
     iters = []
     for i in range(args.iters):
         t, c, g = time.perf_counter(), cpu_s(), compile_count()
-        distiller.step()
-        iters.append({"wall_s": time.perf_counter() - t, "cpu_s": cpu_s() - c, "graphs": compile_count() - g})
+        out = distiller.step()
+        iters.append({"wall_s": time.perf_counter() - t, "cpu_s": cpu_s() - c, "graphs": compile_count() - g,
+                      "losses": [float(out["loss_g"]), float(out["loss_s"])]})
         if i == 0:
+            save_traced_frames()  # as the training loop does after its warm-up
             setup = {"setup_wall_s": time.perf_counter() - wall0, "setup_cpu_s": cpu_s() - cpu0,
                      "graphs_warmup": compile_count() - graphs0}
     inductor = counters["inductor"]
+    pairs = [(c, e) for it, losses in zip(iters, eager_losses) for c, e in zip(it["losses"], losses)]
     return {**setup, "eager_iter_s": statistics.median(eager_s) if eager_s else None,
+            # the same iterations compiled and eager (same seeds): their losses' largest difference, relative
+            # (to at least 1e-6: the first generator loss is ~0, its generator a copy of the teacher)
+            "loss_diff_vs_eager": max((abs(c - e) / max(abs(e), 1e-6) for c, e in pairs), default=None),
+            "dynamo_cache": dict(counters["dynamo_cache"]),
             "graphs_after_warmup": sum(it["graphs"] for it in iters[1:]), "iterations": iters,
             "phases": phases(compilation_time_metrics), "report": report.lines(),
             "fxgraph_cache_hit": inductor["fxgraph_cache_hit"], "fxgraph_cache_miss": inductor["fxgraph_cache_miss"],
@@ -130,18 +140,19 @@ def run_child(args, scope: str, cache: Path) -> dict:
 
 def table(res: dict) -> str:
     lines = ["| scope | cache | set-up wall s | set-up CPU s | eager iter s | Dynamo s | AOTAutograd s | Inductor s "
-             "(kernel build) | graphs in warm-up | graphs after | FX cache hit/miss |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+             "(kernel build) | graphs in warm-up | graphs after | FX cache hit/miss | losses vs eager |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
     for row in res["rows"]:
         if not row["ok"]:
             lines.append(f"| {row['scope']} | {row['cache']} | failed: {row['error']} |")
             continue
         ph = row["phases"]
         eager = "-" if row["eager_iter_s"] is None else f"{row['eager_iter_s']:.2f}"
+        diff = "-" if row.get("loss_diff_vs_eager") is None else f"{row['loss_diff_vs_eager']:.1e}"
         lines.append(f"| {row['scope']} | {row['cache']} | {row['setup_wall_s']:.1f} | {row['setup_cpu_s']:.1f} | "
                      f"{eager} | {ph['dynamo_s']:.1f} | {ph['aot_autograd_s']:.1f} | {ph['inductor_s']:.1f} "
                      f"({ph['inductor_kernel_build_s']:.1f}) | {row['graphs_warmup']} | {row['graphs_after_warmup']} | "
-                     f"{row['fxgraph_cache_hit']}/{row['fxgraph_cache_miss']} |")
+                     f"{row['fxgraph_cache_hit']}/{row['fxgraph_cache_miss']} | {diff} |")
     lines += [f"{k}: {v}" for k, v in res.get("speedups", {}).items()]
     return "\n".join([f"{res['config']}, batch {res['batch']}, K {res['K']}, {res['iters']} iterations; "
                       f"torch {res['torch']}, {res['cpu_count']} CPUs", *lines])

@@ -105,10 +105,12 @@ def checked_call(what: str | None, net, *args) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Inside, the module's parameters do not require grad: a VJP through an output made here computes J^T v only.
-    (Eager autograd prunes the weight gradients anyway; a torch.compile-d backward would compute them all.)"""
-    params = [p for p in module.parameters() if p.requires_grad]
+def frozen(*modules: nn.Module):
+    """Inside, the modules' parameters do not require grad: a VJP through an output made here computes J^T v only
+    (eager autograd prunes the weight gradients anyway; a torch.compile-d backward would compute them all), and a
+    no-grad call sees the same parameters as one of the frozen teacher (a compiled network, or block, then reuses
+    the teacher's graph: torch.compile specialises on requires_grad). Toggles each parameter twice per ``with``."""
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
@@ -139,18 +141,19 @@ class EMD:
         self._net = call or checked_call
 
     def _generate(self, z, y, with_vjp: bool):
-        """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v."""
+        """g(z) (detached) and, if asked, the pullback v -> J_g(z)^T v; called, and the pullback too, inside
+        ``e_step``'s ``frozen``."""
         if not with_vjp:
             with torch.no_grad(), phase("generator forward"):
                 return self._net("generator output", self.generator, z, y), None
         z = z.detach().requires_grad_(True)
-        with torch.enable_grad(), frozen(self.generator), phase("generator forward"):
+        with torch.enable_grad(), phase("generator forward"):
             g = self._net("generator output", self.generator, z, y)
 
         def pullback(v):
-            # frozen here too: an activation-checkpointed generator recomputes its forward in this backward, and
-            # must record the same graph as in the forward (no weight gradients)
-            with frozen(self.generator), phase("generator VJP"):
+            # still inside e_step's frozen(): an activation-checkpointed generator recomputes its forward in this
+            # backward, and must record the same graph as in the forward (no weight gradients)
+            with phase("generator VJP"):
                 return torch.autograd.grad(g, z, v)[0]
 
         return g.detach(), pullback
@@ -183,7 +186,13 @@ class EMD:
         """K Langevin steps targeting p_T(x_t) p_theta(z | x_t), started from the generator's own joint.
 
         z, eps: (N, ...) initial latent and noise (z_0, eps_0 ~ N(0, I)); t: (N,).
+        Generator and student are frozen throughout (``frozen``): the VJPs leave their weights out, and their no-grad
+        calls see the parameters of the teacher's.
         """
+        with frozen(self.generator, self.student):
+            return self._e_step(z, eps, t, y)
+
+    def _e_step(self, z, eps, t, y) -> EStep:
         cfg, ops = self.cfg, self.ops
         alpha, sigma = self.schedule.alpha_sigma(t)
         a, s = expand_like(alpha, eps), expand_like(sigma, eps)

@@ -5,8 +5,12 @@ for the regional U-Net's few distinct blocks); the region, recompilation and CLI
 (EMD_COMPILE_BACKEND): it exercises the same in-place compile, Dynamo's sharing of block code and the same
 state_dict path without C++ builds, and none of that depends on the backend.
 """
+import copy
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +38,14 @@ def make(seed=0):
 
 def params(distiller):
     return {k: v for k, v in distiller.state_tensors().items() if k != "rng"}
+
+
+@pytest.fixture
+def frame_cache():
+    """Dynamo's traced-frame cache as it was before the test (``use_compile_cache`` turns it on for the process)."""
+    was = torch._dynamo.config.caching_precompile
+    yield
+    torch._dynamo.config.caching_precompile = was
 
 
 def test_compiled_iterations_equal_eager():
@@ -109,14 +121,33 @@ def unet_distiller(config: dict, execution=Execution(finite_check="deferred"), s
                      execution=execution)
 
 
-def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch):
-    """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding
-    over 3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose
-    gradient is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run
-    is bounded by 1e-3 of its update's norm and elementwise by a tenth of lr. A second set-up on the same cache
-    directory (after Dynamo forgets everything, as a new process would) builds nothing: every graph comes from
-    inductor's FX-graph cache."""
-    monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "cache"))
+WARM_PROCESS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from emd_fast.execution.compiled import compile_count, compile_networks, use_compile_cache
+from test_compiled import ONE_LEVEL, unet_distiller
+use_compile_cache(sys.argv[1])
+distiller = unet_distiller(ONE_LEVEL)
+compile_networks(distiller, backend="inductor")
+losses = [float(distiller.step()["loss_g"]) for _ in range(2)]
+print(json.dumps({"graphs": compile_count(), "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "frames_loaded": counters["dynamo_cache"]["dynamo_cache_hit"], "loss_g": losses}))
+"""
+
+
+def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, monkeypatch, frame_cache):
+    """Inductor, regional: each UNetBlock compiled, the glue eager; losses equal the eager run within fp32 rounding over
+    3 iterations, and so do the parameters' updates: Adam divides by the gradient's size, so an element whose gradient
+    is near zero turns rounding into a step of up to lr; hence each tensor's difference from the eager run is bounded by
+    1e-3 of its update's norm and elementwise by a tenth of lr. With Dynamo's traced-frame cache
+    (TORCH_CACHING_PRECOMPILE=1), a second process on the same cache directory builds and traces nothing: it loads the
+    block's traced frames and their graphs (one per distinct block and call mode), and its iterations equal the eager
+    ones too."""
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)
+    cache = tmp_path / "cache"
+    torch._dynamo.config.caching_precompile = True  # what TORCH_CACHING_PRECOMPILE=1 sets (restored: frame_cache)
+    compiled.use_compile_cache(cache)
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
@@ -124,8 +155,10 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
     start = {k: v.clone() for k, v in params(eager).items()}
     report = compile_networks(comp, backend="inductor")
     assert report.regions == {"generator": 5, "student": 5, "teacher network": 5}, report
+    eager_losses = []
     for _ in range(3):
         a, b = eager.step(), comp.step()
+        eager_losses.append(float(a["loss_g"]))
         for k in ("loss_g", "loss_s"):
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     ends = params(comp)
@@ -133,14 +166,19 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
         if k in start and v.is_floating_point() and v.dim() > 0:  # the networks' tensors (not the step counts)
             diff = ends[k] - v
             assert diff.norm() <= 1e-3 * (v - start[k]).norm() + 1e-7 and diff.abs().max() <= 1e-4, k
-    built = counters["inductor"]["fxgraph_cache_miss"]
-    assert built > 0 and any((tmp_path / "cache").iterdir())
-    torch._dynamo.reset()
-    warm = unet_distiller(ONE_LEVEL)
-    compile_networks(warm, backend="inductor")
-    torch.testing.assert_close(warm.step()["loss_g"], unet_distiller(ONE_LEVEL).step()["loss_g"], rtol=1e-4,
-                               atol=1e-5)
-    assert counters["inductor"]["fxgraph_cache_miss"] == built and counters["inductor"]["fxgraph_cache_hit"] > 0
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0
+    compiled.save_traced_frames()
+    assert (cache / "dynamo").is_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.pop(compiled.CACHE_ENV, None)
+    env["TORCH_CACHING_PRECOMPILE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", WARM_PROCESS, str(cache)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert warm["graphs"] == 0 and warm["fx_miss"] == 0 and warm["frames_loaded"] >= 1, warm
+    torch.testing.assert_close(torch.tensor(warm["loss_g"]), torch.tensor(eager_losses[:2]), rtol=1e-4, atol=1e-5)
 
 
 def block_kinds(net, config: dict) -> set:
@@ -158,10 +196,10 @@ def block_kinds(net, config: dict) -> set:
 
 
 def test_regions_share_code_and_nothing_recompiles_after_warmup():
-    """Regional compile of a one-level U-Net (5 blocks of 3 kinds): the first iteration compiles at most one graph
-    per distinct block and call mode (no-grad forward of the frozen teacher and of the student, the generator's
-    VJP, training), shared by the blocks of a kind and by the three networks; the next iterations compile nothing.
-    Whole-network scope compiles the networks, not their blocks."""
+    """Regional compile of a one-level U-Net (5 blocks of 3 kinds): the first iteration compiles one graph per
+    distinct block and call mode (3: the no-grad forward, shared by the teacher and the frozen student, the
+    generator's VJP, training), shared by the blocks of a kind and by the three networks; the next iterations
+    compile nothing. Whole-network scope compiles the networks, not their blocks."""
     torch._dynamo.reset()
     distiller = unet_distiller(ONE_LEVEL)
     blocks, kinds = len(regions(distiller.student)), block_kinds(distiller.student, ONE_LEVEL)
@@ -173,8 +211,8 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         counts.append(compile_count())
     warmup, after = counts[1] - counts[0], counts[-1] - counts[1]
     assert after == 0, counts  # no recompilation after the first iteration
-    # at most 4 call modes per distinct block: shared by the networks (each on its own: 5 = 1 teacher + 2 + 2)
-    assert 0 < warmup <= 4 * len(kinds) and len(kinds) < blocks
+    # 3 call modes per distinct block, shared by the networks (each on its own: 5 = 1 teacher + 2 + 2)
+    assert warmup == 3 * len(kinds) and len(kinds) < blocks
     whole = unet_distiller(ONE_LEVEL)
     report = compile_networks(whole, backend="aot_eager", scope="whole")
     assert report.regions == {} and report.compiled == ["generator", "student", "teacher network"]
@@ -183,9 +221,10 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         compile_networks(unet_distiller(ONE_LEVEL), scope="blocks")
 
 
-def test_compile_cache_directory(tmp_path, monkeypatch):
-    """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR; one set by an earlier
-    run of this process is replaced."""
+def test_compile_cache_directory(tmp_path, monkeypatch, frame_cache):
+    """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR (torch's default
+    there, which importing torch._dynamo puts into the environment, names none); one set by an earlier run of this
+    process is replaced."""
     monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
     monkeypatch.setattr(compiled, "_cache_set", None)
     line = compiled.use_compile_cache(tmp_path / "a")
@@ -195,6 +234,12 @@ def test_compile_cache_directory(tmp_path, monkeypatch):
     monkeypatch.setenv(compiled.CACHE_ENV, str(tmp_path / "user"))
     assert "from $TORCHINDUCTOR_CACHE_DIR" in compiled.use_compile_cache(tmp_path / "c")
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "user") and not (tmp_path / "c").exists()
+    # torch's default, which importing torch._dynamo writes into the environment, is not a choice of the user's
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(compiled.CACHE_ENV, default_cache_dir())
+    compiled.use_compile_cache(tmp_path / "d")
+    assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "d")
 
 
 def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkeypatch, capsys):
@@ -210,3 +255,35 @@ def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkey
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled_graphs"]["warmup"] > 0 and summary["compiled_graphs"]["after_warmup"] == 0
     assert summary["warmup_s"] > 0
+
+
+def test_no_grad_calls_of_frozen_and_trained_blocks_share_one_graph():
+    """torch.compile specialises on requires_grad (and on ``training`` where a block reads it): a block called
+    without gradients as the frozen, eval-mode teacher's and as the trained, train-mode student's would build two
+    graphs. Frozen (``emd.frozen``, as the E-step and sampling call them) and without dropout, both calls share one
+    graph; trainable weights, or dropout in train mode, still build a graph of their own."""
+    from emd_fast.emd import frozen
+    from emd_fast.nets.unet import UNetBlock
+
+    def graphs(calls, p):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        teacher = UNetBlock(12, 20, 16, num_heads=2, dropout=p).requires_grad_(False).eval()
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        student.compile(backend="eager", dynamic=False)
+        teacher.compile(backend="eager", dynamic=False)
+        x, emb = torch.randn(3, 12, 6, 6), torch.randn(3, 16)
+        before = compile_count()
+        with torch.no_grad():
+            for name in calls:
+                if name == "frozen student":
+                    with frozen(student):
+                        student(x, emb)
+                else:
+                    (teacher if name == "teacher" else student)(x, emb)
+        assert all(p.requires_grad for p in student.parameters())  # unfrozen again
+        return compile_count() - before
+
+    assert graphs(["teacher", "frozen student", "teacher", "frozen student"], 0.0) == 1
+    assert graphs(["teacher", "student"], 0.0) == 2  # trainable weights: a graph of their own
+    assert graphs(["teacher", "frozen student"], 0.1) == 2  # dropout reads the mode: eval and train differ

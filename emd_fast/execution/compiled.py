@@ -1,6 +1,6 @@
 """torch.compile for the networks of a distillation run: generator, student, the teacher's network and its guide.
 
-``compile_networks(distiller)`` compiles *in place* (``nn.Module.compile``): the modules stay the same objects with
+``compile_networks(distiller)`` compiles *in place* (``compile_in_place``): the modules stay the same objects with
 the same parameters, so the optimizers, ``state_dict`` keys and checkpoints are exactly those of an eager run (a
 checkpoint written with ``--compile`` loads into an eager run and back). The EMD iteration itself (control flow,
 Langevin updates, losses, optimizers) stays eager; only the network calls are compiled, which is where the FLOPs of
@@ -13,16 +13,20 @@ distinct block (its channels, resolution and attention) once, and the generator,
 architecture, share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks
 share the teacher's code and add the builds of their own sizes); the glue between blocks (embeddings,
 concatenations, the output layer) stays eager. A whole
-ImageNet-64 ADM compiles as one graph per network and call mode (teacher, student and generator forwards without
-gradients, the generator's VJP, two training forwards with their backward graphs); regionally, as one small graph
-per distinct block and mode (benchmarks/compile_time.py measures both). Regions compile with static shapes
-(``dynamic=False``): one code object serves blocks of different sizes, and torch's automatic dynamic shapes would
-otherwise turn them into dynamic-shape graphs. A network without such blocks (the MLPs) is compiled whole.
+ImageNet-64 ADM compiles as one graph per network and call mode (forwards without gradients, the generator's VJP,
+training forwards with their backward graphs); regionally, as one small graph per distinct block and mode (3 modes:
+the no-grad calls of all three networks share one, see ``emd.frozen``; benchmarks/compile_time.py measures both).
+Regions compile with static shapes (``dynamic=False``): one code object serves blocks of different sizes, and
+torch's automatic dynamic shapes would otherwise turn them into dynamic-shape graphs. A network without such
+blocks (the MLPs) is compiled whole.
 
 Compiled artefacts are kept (``use_compile_cache``): inductor's FX-graph and AOTAutograd caches, its compiled C++
 and Triton kernels, all under one directory (``TORCHINDUCTOR_CACHE_DIR``; by default ``<run>/compile_cache``), so a
 resume, another process of the same job, or a sweep pointed at one directory (``--compile-cache``) starts warm: its
-compiler finds every graph built before and only re-traces (seconds).
+compiler finds every graph built before and only re-traces. With $TORCH_CACHING_PRECOMPILE=1 (opt in, see
+``cache_traced_frames``) Dynamo's traced frames are kept too and a warm start traces nothing. That cache is keyed by
+function, so each class's forward is compiled once per process (``compile_in_place``) and every module of the class
+calls that one wrapper.
 
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
@@ -35,8 +39,10 @@ backend, e.g. to tell a compiler bug from a model bug, or to exercise the compil
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +57,7 @@ SCOPES = ("regional", "whole")
 # keeps EDM2's name ``Block`` and is named by its module) and diffusers' UNets'
 REGION_CLASSES = ("UNetBlock", "emd_fast.nets.edm2.Block", "ResnetBlock2D", "Transformer2DModel")
 # Dynamo keeps at most recompile_limit compiled versions per code object; the blocks of one class share theirs
-# (one version per distinct block and call mode: ~100 for an ImageNet-64 ADM run), so regions raise the limits
+# (one version per distinct block and call mode: 72 for an ImageNet-64 ADM run), so regions raise the limits
 RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT = 512, 2048
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -120,8 +126,9 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or one of its regions was compiled in place."""
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in (module, *regions(module)))
+    """Whether ``module`` or one of its regions was compiled in place (``compile_in_place`` or nn.Module.compile)."""
+    return any("forward" in vars(m) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in (module, *regions(module)))
 
 
 def compile_networks(distiller, mode: str = "default", backend: str | None = None, dynamic: bool | None = None,
@@ -163,11 +170,11 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
         elif blocks:
             raise_recompile_limits()
             for block in blocks:
-                block.compile(**kwargs, dynamic=False)
+                compile_in_place(block, **kwargs, dynamic=False)
             report.compiled.append(name)
             report.regions[name] = len(blocks)
         else:
-            module.compile(**kwargs, dynamic=dynamic)
+            compile_in_place(module, **kwargs, dynamic=dynamic)
             report.compiled.append(name)
     return report
 
@@ -186,6 +193,22 @@ def backward_without_autocast() -> None:
     functorch_config.backward_pass_autocast = "off"
 
 
+# (forward function, torch.compile options, whether traced frames are cached) -> its one compiled wrapper
+_compiled_forwards: dict = {}
+
+
+def compile_in_place(module: nn.Module, **options) -> None:
+    """Compile ``module``'s forward in place: its class's forward function is compiled once per process and options,
+    and every module of the class calls that one wrapper (as ``module.forward``). One wrapper per function is what
+    Dynamo's on-disk cache of traced frames (``use_compile_cache``) keys on: a warm process loads all the function's
+    graphs (every block size and call mode) and traces none."""
+    function = type(module).forward
+    key = (function, tuple(sorted(options.items())), torch._dynamo.config.caching_precompile)
+    if key not in _compiled_forwards:
+        _compiled_forwards[key] = torch.compile(function, **options)
+    module.forward = types.MethodType(_compiled_forwards[key], module)
+
+
 def raise_recompile_limits() -> None:
     """Let Dynamo keep a compiled version of every distinct block and call mode (never lowers a limit)."""
     config = torch._dynamo.config
@@ -198,17 +221,50 @@ _cache_set: str | None = None  # the directory use_compile_cache put into the en
 
 def use_compile_cache(directory: Path | str) -> str:
     """Keep this process's compiled artefacts in ``directory`` (inductor's FX-graph and AOTAutograd caches, C++ and
-    Triton kernels), unless $TORCHINDUCTOR_CACHE_DIR names one the user chose; call it before the first
-    compilation. Returns a line saying which directory holds them. Safe for concurrent processes (torch writes its
-    cache entries atomically)."""
+    Triton kernels; Dynamo's traced frames if opted in: ``cache_traced_frames``), unless $TORCHINDUCTOR_CACHE_DIR names
+    one the user chose; call it before the first compilation. Returns a line saying which directory holds them. Safe for
+    concurrent processes (torch writes its cache entries atomically)."""
     global _cache_set
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache_traced_frames()
     given = os.environ.get(CACHE_ENV)
-    if given and given != _cache_set:
+    # importing torch._dynamo puts torch's default into the environment: that one is not the user's choice
+    if given and given not in (_cache_set, os.path.abspath(default_cache_dir())):
         return f"torch.compile cache: {given} (from ${CACHE_ENV})"
     path = Path(directory).resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ[CACHE_ENV] = _cache_set = str(path)
     return f"torch.compile cache: {path} (a resume, or a run given --compile-cache {path}, starts warm)"
+
+
+class _DroppedGuardNotes(logging.Filter):
+    """Hides Dynamo's warning, once per guard of every graph, that the traced-frame cache drops the guards on the
+    identity of global functions (``F.silu``, ``torch.addcmul``: they only change if a program patches torch)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is dropped with caching_precompile" not in record.getMessage()
+
+
+def cache_traced_frames() -> None:
+    """With torch's ``caching_precompile`` (opt in: $TORCH_CACHING_PRECOMPILE=1), Dynamo's traced frames are kept with
+    the compiled graphs (in ``<cache>/dynamo``, written by ``save_traced_frames``) and a warm process loads them, so it
+    neither traces nor builds guards. Not the default: in torch 2.13 its bundled AOTAutograd cache fails on some
+    graphs (an EDM2 guide network's blocks: "expected OutputCode, got <class 'method'>"). Here: hides its warning,
+    once per guard of every graph, that it drops the guards on the identity of global functions."""
+    if torch._dynamo.config.caching_precompile:
+        guards = logging.getLogger("torch._dynamo.guards")
+        if not any(isinstance(f, _DroppedGuardNotes) for f in guards.filters):
+            guards.addFilter(_DroppedGuardNotes())
+
+
+def save_traced_frames() -> None:
+    """Write the frames Dynamo traced so far to the compile cache (with ``cache_traced_frames``; else a no-op): after
+    the warm-up, and again when a later call compiled more."""
+    if torch._dynamo.config.caching_precompile:
+        from torch._dynamo.precompile_context import PrecompileContext
+
+        PrecompileContext.save_to_dynamo_cache()
 
 
 def compile_count() -> int:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schedules import Schedule
-from .unet import ImageDenoiser
+from .unet import ImageDenoiser, dropout
 
 EPS = 1e-4
 SILU_SCALE = 0.596  # rms of silu(z), z ~ N(0, 1)
@@ -166,7 +166,7 @@ class Block(nn.Module):
             x = normalize(x if self.conv_skip is None else self.conv_skip(x), (1,))
         y = self.conv_res0(mp_silu(x))
         y = mp_silu(y * (self.emb_linear(emb, gain=self.emb_gain) + 1)[:, :, None, None].to(y.dtype))
-        y = self.conv_res1(F.dropout(y, p=self.dropout, training=self.training))
+        y = self.conv_res1(dropout(y, self.dropout, self.training))
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
         x = mp_sum(x, y, self.res_balance)

@@ -61,6 +61,12 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, without reading ``training`` when p is 0: torch.compile then builds one graph for a block in train
+    and in eval mode (the frozen teacher's calls and the student's no-grad calls share it)."""
+    return F.dropout(x, p=p, training=training) if p else x
+
+
 def resample_kernel(taps) -> torch.Tensor:
     """The 2-D resampling filter f f^T / sum(f)^2 of 1-D taps f, (1, 1, k, k) float32."""
     f = torch.as_tensor(taps, dtype=torch.float32)
@@ -208,7 +214,7 @@ class UNetBlock(nn.Module):
             h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
             h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        h = self.conv1(dropout(h, self.dropout, self.training))
         x = self.scaled(h + (self.skip(x) if self.skip is not None else x))
         return self.scaled(self.attention(x)) if self.num_heads else x
 

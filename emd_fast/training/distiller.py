@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..checks import trusted_values
-from ..emd import EMD, EMDConfig, EStep
+from ..emd import EMD, EMDConfig, EStep, frozen
 from ..errors import CheckpointError
 from ..execution.backends import BACKENDS, NetworkCall, make_ops
 from ..execution.distributed import (
@@ -252,9 +252,11 @@ class Distiller:
     @torch.no_grad()
     def generate(self, z: torch.Tensor, y: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
         """``sampler``(z, y) made ``chunk`` rows at a time: z (n, *data_shape), y (n,) or None -> (n, ...) fp32
-        (n may be 0: a process's share of a few samples)."""
-        return torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
-                          for i in range(0, len(z) or 1, chunk)])
+        (n may be 0: a process's share of a few samples). The sampler is frozen meanwhile, as in the E-step: a compiled
+        generator reuses the E-step's no-grad graphs."""
+        with frozen(self.sampler):
+            return torch.cat([self.sampler(z[i:i + chunk], None if y is None else y[i:i + chunk]).float()
+                              for i in range(0, len(z) or 1, chunk)])
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, RunError, Stopped
-from ..execution.compiled import compile_count, default_backend
+from ..execution.compiled import compile_count, default_backend, save_traced_frames
 from ..execution.distributed import Ranks, communication_failed, rank_seed
 from ..execution.profiling import PhaseTimer
 from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
@@ -366,6 +366,8 @@ class Clock:
                 torch.cuda.synchronize(self.device)
             self.warm_t0, self.warm_other_s = time.perf_counter(), self.other_s
             self.graphs.append(compile_count())
+            if self.graphs[-1] > self.graphs[0]:
+                save_traced_frames()  # a warm start loads them instead of tracing
 
     @contextlib.contextmanager
     def maintenance(self):
@@ -377,6 +379,8 @@ class Clock:
     def stop(self) -> None:
         self.end = time.perf_counter()
         self.graphs.append(compile_count())
+        if self.graphs[-1] > self.graphs[-2]:
+            save_traced_frames()
 
     def stamp(self) -> dict[str, float]:
         """{"time_s": training seconds, "wall_s": wall seconds} of the run so far (all sessions), for a metrics
