@@ -109,8 +109,9 @@ def frozen(*modules: nn.Module):
     """Inside, the modules' parameters do not require grad: a VJP through an output made here computes J^T v only
     (eager autograd prunes the weight gradients anyway; a torch.compile-d backward would compute them all), and a
     no-grad call sees the same parameters as one of the frozen teacher (a compiled network, or block, then reuses
-    the teacher's graph: torch.compile specialises on requires_grad). Toggles each parameter twice per ``with``."""
-    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    the teacher's graph: torch.compile specialises on requires_grad). Toggles each parameter twice per ``with``;
+    a plain function (an exact score given as the student) has none."""
+    params = [p for module in modules if isinstance(module, nn.Module) for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
