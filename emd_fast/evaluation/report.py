@@ -219,10 +219,14 @@ def draw_curves(runs: list[RunDir], keys: list[str], x: str, path: Path) -> bool
 IDLE_TIME = "steps x idle seconds per step, measured apart"  # a sweep's training time from step_time
 
 
-def _at(run: RunDir, step: int | None = None, time_s: float | None = None, clock=None) -> dict | None:
+def own_clock(record: dict) -> float:
+    """A metrics.jsonl record's training time by the run's own clock (inf if it has none)."""
+    return record.get("time_s", math.inf)
+
+
+def _at(run: RunDir, step: int | None = None, time_s: float | None = None, clock=own_clock) -> dict | None:
     """The run's evaluation at ``step`` (the last at or before it), or the last one at training time <= time_s
-    (``clock(record)``: a record's training time; default its time_s)."""
-    clock = clock or (lambda r: r.get("time_s", math.inf))
+    (``clock(record)``: a record's training time)."""
     evals = [r for r in run.evals if (step is None or r["step"] <= step) and (time_s is None or clock(r) <= time_s)]
     return evals[-1] if evals else None
 
@@ -236,7 +240,7 @@ def sweep(runs: list[RunDir], key: str, metrics: list[str], step_time: dict | No
     Returns the numbers (report.json's "sweep")."""
     def clock(run: RunDir):
         if step_time is None:
-            return lambda r: r.get("time_s", math.inf)
+            return own_clock
         return lambda r: r["step"] * step_time[run.config.get(key)]
 
     equal_step = min(run.evals[-1]["step"] for run in runs)
