@@ -350,14 +350,15 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
         shutil.rmtree(private, ignore_errors=True)
 
 
-def read_safetensors(path: Path, file_format: str, what: str,
-                     kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file whose metadata says ``format == file_format``; CheckpointError
-    (one line) for an unreadable file ("cannot read <what> file") or a foreign format ("is not <kind> file")."""
+def read_safetensors(path: Path, file_format: str, what: str, kind: str,
+                     with_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata says ``format == file_format`` (``with_tensors``
+    False: the header only, and no tensors); CheckpointError (one line) for an unreadable file ("cannot read <what>
+    file") or a foreign format ("is not <kind> file")."""
     try:
         check_regular(path, f"{what} file")
         with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except FileRefused as e:
         raise CheckpointError(str(e)) from None
     except (OSError, SafetensorError) as e:

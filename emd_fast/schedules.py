@@ -10,6 +10,13 @@ import math
 import torch
 
 WEIGHTINGS = ("uniform", "snr", "inv_snr", "sqrt_inv_snr", "edm")
+# A network that predicts the noise (c_out = sigma/alpha: an epsilon-prediction diffusers UNet, EDM's VP and VE
+# preconditionings) gives a denoiser D = (x_t - sigma eps_hat) / alpha whose errors are its output's times sigma/alpha
+# (at the last timestep: 157 for DDPM's linear betas, 14.6 for Stable Diffusion's scaled-linear ones, 80 at EDM's
+# largest sigma): losses weighted for EDM's preconditioned networks (edm, inv_snr) are then dominated by the largest
+# noise levels. These weigh both losses in noise-prediction units instead; snr is also such a teacher's own training
+# weighting (docs/teachers.md).
+NOISE_PREDICTION_WEIGHTINGS = {"student_weighting": "snr", "gen_weighting": "sqrt_inv_snr"}
 
 
 class Schedule:

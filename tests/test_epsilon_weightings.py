@@ -1,18 +1,22 @@
-"""Loss weightings for epsilon-prediction teachers (DDPM pixel UNets, Stable Diffusion): an epsilon network's denoiser
-D = (x_t - sigma eps_hat) / alpha multiplies its errors by sigma / alpha (157 at DDPM's last linear-beta timestep).
-The defaults for such a teacher weigh both losses in noise-prediction units: the student loss is the noise MSE (the
-teacher's own training loss) and the generator gradient the noise-prediction difference, bounded at every t."""
+"""Loss weightings for noise-predicting teachers (epsilon-prediction diffusers UNets, Stable Diffusion; EDM's VP and
+VE networks): such a network's denoiser D = (x_t - sigma eps_hat) / alpha multiplies its errors by sigma / alpha (157
+at DDPM's last linear-beta timestep). The defaults for such a teacher weigh both losses in noise-prediction units: the
+student loss is the noise MSE (the teacher's own training loss) and the generator gradient the noise-prediction
+difference, bounded at every t."""
 import copy
 import json
 
 import pytest
 import torch
+from test_edm_import import edm_globals, write_edm_pickle  # noqa: F401 (a fixture)
+from test_unet import random_song
 
 from emd_fast import train
 from emd_fast.emd import EMD, EMDConfig
 from emd_fast.ops import ReferenceOps
-from emd_fast.problems.diffusers_folder import EPSILON_WEIGHTINGS, DiffusersProblem
-from emd_fast.schedules import expand_like
+from emd_fast.problems.diffusers_folder import DiffusersProblem
+from emd_fast.schedules import NOISE_PREDICTION_WEIGHTINGS, expand_like
+from emd_fast.teachers.network_file import save_network
 from emd_fast.training.config import resolve
 
 from diffusers_models import pixel_folder, train_main
@@ -104,12 +108,29 @@ def resolved(argv):
 def test_epsilon_teachers_default_to_noise_unit_weightings(prediction_type, tmp_path):
     folder = str(pixel_folder(tmp_path / "m", prediction_type))
     cfg = resolved(["--teacher", folder, "--out", str(tmp_path / "r")])
-    want = EPSILON_WEIGHTINGS if prediction_type == "epsilon" else {"student_weighting": "edm",
+    want = NOISE_PREDICTION_WEIGHTINGS if prediction_type == "epsilon" else {"student_weighting": "edm",
                                                                      "gen_weighting": "inv_snr"}
     assert {k: cfg[k] for k in want} == want
     cfg = resolved(["--teacher", folder, "--out", str(tmp_path / "r"), "--student-weighting", "uniform"])
     assert cfg["student_weighting"] == "uniform"  # what the command line says wins
     assert cfg["gen_weighting"] == want["gen_weighting"]
+
+
+@pytest.mark.parametrize("variant, precond", [("ddpmpp", "edm"), ("ncsnpp", "ve"), ("skip", "vp")])
+def test_vp_and_ve_networks_default_to_noise_unit_weightings(variant, precond, edm_globals, tmp_path):  # noqa: F811
+    """EDM's VP and VE networks predict the noise (c_out = sigma), in our files and in EDM pickles alike; EDM's own
+    preconditioning does not (c_out <= sigma_data) and keeps the EDM weightings."""
+    net = random_song(variant)
+    assert net.arch["precond"]["type"] == precond
+    files = [tmp_path / "net.safetensors", write_edm_pickle(net, tmp_path / "net.pkl")]
+    save_network(net, files[0])
+    want = NOISE_PREDICTION_WEIGHTINGS if precond in ("vp", "ve") else {"student_weighting": "edm",
+                                                                        "gen_weighting": "inv_snr"}
+    for path in files:
+        cfg = resolved(["--teacher", str(path), "--out", str(tmp_path / "r")])
+        assert {k: cfg[k] for k in want} == want, path.name
+        cfg = resolved(["--teacher", str(path), "--out", str(tmp_path / "r"), "--gen-weighting", "edm"])
+        assert (cfg["student_weighting"], cfg["gen_weighting"]) == (want["student_weighting"], "edm")
 
 
 def test_embedded_teachers_keep_their_weightings(tmp_path):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..files import read_safetensors, save_safetensors_atomic, sha256_file
+from ..schedules import NOISE_PREDICTION_WEIGHTINGS
 from ..teachers.diffusers_folder import (
     DEFAULT_GUIDANCE,
     FLUX_GUIDANCE,
@@ -48,11 +49,6 @@ from ..teachers.diffusers_folder import (
 )
 from .image import ImageProblem
 
-# An epsilon-prediction network's denoiser D = (x_t - sigma eps_hat) / alpha multiplies its errors by sigma / alpha
-# (at the last timestep: 157 for DDPM's linear betas, 14.6 for Stable Diffusion's scaled-linear ones): losses
-# weighted for EDM's preconditioned networks (edm, inv_snr) are then dominated by the largest noise levels. These
-# weigh both losses in noise-prediction units instead (docs/teachers.md).
-EPSILON_WEIGHTINGS = {"student_weighting": "snr", "gen_weighting": "sqrt_inv_snr"}
 EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
 EMBEDDINGS_FORMAT = "emd_fast.prompt_embeddings"
 DECODE_CHUNK = 16  # latents decoded by the VAE at a time
@@ -145,9 +141,9 @@ class DiffusersProblem(ImageProblem):
 
     @classmethod
     def option_defaults(cls, cfg: dict) -> dict:
-        """EPSILON_WEIGHTINGS for an epsilon-prediction teacher; nothing for the others (v, sample, velocity), whose
-        denoiser errors are bounded by the network's own."""
-        return dict(EPSILON_WEIGHTINGS) if inspect_folder(cfg["teacher"]).prediction_type == "epsilon" else {}
+        """NOISE_PREDICTION_WEIGHTINGS for an epsilon-prediction teacher; nothing for the others (v, sample,
+        velocity), whose denoiser errors are bounded by the network's own."""
+        return dict(NOISE_PREDICTION_WEIGHTINGS) if inspect_folder(cfg["teacher"]).prediction_type == "epsilon" else {}
 
     @classmethod
     def input_files(cls, cfg: dict) -> dict[str, str]:

@@ -25,10 +25,10 @@ from torch import nn
 from ..evaluation.images import class_rows, figure, is_image_shape, save_figure, show
 from ..evaluation.reference import reference_samples
 from ..files import sha256_file
-from ..schedules import make_schedule
+from ..schedules import NOISE_PREDICTION_WEIGHTINGS, make_schedule
 from ..seeds import Stream, seed_for
 from ..teachers import GuidedNetworkTeacher, NetworkTeacher
-from ..teachers.network_file import load_guide_network, load_teacher_network
+from ..teachers.network_file import load_guide_network, load_teacher_network, network_precond
 
 HEUN_STEPS = 18  # the teacher's reference sampler (unless its network says otherwise): 35 network evaluations
 REFERENCE_SAMPLES = 256  # at most this many teacher samples for the floor and the plots
@@ -80,6 +80,13 @@ class ImageProblem:
             raise ValueError("--guide PKL and --guide-weight W go together: the guide network and its weight")
         if cfg.get("guide") and not math.isfinite(cfg["guide_weight"]):
             raise ValueError(f"--guide-weight must be a finite number, got {cfg['guide_weight']}")
+
+    @classmethod
+    def option_defaults(cls, cfg: dict) -> dict:
+        """NOISE_PREDICTION_WEIGHTINGS for a network of EDM's VP or VE preconditioning (c_out = sigma: it predicts the
+        noise, and both are trained with weight 1/sigma^2, which is snr); nothing for EDM's and EDM2's (c_out at most
+        sigma_data)."""
+        return dict(NOISE_PREDICTION_WEIGHTINGS) if network_precond(cfg["teacher"]) in ("vp", "ve") else {}
 
     @classmethod
     def input_files(cls, cfg: dict) -> dict[str, str]:

@@ -14,7 +14,7 @@ from ..files import parse_json, read_safetensors, save_safetensors_atomic
 from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
 from .edm2_pickle import edm2_network, is_edm2_network
-from .edm_pickle import edm_network, edm_network_node, read_edm_pickle
+from .edm_pickle import PRECONDS, edm_network, edm_network_node, read_edm_pickle
 
 FORMAT = "emd_fast.unet"
 # the readers of teacher network files other than ours, by suffix: each returns an ImageDenoiser
@@ -57,6 +57,20 @@ def load_nvlabs_pickle(path: str | Path, dropout: float | None = 0.0) -> ImageDe
 
 # teacher network files other than ours, by suffix
 READERS = {".pkl": load_nvlabs_pickle, ".pickle": load_nvlabs_pickle}
+
+
+def network_precond(path: str | Path) -> str | None:
+    """The preconditioning of a teacher network file, found without building the network: "edm", "vp" or "ve" for
+    our files (from their metadata) and NVlabs/EDM pickles (from the network's class; the pickle is read whole, its
+    weights lie inline), "edm2" for EDM2 pickles, None for a pickle of another class (which does not load).
+    CheckpointError (one line) for a file that cannot be read."""
+    if Path(path).suffix.lower() in READERS:
+        node = edm_network_node(read_edm_pickle(path), str(path))
+        return "edm2" if is_edm2_network(node) else PRECONDS.get(node.class_name)
+    meta, _ = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net", with_tensors=False)
+    arch = parse_json(meta.get("arch", "{}"), "arch metadata")
+    precond = arch.get("precond") if isinstance(arch, dict) else None
+    return precond.get("type") if isinstance(precond, dict) else "edm"  # files older than SongUNet support: EDM
 
 
 def load_guide_network(path: str | Path, teacher: ImageDenoiser) -> ImageDenoiser:
