@@ -4,6 +4,8 @@ exit 1 for a bug. ``--debug`` shows the traceback instead of the line."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
@@ -23,10 +25,18 @@ _whole_process = False  # set by run_as_process: the command is the process, its
 def run_as_process(main: Callable[[], int]) -> NoReturn:
     """``python -m emd_fast.<command>``: exit with ``main()``'s code. Stop signals arriving after the command ended
     are ignored (called in-process, run_command gives the previous handlers back instead): a Ctrl-C in the instant
-    before the interpreter exits must not raise in its clean-up."""
+    before the interpreter exits must not raise in its clean-up. A process of a distributed run ends without the
+    interpreter's shutdown, its output flushed (``distributed.joined_a_process_group``)."""
     global _whole_process
     _whole_process = True
-    sys.exit(main())
+    code = main()
+    distributed = sys.modules.get("emd_fast.execution.distributed")
+    if distributed and distributed.joined_a_process_group():  # see joined_a_process_group: skip the shutdown
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class Interrupted(BaseException):

@@ -111,6 +111,26 @@ def test_rank_seeds_rows_and_environment(monkeypatch):
     assert Ranks.from_env() == Ranks(2, 3, 0, distributed=True)
 
 
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_process_of_a_distributed_run_skips_the_interpreter_shutdown_with_its_output_flushed(joined):
+    """A rank's leaked gloo threads can abort the interpreter's shutdown (distributed.joined_a_process_group); such a
+    process ends with os._exit, with its exit code, its buffered output written and no atexit handler run."""
+    code = ("import atexit, sys\n"
+            "from emd_fast import cli\n"
+            "from emd_fast.execution import distributed\n"
+            f"distributed._joined = {joined}\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "def main():\n"
+            "    print('summary', end='')\n"
+            "    sys.stderr.write('note')\n"
+            "    return 3\n"
+            "cli.run_as_process(main)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 3
+    assert out.stdout == ("summary" if joined else "summaryatexit ran\n") and out.stderr == "note"
+
+
 def test_each_rank_has_its_own_streams_kernel_noise_included(tmp_path, kernel_device):
     """Rank r's torch.Generator and in-kernel NoiseStream start from rank_seed(seed, r); reseed restarts both."""
     parser = train.build_parser()

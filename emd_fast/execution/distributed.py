@@ -28,11 +28,21 @@ import torch.distributed as tdist
 from torch import nn
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun (and by the tests' launcher)
+_joined = False  # whether this process joined a process group (Ranks.process_group)
 RANK_PREFIX = "rank{}."  # checkpoint tensors of rank r > 0's random state: "rank<r>.rng", ...
 
 
 class DistributedError(ValueError):
     """This process cannot take part in a distributed run as launched (one line, said to the user as is)."""
+
+
+def joined_a_process_group() -> bool:
+    """Whether this process took part in a distributed run. Its gloo process group then outlives
+    ``destroy_process_group`` (DistributedDataParallel keeps it: torch 2.13), and so do its worker threads: one that
+    is still releasing a finished collective's tensors when the interpreter shuts down needs the GIL and aborts the
+    process ("terminate called without an active exception": 6 of 60 two-process CPU runs on a busy machine,
+    once in CI). ``cli.run_as_process`` therefore ends such a process without the interpreter's shutdown."""
+    return _joined
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,10 @@ class Ranks:
         if not self.distributed:
             yield
             return
+        global _joined
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        _joined = True
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         try:
             tdist.init_process_group(backend, rank=self.rank, world_size=self.world,
