@@ -42,6 +42,7 @@ from emd_fast.nets.lora import (  # noqa: E402
 )
 from emd_fast.problems import init_networks  # noqa: E402
 from emd_fast.teachers.network_file import load_network, load_teacher_network  # noqa: E402
+from emd_fast.training.config import resolve  # noqa: E402
 
 from helpers import assert_resumes_exactly, one_line_error  # noqa: E402
 
@@ -213,6 +214,10 @@ def test_lora_dropout_is_refused_for_edm2(edm_globals, tmp_path, capsys):  # noq
     err = one_line_error(capsys, train.main(["--out", str(tmp_path / "r"), *RUN, "--teacher", str(pkl),
                                              "--lora", "2", "--lora-dropout", "0.1"]))
     assert "--lora-dropout: EDM2's adapters change the weight of a layer" in err
+    argv = ["--out", str(tmp_path / "r"), "--teacher", str(pkl), "--lora", "2", "--lora-dropout", "0.1"]
+    parser = train.build_parser()
+    with pytest.raises(ValueError, match="--lora-dropout: EDM2"):  # with the options, before any network is built
+        resolve(vars(parser.parse_args(argv)), train._explicit(parser, argv))
 
 
 # the resume is given the flags again: --compile is not saved with the run, and compiled code need not compute eager's

@@ -80,6 +80,9 @@ class ImageProblem:
             raise ValueError("--guide PKL and --guide-weight W go together: the guide network and its weight")
         if cfg.get("guide") and not math.isfinite(cfg["guide_weight"]):
             raise ValueError(f"--guide-weight must be a finite number, got {cfg['guide_weight']}")
+        if cfg.get("lora") and cfg.get("lora_dropout") and network_precond(cfg["teacher"]) == "edm2":
+            raise ValueError("--lora-dropout: EDM2's adapters change the weight of a layer, no input goes through them "
+                             "to drop; leave it out")
 
     @classmethod
     def option_defaults(cls, cfg: dict) -> dict:
