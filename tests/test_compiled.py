@@ -287,3 +287,39 @@ def test_no_grad_calls_of_frozen_and_trained_blocks_share_one_graph():
     assert graphs(["teacher", "frozen student", "teacher", "frozen student"], 0.0) == 1
     assert graphs(["teacher", "student"], 0.0) == 2  # trainable weights: a graph of their own
     assert graphs(["teacher", "frozen student"], 0.1) == 2  # dropout reads the mode: eval and train differ
+
+
+def test_zero_rate_dropout_modules_do_not_split_the_no_grad_graph():
+    """diffusers' ResnetBlock2D holds an nn.Dropout whatever its rate, which reads ``training``: the eval-mode teacher's
+    and the frozen train-mode student's no-grad calls built two graphs. compile_networks replaces rate-0 dropouts by
+    nn.Identity (drop_inert_dropout): one graph, the same outputs and state_dict; a non-zero rate stays. (A block
+    with a shortcut convolution reads ``training`` itself, diffusers 0.42, and keeps its two graphs.)"""
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    from emd_fast.emd import frozen
+
+    def graphs(drop, p=0.0):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        teacher = resnet.ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4,
+                                       dropout=p).requires_grad_(False).eval()
+        student = copy.deepcopy(teacher).train()
+        x, emb = torch.randn(3, 8, 6, 6), torch.randn(3, 16)
+        with torch.no_grad():
+            want = teacher(x, emb)
+        keys = teacher.state_dict().keys()
+        if drop:
+            assert [compiled.drop_inert_dropout(m) for m in (teacher, student)] == [int(p == 0)] * 2
+        assert teacher.state_dict().keys() == keys
+        for m in (teacher, student):
+            compiled.compile_in_place(m, backend="eager", dynamic=False)
+        before = compile_count()
+        with torch.no_grad():
+            assert torch.equal(teacher(x, emb), want)
+            with frozen(student):
+                out = student(x, emb)
+            assert torch.equal(out, want) or p > 0
+        return compile_count() - before
+
+    assert graphs(drop=False) == 2
+    assert graphs(drop=True) == 1
+    assert graphs(drop=True, p=0.1) == 2  # a real dropout keeps its train-mode graph

@@ -168,15 +168,31 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
         elif is_compiled(module):
             report.skipped[name] = "already compiled"
         elif blocks:
+            drop_inert_dropout(module)
             raise_recompile_limits()
             for block in blocks:
                 compile_in_place(block, **kwargs, dynamic=False)
             report.compiled.append(name)
             report.regions[name] = len(blocks)
         else:
+            drop_inert_dropout(module)
             compile_in_place(module, **kwargs, dynamic=dynamic)
             report.compiled.append(name)
     return report
+
+
+def drop_inert_dropout(module: nn.Module) -> int:
+    """Replace each ``nn.Dropout`` of rate 0 in ``module`` (diffusers' blocks hold them whatever their rate) by
+    ``nn.Identity``, the same function in train and eval mode, so that compiled code does not read ``training`` for
+    it: the no-grad calls of the train-mode student and of the eval-mode teacher then share a graph. Returns how
+    many were replaced; parameters and state_dict are unchanged (a dropout has none)."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout and child.p == 0:
+                setattr(parent, name, nn.Identity())
+                replaced += 1
+    return replaced
 
 
 def default_backend() -> str:
