@@ -64,7 +64,7 @@ EDM2_CONFIGS = {
 def normalize(x: torch.Tensor, dims: tuple[int, ...], eps: float = EPS) -> torch.Tensor:
     """x / (eps + rms of x over ``dims``), the rms in fp32; x's shape and dtype."""
     norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
-    return x / (eps + norm * (1 / math.sqrt(math.prod(x.shape[d] for d in dims)))).to(x.dtype)
+    return x / (eps + norm * (1 / math.sqrt(math.prod([x.shape[d] for d in dims])))).to(x.dtype)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
