@@ -221,6 +221,17 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         compile_networks(unet_distiller(ONE_LEVEL), scope="blocks")
 
 
+def test_traced_frame_cache_is_turned_off_where_a_network_is_compiled_whole(frame_cache):
+    """TORCH_CACHING_PRECOMPILE=1 is kept for regional compilation and turned off, with a note, as soon as a network
+    is compiled whole (torch 2.13 fails to load the traced frames of SD3's and FLUX's transformers warm)."""
+    torch._dynamo.config.caching_precompile = True
+    report = compile_networks(unet_distiller(ONE_LEVEL), backend="aot_eager")
+    assert torch._dynamo.config.caching_precompile and "traced-frame cache" not in report.skipped
+    report = compile_networks(make(), backend="aot_eager")  # MLPs: no blocks, compiled whole
+    assert not torch._dynamo.config.caching_precompile
+    assert report.skipped["traced-frame cache"].startswith("turned off: generator, student compiled whole")
+
+
 def test_compile_cache_directory(tmp_path, monkeypatch, frame_cache):
     """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR (torch's default
     there, which importing torch._dynamo puts into the environment, names none); one set by an earlier run of this

@@ -24,9 +24,10 @@ Compiled artefacts are kept (``use_compile_cache``): inductor's FX-graph and AOT
 and Triton kernels, all under one directory (``TORCHINDUCTOR_CACHE_DIR``; by default ``<run>/compile_cache``), so a
 resume, another process of the same job, or a sweep pointed at one directory (``--compile-cache``) starts warm: its
 compiler finds every graph built before and only re-traces. With $TORCH_CACHING_PRECOMPILE=1 (opt in, see
-``cache_traced_frames``) Dynamo's traced frames are kept too and a warm start traces nothing. That cache is keyed by
-function, so each class's forward is compiled once per process (``compile_in_place``) and every module of the class
-calls that one wrapper.
+``cache_traced_frames``) Dynamo's traced frames are kept too and a warm start traces nothing; for regional
+compilation only (a run with a network compiled whole turns it off, with a note). That cache is keyed by function, so
+each class's forward is compiled once per process (``compile_in_place``) and every module of the class calls that one
+wrapper.
 
 Not compiled, and reported as skipped: an analytic teacher (``GaussianMixtureTeacher`` has closed-form scores, no
 network); every network when the chosen backend cannot run here (inductor on the CPU without a C++ compiler).
@@ -161,6 +162,11 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
     elif mode != "default":
         report.skipped["mode"] = f"mode {mode!r} applies to inductor only; backend {backend} ignores it"
     backward_without_autocast()
+    whole = [name for name, module in found.items() if not (scope == "regional" and regions(module))]
+    if torch._dynamo.config.caching_precompile and whole and not why:
+        torch._dynamo.config.caching_precompile = False  # process-wide, read when a frame is traced
+        report.skipped["traced-frame cache"] = (f"turned off: {', '.join(whole)} compiled whole (torch 2.13 fails to "
+                                                f"load such frames warm, e.g. SD3's and FLUX's transformers)")
     for name, module in found.items():
         blocks = regions(module) if scope == "regional" else []
         if why:
@@ -265,9 +271,11 @@ class _DroppedGuardNotes(logging.Filter):
 def cache_traced_frames() -> None:
     """With torch's ``caching_precompile`` (opt in: $TORCH_CACHING_PRECOMPILE=1), Dynamo's traced frames are kept with
     the compiled graphs (in ``<cache>/dynamo``, written by ``save_traced_frames``) and a warm process loads them, so it
-    neither traces nor builds guards. Not the default: in torch 2.13 its bundled AOTAutograd cache fails on some
-    graphs (an EDM2 guide network's blocks: "expected OutputCode, got <class 'method'>"). Here: hides its warning,
-    once per guard of every graph, that it drops the guards on the identity of global functions."""
+    neither traces nor builds guards. Not the default: torch 2.13 marks it experimental, its bundled AOTAutograd
+    cache fails on a graph that only returns an input (a graph break made one in EDM2's blocks, mended), and a warm
+    process fails to load the frames of SD3's and FLUX's transformers, compiled whole ("Name '__builtins_dict___0'
+    already exists in scope"), so ``compile_networks`` turns it off where a network is compiled whole. Here: hides
+    its warning, once per guard of every graph, that it drops the guards on the identity of global functions."""
     if torch._dynamo.config.caching_precompile:
         guards = logging.getLogger("torch._dynamo.guards")
         if not any(isinstance(f, _DroppedGuardNotes) for f in guards.filters):
