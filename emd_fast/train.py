@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lambda-star", type=float, default=-4.0,
                    help="log-SNR at which the teacher denoiser becomes the generator: g(z) = D(sigma* z, t*)")
     e.add_argument("--gen-weighting", choices=WEIGHTINGS, default="inv_snr",
-                   help="w(t) of the generator loss (epsilon-prediction diffusers teachers: sqrt_inv_snr)")
+                   help="w(t) of the generator loss (noise-predicting teachers, epsilon diffusers and EDM VP/VE: "
+                        "sqrt_inv_snr)")
     e.add_argument("--student-weighting", choices=WEIGHTINGS, default="edm",
-                   help="w(t) of the student loss (epsilon-prediction diffusers teachers: snr)")
+                   help="w(t) of the student loss (noise-predicting teachers, epsilon diffusers and EDM VP/VE: snr)")
     e.add_argument("--t-min", type=float, default=None, help="smallest noise level t sampled (default: schedule's)")
     e.add_argument("--t-max", type=float, default=None, help="largest noise level t sampled (default: schedule's)")
     f = p.add_argument_group("speed (none changes what is computed beyond float rounding)")
