@@ -162,28 +162,28 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
     elif mode != "default":
         report.skipped["mode"] = f"mode {mode!r} applies to inductor only; backend {backend} ignores it"
     backward_without_autocast()
-    whole = [name for name, module in found.items() if not (scope == "regional" and regions(module))]
+    blocks = {name: regions(module) if scope == "regional" else [] for name, module in found.items()}
+    whole = [name for name, found_blocks in blocks.items() if not found_blocks]
     if torch._dynamo.config.caching_precompile and whole and not why:
         torch._dynamo.config.caching_precompile = False  # process-wide, read when a frame is traced
         report.skipped["traced-frame cache"] = (f"turned off: {', '.join(whole)} compiled whole (torch 2.13 fails to "
                                                 f"load such frames warm, e.g. SD3's and FLUX's transformers)")
     for name, module in found.items():
-        blocks = regions(module) if scope == "regional" else []
         if why:
             report.skipped[name] = why + ": it stays eager"
-        elif is_compiled(module):
+            continue
+        if is_compiled(module):
             report.skipped[name] = "already compiled"
-        elif blocks:
-            drop_inert_dropout(module)
+            continue
+        drop_inert_dropout(module)
+        report.compiled.append(name)
+        if blocks[name]:
             raise_recompile_limits()
-            for block in blocks:
+            for block in blocks[name]:
                 compile_in_place(block, **kwargs, dynamic=False)
-            report.compiled.append(name)
-            report.regions[name] = len(blocks)
+            report.regions[name] = len(blocks[name])
         else:
-            drop_inert_dropout(module)
             compile_in_place(module, **kwargs, dynamic=dynamic)
-            report.compiled.append(name)
     return report
 
 
