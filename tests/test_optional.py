@@ -76,3 +76,21 @@ def test_broken_diffusers_through_the_command_is_one_line_exit_2(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "diffusers" in out.stderr and "fails to import" in out.stderr, out.stderr
+
+
+def test_the_default_run_needs_no_triton_and_the_triton_backend_says_it_is_missing(tmp_path):
+    """triton is an optional extra (the fused kernels): with it absent, the training command imports and runs on the
+    reference backend, and --backend triton is one line naming triton, exit 2."""
+    code = ("import sys\n"
+            "sys.modules['triton'] = None  # import triton fails as where it is not installed\n"
+            "from emd_fast import train\n"
+            "sys.exit(train.main(sys.argv[1:]))\n")
+    run = [sys.executable, "-c", code, "--steps", "3", "--batch", "16", "--teacher-fit-steps", "5", "--eval-samples",
+           "50", "--eval-every", "0", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    out = subprocess.run([*run, "--out", str(tmp_path / "ref")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*run, "--out", str(tmp_path / "fused"), "--backend", "triton"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "triton" in out.stderr, out.stderr
