@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # A non-editable install used as a user would: `pip install .` into a fresh venv (once with build isolation, once
-# without), then, from a directory outside the repo, the main command, sampling, the digits preset (its shipped
-# assets) and the Triton backend in the interpreter. Usage: .ci/check_install.sh VENV_DIR
+# without), then, from a directory outside the repo, the main command (first without triton, an optional extra, as
+# the README's first command installs it), sampling, the digits preset (its shipped assets) and the Triton backend in
+# the interpreter. Usage: .ci/check_install.sh VENV_DIR
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$1"
 python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q torch==2.13.0 triton
+"$py" -m pip install -q torch==2.13.0
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"  # nothing of the repo on sys.path from here on
@@ -30,6 +31,8 @@ check() {
 
 echo "--- pip install . (build isolation)"
 "$py" -m pip install -q "$repo"
+"$py" -m emd_fast.train --steps 5 --batch 64 --teacher-fit-steps 20 --eval-samples 100 --quiet --out "$work/no-triton"
+"$py" -m pip install -q triton
 check "$work/isolated"
 echo "--- pip install --no-build-isolation . from the repo root, beside PyPI's kernels package (it hooks into setuptools)"
 "$py" -m pip install -q setuptools wheel kernels
