@@ -258,7 +258,10 @@ def f9_f10(tmp: Path, run: Path, pipe: Path):
     yield "F10 a pickle cycle", "2", lambda: cli("edm_import", str(cycle), str(tmp / "o.safetensors"))
     yield from f10_files(tmp, h)
     yield "F10 sample --seed 1e23", "2, one line", lambda: cli("sample", str(run), "--seed", str(10**23))
-    yield "F10 a 2000-deep --out", "2", lambda: cli("train", "--out", str(tmp / ("a/" * 2000)), *SMALL, "--steps", "1")
+    yield "F10 a 2000-deep --out (4 kB, within PATH_MAX)", "0, a run", \
+        lambda: cli("train", "--out", str(tmp / ("a/" * 2000)), *SMALL, "--steps", "1")
+    yield "F10 a 3000-deep --out (6 kB, past PATH_MAX)", "2, one line", \
+        lambda: cli("train", "--out", str(tmp / ("a/" * 3000)), *SMALL, "--steps", "1")
     os.mkfifo(tmp / "m.json")
     yield "F10 --mixture <a FIFO>", "2, names what it is", lambda: cli("train", "--mixture", str(tmp / "m.json"), *out)
     bad_ref = tmp / "ref-run"
