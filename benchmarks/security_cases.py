@@ -1,7 +1,7 @@
 """The security cases (files a user points emd_fast at, run as a hostile user and a cluster would) as real
 processes: each case, what is expected, what was observed (exit code, first line of stderr, seconds, the process's
-peak resident memory), and for files that must survive, whether they did. Writes the markdown table of
-docs/security.md.
+peak resident memory), and for files that must survive, whether they did. Writes the markdown table
+docs/security.md points to.
 
     PYTHONPATH=. python benchmarks/security_cases.py --out benchmarks/results/security_cases.md
 
