@@ -52,6 +52,8 @@ def _draw_samples(ax, gen: torch.Tensor, ref: torch.Tensor, teacher: GaussianMix
 def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: GaussianMixtureTeacher,
              metrics: dict, history: list[dict], title: str) -> None:
     """Write a 3-panel PNG. samples, exact: (N, D) generator and exact teacher samples."""
+    from matplotlib.ticker import MaxNLocator  # with the figure, as images.figure imports matplotlib
+
     fig = figure((16, 5))
     axes = fig.subplots(1, 3)
     _draw_samples(axes[0], samples.detach().double().cpu(), exact.double().cpu(), teacher)
@@ -61,6 +63,7 @@ def plot_run(path: Path, samples: torch.Tensor, exact: torch.Tensor, teacher: Ga
     ax.bar(idx - 0.2, teacher.weights.tolist(), width=0.4, label="true")
     ax.bar(idx + 0.2, metrics["mode_weights"], width=0.4, label="generator")
     ax.set_xlabel("mode")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # mode indices, not fractions of one
     ax.set_ylabel("weight")
     ax.set_title(f"modes covered {metrics['modes_covered']}/{metrics['num_modes']}, TV {metrics['mode_tv']:.3f}")
     ax.legend()
