@@ -149,3 +149,20 @@ def test_a_resumed_run_keeps_its_saved_weightings(tmp_path):
     assert train.main(["--out", str(out), "--resume", "--steps", "3", "--quiet", "--device", "cpu"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["student_weighting"], saved["gen_weighting"]) == ("edm", "inv_snr")
+
+
+def test_a_pickle_precond_is_read_once_per_file_version(edm_globals, tmp_path, monkeypatch):  # noqa: F811
+    """The option checks ask for an EDM pickle's preconditioning more than once; the pickle (weights inline, read
+    whole) is parsed once while the file stays the same, and again once it is replaced."""
+    from emd_fast.teachers import network_file
+
+    reads = []
+    read = network_file.read_edm_pickle
+    monkeypatch.setattr(network_file, "read_edm_pickle", lambda path: reads.append(path) or read(path))
+    path = write_edm_pickle(random_song("skip"), tmp_path / "net.pkl")
+    assert [network_file.network_precond(path) for _ in range(3)] == ["vp"] * 3
+    assert len(reads) == 1
+    replacement = write_edm_pickle(random_song("ncsnpp"), tmp_path / "other.pkl")
+    replacement.replace(path)
+    assert network_file.network_precond(path) == "ve"
+    assert len(reads) == 2

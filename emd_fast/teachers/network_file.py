@@ -63,14 +63,29 @@ def network_precond(path: str | Path) -> str | None:
     """The preconditioning of a teacher network file, found without building the network: "edm", "vp" or "ve" for
     our files (from their metadata) and NVlabs/EDM pickles (from the network's class; the pickle is read whole, its
     weights lie inline), "edm2" for EDM2 pickles, None for a pickle of another class (which does not load).
-    CheckpointError (one line) for a file that cannot be read."""
+    CheckpointError (one line) for a file that cannot be read. A pickle is read once per process while the file
+    stays the same (the option checks ask more than once)."""
     if Path(path).suffix.lower() in READERS:
-        node = edm_network_node(read_edm_pickle(path), str(path))
-        return "edm2" if is_edm2_network(node) else PRECONDS.get(node.class_name)
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return _pickle_precond(path)  # the reader's one-line error
+        key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _PICKLE_PRECONDS:
+            _PICKLE_PRECONDS[key] = _pickle_precond(path)
+        return _PICKLE_PRECONDS[key]
     meta, _ = read_safetensors(path, FORMAT, "U-Net", "an emd_fast U-Net", with_tensors=False)
     arch = parse_json(meta.get("arch", "{}"), "arch metadata")
     precond = arch.get("precond") if isinstance(arch, dict) else None
     return precond.get("type") if isinstance(precond, dict) else "edm"  # files older than SongUNet support: EDM
+
+
+_PICKLE_PRECONDS: dict[tuple, str | None] = {}  # network_precond's pickles: (path, inode, size, mtime) -> precond
+
+
+def _pickle_precond(path: str | Path) -> str | None:
+    node = edm_network_node(read_edm_pickle(path), str(path))
+    return "edm2" if is_edm2_network(node) else PRECONDS.get(node.class_name)
 
 
 def load_guide_network(path: str | Path, teacher: ImageDenoiser) -> ImageDenoiser:
