@@ -2,7 +2,10 @@
 ``python -m emd_fast.sample`` for the same noise (fp32, 1e-5): a diffusers teacher's run as a stock pipeline folder
 (merged, or a LoRA file for ``load_lora_weights``), an EDM-style U-Net teacher's as generator.safetensors with samples
 for FID tools; bad runs and output folders are one-line errors (exit 2) that write nothing."""
+import importlib
 import json
+import os
+import sys
 import zipfile
 
 import numpy as np
@@ -26,6 +29,7 @@ from diffusers_models import latent_pipeline, pixel_folder, prompts_file  # noqa
 from helpers import one_line_error  # noqa: E402
 
 TOL = 1e-5
+EDM_ROOT = os.environ.get("EDM_ROOT")
 PROMPTS = ["a cat", "a red dog"]  # prompts_file's non-blank lines: labels 0 and 1
 
 
@@ -132,6 +136,23 @@ def test_unet_teacher_lora_run_is_a_merged_generator_file_with_samples_for_fid_t
         assert {f"00000/img{i:08d}.png" for i in range(5)} | {"dataset.json"} == names
         assert [c for _, c in json.loads(archive.read("dataset.json"))["labels"]] == npz["labels"].tolist()
     assert "generator.safetensors" in (out / "README.md").read_text()
+
+
+@pytest.mark.skipif(not EDM_ROOT, reason="set EDM_ROOT to a clone of NVlabs/edm to read the samples with its code")
+def test_exported_samples_read_by_edms_own_dataset_class(tmp_path, monkeypatch):
+    """EDM's ImageFolderDataset (what its ``fid.py calc --images=...`` reads) finds the exported samples.zip's images
+    and labels: the same pixels and classes as samples.npz."""
+    run = trained(tmp_path / "run", "--teacher", str(teacher_file(tmp_path)))
+    out = tmp_path / "export"
+    assert export.main([str(run), "--out", str(out), "--samples", "6", "--batch", "4", "--device", "cpu"]) == 0
+    monkeypatch.setattr(sys, "path", [EDM_ROOT, *sys.path])
+    dataset = importlib.import_module("training.dataset").ImageFolderDataset(str(out / "samples.zip"),
+                                                                             use_labels=True)
+    npz = np.load(out / "samples.npz")
+    assert len(dataset) == 6 and dataset.has_labels
+    images, onehots = zip(*(dataset[i] for i in range(len(dataset))))
+    assert np.array_equal(np.stack(images).transpose(0, 2, 3, 1), npz["arr_0"])
+    assert np.argmax(np.stack(onehots), axis=1).tolist() == npz["labels"].tolist()
 
 
 def test_bad_exports_are_one_line_errors_and_write_nothing(tmp_path, capsys):
