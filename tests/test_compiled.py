@@ -221,6 +221,38 @@ def test_regions_share_code_and_nothing_recompiles_after_warmup():
         compile_networks(unet_distiller(ONE_LEVEL), scope="blocks")
 
 
+def test_regions_include_the_blocks_a_model_declares_repeated():
+    """A diffusers model names its repeated blocks in ``_repeated_blocks`` (what its compile_repeated_blocks compiles):
+    below it those classes are regions too, the outermost match winning; elsewhere they are not."""
+    nn = torch.nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+    class Model(nn.Module):
+        _repeated_blocks = ["Layer"]
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+            self.out = nn.Linear(2, 2)
+
+    class Outer(nn.Module):
+        _repeated_blocks = ["Linear"]  # for its whole subtree; Model's names only below Model
+
+        def __init__(self):
+            super().__init__()
+            self.model, self.other = Model(), Layer()
+
+    model = Model()
+    assert regions(model) == list(model.layers)
+    outer = Outer()
+    assert regions(outer) == [*outer.model.layers, outer.model.out, outer.other.inner]
+    assert regions(nn.Sequential(Layer(), Layer())) == []
+
+
 def test_traced_frame_cache_is_turned_off_where_a_network_is_compiled_whole(frame_cache):
     """TORCH_CACHING_PRECOMPILE=1 is kept for regional compilation and turned off, with a note, as soon as a network
     is compiled whole (torch 2.13 fails to load the traced frames of SD3's and FLUX's transformers warm)."""

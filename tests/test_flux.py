@@ -21,6 +21,7 @@ from tiny_pipelines import (  # noqa: E402
     SMALL,
     T5_LENGTH,
     bf16_checkpointed_step_makes_no_host_sync,
+    compiles_regionally_as_eager,
     flux_pipeline,
     one_line_error,
     prompts_file,
@@ -110,3 +111,7 @@ def test_schnell_takes_no_guidance(schnell, tmp_path, capsys):
 def test_bf16_checkpointed_step_makes_no_host_sync(dev, tmp_path):
     run = bf16_checkpointed_step_makes_no_host_sync(dev, tmp_path, *MAX_LENGTH)
     assert run.distiller.generator.denoiser.guidance == run.distiller.student.guidance == run.teacher.net.guidance
+
+
+def test_compiles_block_by_block_as_eager(dev, tmp_path, monkeypatch, capsys):
+    compiles_regionally_as_eager(dev, tmp_path, monkeypatch, capsys, 2, *MAX_LENGTH, "--guidance-scale", "2.5")

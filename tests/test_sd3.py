@@ -18,6 +18,7 @@ from tiny_pipelines import (  # noqa: E402
     PROMPTS,
     T5_LENGTH,
     bf16_checkpointed_step_makes_no_host_sync,
+    compiles_regionally_as_eager,
     copy_folder,
     edit_json,
     prompts_file,
@@ -117,3 +118,8 @@ def test_another_max_sequence_length_is_another_cached_conditioning(sd3, tmp_pat
 
 def test_bf16_checkpointed_step_makes_no_host_sync(sd3, tmp_path):
     bf16_checkpointed_step_makes_no_host_sync(sd3, tmp_path, *MAX_LENGTH)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd35"])
+def test_compiles_block_by_block_as_eager(name, request, tmp_path, monkeypatch, capsys):
+    compiles_regionally_as_eager(request.getfixturevalue(name), tmp_path, monkeypatch, capsys, 2, *MAX_LENGTH)

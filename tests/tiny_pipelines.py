@@ -112,16 +112,18 @@ def vae(scaling_factor: float, shift_factor: float | None, seed: int, quant_conv
 
 # --- pipelines ---------------------------------------------------------------------------------------------------
 
-def sd3_pipeline(path: Path, sd35: bool = False, t5: bool = True, seed: int = 0, **scheduler) -> Path:
+def sd3_pipeline(path: Path, sd35: bool = False, t5: bool = True, seed: int = 0, layers: int = 2,
+                 **scheduler) -> Path:
     """SD3 (sd35: SD3.5's dual attention and RMS qk-norm), FlowMatchEuler shift 3 unless ``scheduler`` says
-    otherwise, SD3's VAE scaling and shift without quant convs; t5=False: a folder without text_encoder_3."""
+    otherwise, SD3's VAE scaling and shift without quant convs; t5=False: a folder without text_encoder_3; ``layers``
+    joint transformer blocks (SD3-medium: 24)."""
     tok1 = clip_tokenizer(path.parent / f"{path.name}-tok1")
     tok2 = clip_tokenizer(path.parent / f"{path.name}-tok2", "!")
     tok3 = t5_tokenizer(path.parent / f"{path.name}-tok3")
     torch.manual_seed(seed)
     extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}
     transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=40, caption_projection_dim=16, pooled_projection_dim=12 + 20,
         pos_embed_max_size=16, **extra)
     diffusers.StableDiffusion3Pipeline(
@@ -133,13 +135,15 @@ def sd3_pipeline(path: Path, sd35: bool = False, t5: bool = True, seed: int = 0,
     return path
 
 
-def flux_pipeline(path: Path, dev: bool = True, seed: int = 0) -> Path:
-    """FLUX.1 dev (guidance embedding, dynamic shifting as FLUX.1-dev's scheduler) or schnell (none, shift 1)."""
+def flux_pipeline(path: Path, dev: bool = True, seed: int = 0, layers: tuple[int, int] = (1, 1)) -> Path:
+    """FLUX.1 dev (guidance embedding, dynamic shifting as FLUX.1-dev's scheduler) or schnell (none, shift 1);
+    ``layers``: its double and single transformer blocks (FLUX.1: 19 and 38)."""
     tok1, tok2 = clip_tokenizer(path.parent / f"{path.name}-tok1"), t5_tokenizer(path.parent / f"{path.name}-tok2")
     torch.manual_seed(seed)
     transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=40, pooled_projection_dim=12, guidance_embeds=dev, axes_dims_rope=(4, 6, 6))
+        patch_size=1, in_channels=16, num_layers=layers[0], num_single_layers=layers[1], attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=40, pooled_projection_dim=12, guidance_embeds=dev,
+        axes_dims_rope=(4, 6, 6))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         **(dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                 max_image_seq_len=4096) if dev else dict(shift=1.0)))
@@ -231,6 +235,33 @@ def trains_resumes_and_samples(folder: Path, tmp_path: Path, *args) -> dict:
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["problem"] == "DiffusersProblem" and np.isfinite(summary["final"]["pixel_std"])
     return summary
+
+
+def compiles_regionally_as_eager(folder: Path, tmp_path: Path, monkeypatch, capsys, blocks: int, *args):
+    """``--compile`` (aot_eager) compiles the transformer's ``blocks`` blocks of each network, not the whole networks;
+    12 iterations give the eager run's losses within fp32 rounding and build no graph after the warm-up."""
+    import torch._dynamo
+
+    from emd_fast.execution import compiled
+
+    monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)
+    torch._dynamo.reset()
+    args = ["--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS), *args,
+            "--steps", "12", "--eval-every", "0", "--ckpt-every", "0"]
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    assert train_main(eager, *args) == 0
+    capsys.readouterr()
+    assert train_main(comp, *args, "--compile") == 0
+    names = ", ".join(f"{name} ({blocks} blocks)" for name in ("generator", "student", "teacher network"))
+    assert f"regional): compiled {names}" in capsys.readouterr().err
+    losses = [[[row[k] for k in ("loss_g", "loss_s")] for row in map(json.loads, (run / "metrics.jsonl").open())
+               if "loss_g" in row] for run in (eager, comp)]
+    assert len(losses[0]) == 12
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+    graphs = json.loads((comp / "summary.json").read_text())["compiled_graphs"]
+    assert graphs["warmup"] > 0 and graphs["after_warmup"] == 0, graphs
 
 
 def bf16_checkpointed_step_makes_no_host_sync(folder: Path, tmp_path: Path, *args):

@@ -7,7 +7,8 @@ Langevin updates, losses, optimizers) stays eager; only the network calls are co
 an image-sized problem are. Results equal the eager run up to float rounding.
 
 Regional compilation (the default, ``scope="regional"``): a network built of repeated blocks (the residual blocks of
-our ADM / DDPM++ and EDM2 U-Nets, diffusers' ResNet and transformer blocks: ``REGION_CLASSES``) has each block
+our ADM / DDPM++ and EDM2 U-Nets, diffusers' ResNet and transformer blocks, SD3's and FLUX's transformer blocks:
+``REGION_CLASSES``; a diffusers model's ``_repeated_blocks``) has each block
 compiled, not the whole network. Blocks of one class share their code, so the compiler traces and builds each
 distinct block (its channels, resolution and attention) once, and the generator, student and teacher, copies of one
 architecture, share those builds (an EDM2 teacher's guide network, ``--guide``, is compiled the same way: its blocks
@@ -55,8 +56,10 @@ MODES = ("default", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 SCOPES = ("regional", "whole")
 # the repeated blocks compiled one by one, by class name: ours (ADM and DDPM++/NCSN++ U-Nets; EDM2's, whose class
-# keeps EDM2's name ``Block`` and is named by its module) and diffusers' UNets'
-REGION_CLASSES = ("UNetBlock", "emd_fast.nets.edm2.Block", "ResnetBlock2D", "Transformer2DModel")
+# keeps EDM2's name ``Block`` and is named by its module), diffusers' UNets' and SD3's and FLUX's transformer blocks;
+# and, below a diffusers model, the classes it names in ``_repeated_blocks`` (what its compile_repeated_blocks compiles)
+REGION_CLASSES = ("UNetBlock", "emd_fast.nets.edm2.Block", "ResnetBlock2D", "Transformer2DModel",
+                  "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 # Dynamo keeps at most recompile_limit compiled versions per code object; the blocks of one class share theirs
 # (one version per distinct block and call mode: 72 for an ImageNet-64 ADM run), so regions raise the limits
 RECOMPILE_LIMIT, ACCUMULATED_RECOMPILE_LIMIT = 512, 2048
@@ -98,13 +101,16 @@ def networks(distiller) -> tuple[dict[str, nn.Module], dict[str, str]]:
                               "it stays eager"}
 
 
-def regions(module: nn.Module) -> list[nn.Module]:
-    """The outermost submodules of ``module`` whose class is one of REGION_CLASSES (its name, or its module and
-    name), in order ([]: none)."""
+def regions(module: nn.Module, classes: tuple[str, ...] = REGION_CLASSES) -> list[nn.Module]:
+    """The outermost submodules of ``module`` whose class is one of ``classes`` (its name, or its module and name) or
+    is named by the ``_repeated_blocks`` of a diffusers model above it, in order ([]: none)."""
     cls = type(module)
-    if cls.__name__ in REGION_CLASSES or f"{cls.__module__}.{cls.__name__}" in REGION_CLASSES:
+    if cls.__name__ in classes or f"{cls.__module__}.{cls.__name__}" in classes:
         return [module]
-    return [r for child in module.children() for r in regions(child)]
+    repeated = getattr(type(module), "_repeated_blocks", None)
+    if isinstance(repeated, (list, tuple)) and all(isinstance(name, str) for name in repeated):
+        classes = (*classes, *repeated)
+    return [r for child in module.children() for r in regions(child, classes)]
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
@@ -167,7 +173,7 @@ def compile_networks(distiller, mode: str = "default", backend: str | None = Non
     if torch._dynamo.config.caching_precompile and whole and not why:
         torch._dynamo.config.caching_precompile = False  # process-wide, read when a frame is traced
         report.skipped["traced-frame cache"] = (f"turned off: {', '.join(whole)} compiled whole (torch 2.13 fails to "
-                                                f"load such frames warm, e.g. SD3's and FLUX's transformers)")
+                                                f"load such frames warm, e.g. SD3's and FLUX's whole transformers)")
     for name, module in found.items():
         if why:
             report.skipped[name] = why + ": it stays eager"
@@ -273,8 +279,9 @@ def cache_traced_frames() -> None:
     the compiled graphs (in ``<cache>/dynamo``, written by ``save_traced_frames``) and a warm process loads them, so it
     neither traces nor builds guards. Not the default: torch 2.13 marks it experimental, its bundled AOTAutograd
     cache fails on a graph that only returns an input (a graph break made one in EDM2's blocks, mended), and a warm
-    process fails to load the frames of SD3's and FLUX's transformers, compiled whole ("Name '__builtins_dict___0'
-    already exists in scope"), so ``compile_networks`` turns it off where a network is compiled whole. Here: hides
+    process fails to load the frames of a network compiled whole (SD3's and FLUX's transformers: "Name
+    '__builtins_dict___0' already exists in scope"; block by block they load), so ``compile_networks`` turns it off
+    where a network is compiled whole. Here: hides
     its warning, once per guard of every graph, that it drops the guards on the identity of global functions."""
     if torch._dynamo.config.caching_precompile:
         guards = logging.getLogger("torch._dynamo.guards")
