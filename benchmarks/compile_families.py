@@ -82,10 +82,11 @@ def measure(family: str, args, tmp: Path) -> dict:
     rows = {name: run(f"{family}-{name}", scope, teacher, tmp, args)
             for name, scope in (("eager", None), ("whole", "whole"), ("regional", "regional"))}
     eager = rows["eager"]
-    for row in rows.values():
+    for row in (rows["whole"], rows["regional"]):
         if row["ok"] and eager["ok"]:
             row["loss_diff_vs_eager"] = max(abs(c - e) / max(abs(e), 1e-6) for a, b in zip(row["losses"],
                                             eager["losses"]) for c, e in zip(a, b))
+    for row in rows.values():
         row.pop("losses", None)
     if all(rows[k]["ok"] for k in rows):
         overhead = {k: rows[k]["cpu_s"] - eager["cpu_s"] for k in ("whole", "regional")}
@@ -110,12 +111,12 @@ def main(argv=None) -> int:
     res = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                        "load_avg_1min": os.getloadavg()[0]},
            "sd3_layers": args.sd3_layers, "flux_layers": args.flux_layers, "steps": args.steps, "families": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families:
+        for family in args.families:  # the file is rewritten after each family: a cut run keeps what it measured
             res["families"][family] = measure(family, args, Path(tmp))
             print(family, json.dumps(res["families"][family], indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
