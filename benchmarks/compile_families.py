@@ -69,8 +69,8 @@ def run(name: str, scope: str | None, teacher: list[str], tmp: Path, args) -> di
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
     summary = json.loads((out / "summary.json").read_text())
-    losses = [[row["loss_g"], row["loss_s"]] for row in map(json.loads, (out / "metrics.jsonl").open())
-              if "loss_g" in row]
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    losses = [[row["loss_g"], row["loss_s"]] for row in rows if "loss_g" in row]
     return {"ok": True, "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
             "wall_s": round(wall, 1), "warmup_s": summary.get("warmup_s"), "graphs": summary.get("compiled_graphs"),
             "report": [line for line in proc.stderr.splitlines() if line.startswith("torch.compile (")],

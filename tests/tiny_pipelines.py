@@ -256,8 +256,9 @@ def compiles_regionally_as_eager(folder: Path, tmp_path: Path, monkeypatch, caps
     assert train_main(comp, *args, "--compile") == 0
     names = ", ".join(f"{name} ({blocks} blocks)" for name in ("generator", "student", "teacher network"))
     assert f"regional): compiled {names}" in capsys.readouterr().err
-    losses = [[[row[k] for k in ("loss_g", "loss_s")] for row in map(json.loads, (run / "metrics.jsonl").open())
-               if "loss_g" in row] for run in (eager, comp)]
+    losses = [[[row[k] for k in ("loss_g", "loss_s")] for row in map(json.loads, (run / "metrics.jsonl").read_text()
+                                                                        .splitlines()) if "loss_g" in row]
+              for run in (eager, comp)]
     assert len(losses[0]) == 12
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
     graphs = json.loads((comp / "summary.json").read_text())["compiled_graphs"]
