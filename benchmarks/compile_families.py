@@ -3,6 +3,8 @@ block by block (regional, ``emd_fast.execution.compiled``), at the real networks
 
     python benchmarks/compile_families.py                   # SD3-medium's 24 blocks, FLUX.1's 19 + 38
     python benchmarks/compile_families.py --families sd3 --sd3-layers 4 --flux-layers 2 4 --steps 12   # a quick look
+    python benchmarks/compile_families.py --rows regional regional-warm frames-cold frames-warm \
+        --out benchmarks/results/compile_families_cpu_warm.json                    # warm starts
 
 Compile work grows with the graph (the number of operations), not with the widths, so the tests' tiny pipelines
 (tests/tiny_pipelines.py: a transformer 16 wide, 16 x 16 images, 8 text tokens), built here with the real number of
@@ -12,7 +14,8 @@ builds in waited-for children: their CPU time counted), batch 2, K 2, ``--steps`
 run without --compile. Figures: the process's CPU seconds and wall seconds, summary.json's warm-up seconds and the
 graphs compiled during the warm-up (its first 10 iterations) and after it, and the largest relative difference of
 the per-iteration losses from the eager run's. Whole scope is ``compile_networks(..., scope="whole")`` in the same
-command (the training command itself always compiles regionally).
+command (the training command itself always compiles regionally). A warm row is a second process on the cold row's
+``--compile-cache``: a resume, or another run of a sweep.
 """
 from __future__ import annotations
 
@@ -55,14 +58,24 @@ def child(scope: str, argv: list[str]) -> int:
     return train.main(argv)
 
 
-def run(name: str, scope: str | None, teacher: list[str], tmp: Path, args) -> dict:
-    out = tmp / name
+# row -> (compile scope or None: eager, the compile cache it shares with another row or None: its own, traced frames)
+ROWS = {"eager": (None, None, False), "whole": ("whole", None, False), "regional": ("regional", "fx", False),
+        "regional-warm": ("regional", "fx", False), "frames-cold": ("regional", "frames", True),
+        "frames-warm": ("regional", "frames", True)}
+
+
+def run(name: str, row: str, teacher: list[str], tmp: Path, args) -> dict:
+    scope, cache, frames = ROWS[row]
+    out = tmp / f"{name}-{row}"
     cmd = [sys.executable, __file__, "--child", scope or "eager", "--", "--out", str(out), *teacher, *RUN,
-           "--steps", str(args.steps), *(["--compile"] if scope else [])]
+           "--steps", str(args.steps), *(["--compile"] if scope else []),
+           *(["--compile-cache", str(tmp / f"{name}-cache-{cache}")] if cache else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", EMD_COMPILE_BACKEND="inductor",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TORCH_CACHING_PRECOMPILE", None)
+    if frames:
+        env["TORCH_CACHING_PRECOMPILE"] = "1"
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -79,16 +92,15 @@ def run(name: str, scope: str | None, teacher: list[str], tmp: Path, args) -> di
 
 def measure(family: str, args, tmp: Path) -> dict:
     teacher = teacher_args(family, tmp / family, args)
-    rows = {name: run(f"{family}-{name}", scope, teacher, tmp, args)
-            for name, scope in (("eager", None), ("whole", "whole"), ("regional", "regional"))}
+    rows = {row: run(family, row, teacher, tmp, args) for row in ["eager", *args.rows]}
     eager = rows["eager"]
-    for row in (rows["whole"], rows["regional"]):
-        if row["ok"] and eager["ok"]:
+    for name, row in rows.items():
+        if name != "eager" and row["ok"] and eager["ok"]:
             row["loss_diff_vs_eager"] = max(abs(c - e) / max(abs(e), 1e-6) for a, b in zip(row["losses"],
                                             eager["losses"]) for c, e in zip(a, b))
     for row in rows.values():
         row.pop("losses", None)
-    if all(rows[k]["ok"] for k in rows):
+    if all(rows.get(k, {}).get("ok") for k in ("eager", "whole", "regional")):
         overhead = {k: rows[k]["cpu_s"] - eager["cpu_s"] for k in ("whole", "regional")}
         rows["compile_cpu_s_whole_over_regional"] = round(overhead["whole"] / overhead["regional"], 2)
     return rows
@@ -102,6 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--sd3-layers", type=int, default=24, help="SD3's joint blocks (SD3-medium: 24)")
     p.add_argument("--flux-layers", type=int, nargs=2, default=[19, 38], help="FLUX's double and single blocks")
+    p.add_argument("--rows", nargs="+", choices=[r for r in ROWS if r != "eager"], default=["whole", "regional"],
+                   help="runs besides the eager one: whole, regional (cold), regional-warm (a second process on "
+                        "regional's cache), frames-cold and frames-warm (the same with the traced-frame cache, "
+                        "TORCH_CACHING_PRECOMPILE=1)")
     p.add_argument("--steps", type=int, default=12, help="iterations per run (the warm-up is the first 10)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -110,7 +126,8 @@ def main(argv=None) -> int:
 
     res = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                        "load_avg_1min": os.getloadavg()[0]},
-           "sd3_layers": args.sd3_layers, "flux_layers": args.flux_layers, "steps": args.steps, "families": {}}
+           "sd3_layers": args.sd3_layers, "flux_layers": args.flux_layers, "steps": args.steps, "rows": args.rows,
+           "families": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:  # the file is rewritten after each family: a cut run keeps what it measured
