@@ -70,7 +70,7 @@ def run(name: str, row: str, teacher: list[str], tmp: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", scope or "eager", "--", "--out", str(out), *teacher, *RUN,
            "--steps", str(args.steps), *(["--compile"] if scope else []),
            *(["--compile-cache", str(tmp / f"{name}-cache-{cache}")] if cache else [])]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", EMD_COMPILE_BACKEND="inductor",
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1", EMD_COMPILE_BACKEND=args.backend,
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TORCH_CACHING_PRECOMPILE", None)
@@ -82,8 +82,8 @@ def run(name: str, row: str, teacher: list[str], tmp: Path, args) -> dict:
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
     summary = json.loads((out / "summary.json").read_text())
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    losses = [[row["loss_g"], row["loss_s"]] for row in rows if "loss_g" in row]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    losses = [[r["loss_g"], r["loss_s"]] for r in records if "loss_g" in r]
     return {"ok": True, "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
             "wall_s": round(wall, 1), "warmup_s": summary.get("warmup_s"), "graphs": summary.get("compiled_graphs"),
             "report": [line for line in proc.stderr.splitlines() if line.startswith("torch.compile (")],
@@ -119,15 +119,19 @@ def main(argv=None) -> int:
                         "regional's cache), frames-cold and frames-warm (the same with the traced-frame cache, "
                         "TORCH_CACHING_PRECOMPILE=1)")
     p.add_argument("--steps", type=int, default=12, help="iterations per run (the warm-up is the first 10)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: the quick smoke test)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    for warm, cold in (("regional-warm", "regional"), ("frames-warm", "frames-cold")):
+        if warm in args.rows and (cold not in args.rows or args.rows.index(cold) > args.rows.index(warm)):
+            p.error(f"--rows {warm} starts from {cold}'s cache: give {cold} before it")
     import torch
 
     res = {"machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                        "load_avg_1min": os.getloadavg()[0]},
-           "sd3_layers": args.sd3_layers, "flux_layers": args.flux_layers, "steps": args.steps, "rows": args.rows,
-           "families": {}}
+           "backend": args.backend, "sd3_layers": args.sd3_layers, "flux_layers": args.flux_layers,
+           "steps": args.steps, "rows": args.rows, "families": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:  # the file is rewritten after each family: a cut run keeps what it measured
