@@ -176,13 +176,18 @@ def read_npz(path: str | os.PathLike, what: str, limit: int = NPZ_BYTES) -> dict
 _digests: dict[tuple, str] = {}  # sha256_file(reuse=True)'s results by file identity and version
 
 
+def file_version(st: os.stat_result) -> tuple:
+    """A file's identity and version (device, inode, size, modification and change times): equal for the same file
+    unchanged, whatever path names it; the key of what a process reads from a file only once."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def sha256_file(path: str | os.PathLike, what: str = "file", reuse: bool = False) -> str:
     """The file's SHA-256 (hex). reuse: a file hashed with reuse before in this process and unchanged since (same
     device, inode, size, modification and change times) is not read again; for the inputs a run's set-up names in
     several places (a teacher's multi-GB file), never for a check of a file just written (file times are coarse)."""
     with open_regular(path, what) as f:
-        st = os.fstat(f.fileno())
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = file_version(os.fstat(f.fileno()))
         if not reuse or key not in _digests:
             h = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):

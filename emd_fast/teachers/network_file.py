@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..files import parse_json, read_safetensors, save_safetensors_atomic
+from ..files import file_version, parse_json, read_safetensors, save_safetensors_atomic
 from ..nets.unet import ImageDenoiser, build_network
 from ..schedules import make_schedule
 from .edm2_pickle import edm2_network, is_edm2_network
@@ -64,13 +64,12 @@ def network_precond(path: str | Path) -> str | None:
     our files (from their metadata) and NVlabs/EDM pickles (from the network's class; the pickle is read whole, its
     weights lie inline), "edm2" for EDM2 pickles, None for a pickle of another class (which does not load).
     CheckpointError (one line) for a file that cannot be read. A pickle is read once per process while the file
-    stays the same (the option checks ask more than once)."""
+    stays the same (``files.file_version``; the option checks ask more than once)."""
     if Path(path).suffix.lower() in READERS:
         try:
-            st = Path(path).stat()
+            key = file_version(Path(path).stat())
         except OSError:
             return _pickle_precond(path)  # the reader's one-line error
-        key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in _PICKLE_PRECONDS:
             _PICKLE_PRECONDS[key] = _pickle_precond(path)
         return _PICKLE_PRECONDS[key]
@@ -80,7 +79,7 @@ def network_precond(path: str | Path) -> str | None:
     return precond.get("type") if isinstance(precond, dict) else "edm"  # files older than SongUNet support: EDM
 
 
-_PICKLE_PRECONDS: dict[tuple, str | None] = {}  # network_precond's pickles: (path, inode, size, mtime) -> precond
+_PICKLE_PRECONDS: dict[tuple, str | None] = {}  # network_precond's pickles: files.file_version -> precond
 
 
 def _pickle_precond(path: str | Path) -> str | None:
