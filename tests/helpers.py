@@ -124,3 +124,12 @@ def assert_resumes_exactly(train_main, straight, split, *args: str, steps: int =
     assert a.keys() == b.keys() and any(k.startswith("generator.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert losses(straight) == losses(split) and len(losses(straight)) == steps
+
+
+def no_compile_cache_chosen(monkeypatch) -> None:
+    """As in a fresh process: no torch.compile cache directory named by the user ($TORCHINDUCTOR_CACHE_DIR) or put
+    into the environment by an earlier run of this process (``use_compile_cache``); both restored after the test."""
+    from emd_fast.execution import compiled
+
+    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
+    monkeypatch.setattr(compiled, "_cache_set", None)

@@ -27,7 +27,7 @@ from emd_fast.teachers import NetworkTeacher
 from emd_fast.training.checkpoint import list_checkpoints
 from emd_fast.training.distiller import Distiller, Execution
 
-from helpers import small_problem
+from helpers import no_compile_cache_chosen, small_problem
 
 
 def make(seed=0):
@@ -143,8 +143,7 @@ def test_regional_compile_equals_eager_and_starts_warm_from_its_cache(tmp_path, 
     (TORCH_CACHING_PRECOMPILE=1), a second process on the same cache directory builds and traces nothing: it loads the
     block's traced frames and their graphs (one per distinct block and call mode), and its iterations equal the eager
     ones too."""
-    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
-    monkeypatch.setattr(compiled, "_cache_set", None)
+    no_compile_cache_chosen(monkeypatch)
     cache = tmp_path / "cache"
     torch._dynamo.config.caching_precompile = True  # what TORCH_CACHING_PRECOMPILE=1 sets (restored: frame_cache)
     compiled.use_compile_cache(cache)
@@ -255,7 +254,7 @@ def test_regions_include_the_blocks_a_model_declares_repeated():
 
 def test_traced_frame_cache_is_turned_off_where_a_network_is_compiled_whole(frame_cache):
     """TORCH_CACHING_PRECOMPILE=1 is kept for regional compilation and turned off, with a note, as soon as a network
-    is compiled whole (torch 2.13 fails to load the traced frames of SD3's and FLUX's transformers warm)."""
+    is compiled whole (torch 2.13 failed to load the traced frames of SD3's and FLUX's whole transformers warm)."""
     torch._dynamo.config.caching_precompile = True
     report = compile_networks(unet_distiller(ONE_LEVEL), backend="aot_eager")
     assert torch._dynamo.config.caching_precompile and "traced-frame cache" not in report.skipped
@@ -268,8 +267,7 @@ def test_compile_cache_directory(tmp_path, monkeypatch, frame_cache):
     """The run's cache directory is used unless the user named one in $TORCHINDUCTOR_CACHE_DIR (torch's default
     there, which importing torch._dynamo puts into the environment, names none); one set by an earlier run of this
     process is replaced."""
-    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
-    monkeypatch.setattr(compiled, "_cache_set", None)
+    no_compile_cache_chosen(monkeypatch)
     line = compiled.use_compile_cache(tmp_path / "a")
     assert os.environ[compiled.CACHE_ENV] == str(tmp_path / "a") and (tmp_path / "a").is_dir() and "warm" in line
     compiled.use_compile_cache(tmp_path / "b")  # set by us before: a new run in this process uses its own
@@ -289,8 +287,7 @@ def test_cli_compiled_run_reports_no_recompilation_after_warmup(tmp_path, monkey
     """A --compile run of 14 iterations keeps its compile cache (here --compile-cache) and reports the graphs built
     during the warm-up and none after it in summary.json."""
     monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
-    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
-    monkeypatch.setattr(compiled, "_cache_set", None)
+    no_compile_cache_chosen(monkeypatch)
     torch._dynamo.reset()
     out, cache = tmp_path / "run", tmp_path / "shared_cache"
     assert train.main(["--out", str(out), *SMALL, "--steps", "14", "--compile", "--compile-cache", str(cache)]) == 0

@@ -20,7 +20,7 @@ from emd_fast import train
 
 import diffusers_models
 from diffusers_models import SD_BETAS, edit_json  # noqa: F401 - shared with the family tests
-from helpers import final_tensors, one_line_error, train_cli  # noqa: F401 - shared with the family tests
+from helpers import final_tensors, no_compile_cache_chosen, one_line_error, train_cli  # noqa: F401 - shared with the family tests
 
 WORDS = ["a", "cat", "dog", "red", "photo", "of"]
 PROMPTS = ["a red cat", "a photo of a dog"]
@@ -242,11 +242,8 @@ def compiles_regionally_as_eager(folder: Path, tmp_path: Path, monkeypatch, caps
     12 iterations give the eager run's losses within fp32 rounding and build no graph after the warm-up."""
     import torch._dynamo
 
-    from emd_fast.execution import compiled
-
     monkeypatch.setenv("EMD_COMPILE_BACKEND", "aot_eager")
-    monkeypatch.delenv(compiled.CACHE_ENV, raising=False)
-    monkeypatch.setattr(compiled, "_cache_set", None)
+    no_compile_cache_chosen(monkeypatch)
     torch._dynamo.reset()
     args = ["--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS), *args,
             "--steps", "12", "--eval-every", "0", "--ckpt-every", "0"]
