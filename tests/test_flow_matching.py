@@ -74,7 +74,7 @@ def test_noise_levels_timesteps_and_denoiser_are_the_schedulers(name, options, t
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     config = dict(diffusers.FlowMatchEulerDiscreteScheduler(**options).config)
-    k = flow_shift(config, "flux", tokens)
+    k = flow_shift(config, tokens)
     schedule = FlowMatching(k)
     g = torch.Generator().manual_seed(0)
     worst = {"sigma": 0.0, "timestep": 0.0, "step": 0.0}
@@ -107,20 +107,35 @@ def test_noise_levels_timesteps_and_denoiser_are_the_schedulers(name, options, t
     assert worst["sigma"] < 1e-6 and worst["timestep"] < 1e-6 and worst["step"] <= 1e-5, worst
 
 
-@pytest.mark.parametrize("family,max_shift", [("flux", 1.15), ("sd3", 1.16)])
-def test_dynamic_shift_is_the_pipelines(family, max_shift):
-    """Dynamic shifting: k = e^mu with the pipeline's mu (linear in the image tokens, each pipeline's fallback
-    max_shift where the config has none); linear time shifts: k = mu, refused where mu <= 0."""
+def test_dynamic_shift_is_the_pipelines():
+    """Dynamic shifting: k = e^mu with the pipelines' mu (linear in the image tokens), from the loaded scheduler's
+    config: a key the file lacks takes the scheduler's default; linear time shifts: k = mu, refused where mu <= 0."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    config = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5}
+    config = {"use_dynamic_shifting": True, "base_image_seq_len": 128, "max_image_seq_len": 2048, "max_shift": 1.3}
+    loaded = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config).config
+    assert loaded.base_shift == 0.5
     for tokens in (16, 1024, 4096, 16384):
-        mu = calculate_shift(tokens, 256, 4096, 0.5, max_shift)
-        assert flow_shift(config, family, tokens) == pytest.approx(math.exp(mu), rel=1e-12)
-        assert flow_shift({**config, "time_shift_type": "linear"}, family, tokens) == pytest.approx(mu, rel=1e-12)
-    assert flow_shift({"shift": 3.0}, family, 4096) == 3.0
+        mu = calculate_shift(tokens, 128, 2048, loaded.base_shift, 1.3)
+        assert flow_shift(config, tokens) == pytest.approx(math.exp(mu), rel=1e-12)
+        assert flow_shift({**config, "time_shift_type": "linear"}, tokens) == pytest.approx(mu, rel=1e-12)
+    assert flow_shift({"shift": 3.0}, 4096) == 3.0
     with pytest.raises(ValueError, match=r"mu = -0\.60\d+ at 16 image tokens is not a time shift \(need mu > 0\)"):
-        flow_shift({**config, "time_shift_type": "linear", "base_shift": -0.5}, family, 16)
+        flow_shift({**config, "time_shift_type": "linear", "base_shift": -0.5, "base_image_seq_len": 256,
+                    "max_image_seq_len": 4096, "max_shift": 1.16}, 16)
+
+
+def test_flow_defaults_are_the_schedulers():
+    """FLOW_DEFAULTS, the values a scheduler config without these keys loads with, are the installed
+    FlowMatchEulerDiscreteScheduler's own defaults."""
+    import inspect
+
+    from emd_fast.teachers.diffusers_folder.folder import FLOW_DEFAULTS
+
+    parameters = inspect.signature(diffusers.FlowMatchEulerDiscreteScheduler.__init__).parameters
+    assert {key: parameters[key].default for key in FLOW_DEFAULTS if key in parameters} == {
+        key: value for key, value in FLOW_DEFAULTS.items() if key in parameters}
+    assert set(FLOW_DEFAULTS) - set(parameters) <= {"time_shift_type"}  # older diffusers: exponential only
 
 
 def test_a_mixture_distils_in_flow_time(tmp_path):

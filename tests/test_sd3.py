@@ -92,6 +92,24 @@ def test_guided_denoiser_and_decoding_are_one_pipeline_step(name, request, tmp_p
     assert (teacher.denoise(x, t, y) - teacher.net(x, t, y)).abs().max() > 1e-3  # the guidance matters
 
 
+def test_dynamic_shift_of_a_config_without_its_keys_is_the_pipelines(sd3, tmp_path):
+    """A hand-written scheduler config with dynamic shifting and none of its other keys: the pipeline reads the
+    loaded scheduler's defaults (max_shift 1.15; StableDiffusion3Pipeline's own fallback, 1.16, is never reached),
+    and so does our noise level: the pipeline's shifted sigma of t = 0.6 is our s(0.6)."""
+    folder = copy_folder(sd3, tmp_path / "pipe")
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = {key: value for key, value in json.loads(path.read_text()).items()
+              if key not in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")}
+    path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
+    cfg = run_config("--teacher", str(folder), "--prompts", str(prompts_file(tmp_path)), "--resolution", str(PIXELS),
+                     *MAX_LENGTH, "--out", str(tmp_path))
+    schedule = DiffusersProblem.from_config(cfg).teacher.schedule
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    pipe(prompt=PROMPTS[:1], num_inference_steps=1, sigmas=[0.6], height=PIXELS, width=PIXELS,
+         max_sequence_length=T5_LENGTH, output_type="latent")
+    assert float(pipe.scheduler.sigmas[0]) == pytest.approx(float(schedule.sigma(torch.tensor([0.6]))[0]), rel=1e-6)
+
+
 def test_sd35_trains_resumes_exactly_without_its_text_encoders_and_samples(sd35, tmp_path):
     summary = trains_resumes_and_samples(sd35, tmp_path, *MAX_LENGTH, "--guidance-scale", "2.0")
     print(f"SD3.5 tiny: {summary['iters_per_s']} it/s on the CPU (batch 2, K 1)")

@@ -45,6 +45,11 @@ SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
 # the flow-matching scheduler whose noise levels are read (shift, dynamic shifting); its other options (karras /
 # exponential / beta sigmas, shift_terminal, stochastic_sampling) change the sampler's spacing or steps only
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# its defaults (its __init__'s) for the options read here: loading a scheduler fills them into its config, and that
+# config is what the pipelines read, so their own fallbacks (StableDiffusion3Pipeline's max_shift 1.16) never apply
+FLOW_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                 "time_shift_type": "exponential"}
 TIME_SHIFT_TYPES = ("exponential", "linear")
 WEIGHT_STEM = "diffusion_pytorch_model"  # diffusers' weight file names
 TEXT_STEMS = ("model", "pytorch_model")  # transformers' (text encoders)
@@ -461,27 +466,28 @@ def _number(value) -> bool:
 def _check_flow_scheduler(directory: Path, sched: dict, model_class: str) -> None:
     """A FlowMatchEulerDiscreteScheduler whose noise levels emd_fast reproduces (see schedules.flow_shift)."""
     scheduler_class = sched.get("_class_name")
+    sched = {**FLOW_DEFAULTS, **sched}
     if scheduler_class != FLOW_SCHEDULER:
         raise ValueError(f"{directory}: scheduler {scheduler_class!r} with a {model_class}: emd_fast reads a flow "
                          f"model's noise levels from {FLOW_SCHEDULER}")
     if sched.get("invert_sigmas"):
         raise ValueError(f"{directory}: {FLOW_SCHEDULER} with invert_sigmas (time running backwards, Mochi's) is not "
                          f"supported")
-    n = sched.get("num_train_timesteps", 1000)
+    n = sched["num_train_timesteps"]
     if not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= MAX_TIMESTEPS):
         raise ValueError(f"{directory}: num_train_timesteps {n!r} in scheduler_config.json: need an int in [2, "
                          f"{MAX_TIMESTEPS}]")
-    if not (_number(sched.get("shift", 1.0)) and sched.get("shift", 1.0) > 0):
+    if not (_number(sched["shift"]) and sched["shift"] > 0):
         raise ValueError(f"{directory}: shift {sched.get('shift')!r} in scheduler_config.json: need a number > 0")
     if sched.get("use_dynamic_shifting"):
-        kind = sched.get("time_shift_type", "exponential")
+        kind = sched["time_shift_type"]
         if kind not in TIME_SHIFT_TYPES:
             raise ValueError(f"{directory}: time_shift_type {kind!r} is not supported; one of {TIME_SHIFT_TYPES}")
         keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
-        bad = [key for key in keys if key in sched and not _number(sched[key])]
-        if bad or sched.get("base_image_seq_len", 256) == sched.get("max_image_seq_len", 4096):
+        bad = [key for key in keys if not _number(sched[key])]
+        if bad or sched["base_image_seq_len"] == sched["max_image_seq_len"]:
             raise ValueError(f"{directory}: dynamic shifting needs numbers {', '.join(keys)} with base_image_seq_len "
-                             f"!= max_image_seq_len, got {({key: sched.get(key) for key in keys})}")
+                             f"!= max_image_seq_len, got {({key: sched[key] for key in keys})}")
 
 
 def inspect_folder(path) -> TeacherFolder:

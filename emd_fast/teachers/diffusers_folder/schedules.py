@@ -20,12 +20,8 @@ import math
 import torch
 
 from ...schedules import FlowMatching, Schedule
-from .folder import TeacherFolder
+from .folder import FLOW_DEFAULTS, TeacherFolder
 from .loading import diffusers_module, first_lines
-
-# the pipelines' fallbacks for a scheduler config without these keys (FluxPipeline / StableDiffusion3Pipeline)
-DYNAMIC_SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5}
-MAX_SHIFT_DEFAULT = {"flux": 1.15, "sd3": 1.16}
 
 
 class DiscreteSchedule(Schedule):
@@ -83,18 +79,17 @@ class DiscreteSchedule(Schedule):
         return {**super().config(), "num_train_timesteps": self.num_timesteps}
 
 
-def flow_shift(scheduler_config: dict, family: str, image_tokens: int) -> float:
+def flow_shift(scheduler_config: dict, image_tokens: int) -> float:
     """The time shift k of a FlowMatchEulerDiscreteScheduler config for images of ``image_tokens`` transformer tokens:
-    its ``shift``, or with dynamic shifting e^mu ("exponential") or mu ("linear"), mu as the ``family``'s pipeline
-    computes it (linear in the token count)."""
-    cfg = scheduler_config
-    if not cfg.get("use_dynamic_shifting"):
-        return float(cfg.get("shift", 1.0))
-    base_len, max_len, base_shift = (cfg.get(key, default) for key, default in DYNAMIC_SHIFT_DEFAULTS.items())
-    max_shift = cfg.get("max_shift", MAX_SHIFT_DEFAULT[family])
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    mu = image_tokens * slope + base_shift - slope * base_len
-    if cfg.get("time_shift_type", "exponential") == "exponential":
+    its ``shift``, or with dynamic shifting e^mu ("exponential") or mu ("linear"), mu as the pipelines compute it
+    (linear in the token count) from the loaded scheduler's config: the file's values over the scheduler's defaults."""
+    cfg = {**FLOW_DEFAULTS, **scheduler_config}
+    if not cfg["use_dynamic_shifting"]:
+        return float(cfg["shift"])
+    base_len, max_len = cfg["base_image_seq_len"], cfg["max_image_seq_len"]
+    slope = (cfg["max_shift"] - cfg["base_shift"]) / (max_len - base_len)
+    mu = image_tokens * slope + cfg["base_shift"] - slope * base_len
+    if cfg["time_shift_type"] == "exponential":
         return math.exp(mu)
     if mu <= 0:
         raise ValueError(f"the linear dynamic time shift mu = {mu:.4g} at {image_tokens} image tokens is not a time "
@@ -123,7 +118,7 @@ def load_schedule(folder: TeacherFolder, shape: tuple[int, int, int] | None = No
     if folder.flow:
         n = folder.num_train_timesteps
         tokens = folder.image_tokens(shape or folder.data_shape())
-        return FlowMatching(flow_shift(folder.scheduler_config, folder.family, tokens), t_min=1 / n, t_max=1 - 1 / n)
+        return FlowMatching(flow_shift(folder.scheduler_config, tokens), t_min=1 / n, t_max=1 - 1 / n)
     alphas_cumprod = noise_scheduler(folder).alphas_cumprod
     try:
         return DiscreteSchedule(alphas_cumprod)
