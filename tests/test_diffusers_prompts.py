@@ -1,15 +1,36 @@
 """Text-to-image diffusers teachers: prompts (long, unicode, new at sampling time) and the cache of their
 embeddings in the run directory (made once, remade for other prompts or another text encoder)."""
 import json
+import shutil
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from emd_fast import sample, train
 from emd_fast.teachers.diffusers_folder import inspect_folder
 
-from diffusers_models import prompts_file, train_main, transformers
+from diffusers_models import edit_json, prompts_file, train_main, transformers
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_conditioning_is_the_pipelines(sd_folder, tmp_path, mask):
+    """The prompts' and the empty prompt's embeddings are StableDiffusionPipeline.encode_prompt's, also for a text
+    encoder whose config asks for the padding mask (use_attention_mask), which that pipeline then passes."""
+    import diffusers
+
+    from emd_fast.teachers.diffusers_folder import encode_with_unconditional
+
+    folder = shutil.copytree(sd_folder, tmp_path / "pipe")
+    edit_json(folder / "text_encoder" / "config.json", use_attention_mask=mask)
+    prompts = ["a cat", "a red dog on a green mat"]
+    cond, uncond = encode_with_unconditional(inspect_folder(folder), prompts)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
+    assert torch.allclose(cond.embeds, embeds, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(uncond.embeds, negative[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_a_new_prompt_samples_as_the_same_cached_prompt_does(sd_folder, tmp_path):
@@ -26,8 +47,6 @@ def test_a_new_prompt_samples_as_the_same_cached_prompt_does(sd_folder, tmp_path
 def test_long_unicode_prompts_and_a_tokenizer_without_a_max_length(sd_folder, tmp_path):
     """Prompts longer than the text encoder's positions are truncated (as Stable Diffusion pipelines do), also where
     tokenizer_config.json gives no model_max_length (transformers then says 10**30); unicode and blank lines pass."""
-    import shutil
-
     from emd_fast.teachers.diffusers_folder import encode_prompts
 
     folder = tmp_path / "pipe"

@@ -143,9 +143,10 @@ def prompt_encoding(folder: TeacherFolder, length: int | None) -> dict:
             "zeros" if folder.force_zeros_for_empty_prompt else "empty prompt"}
 
 
-def _tokens(tokenizer, prompts: list[str], length: int, device) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def _tokens(tokenizer, prompts: list[str], length: int, device, mask: bool) -> dict[str, torch.Tensor]:
+    """The encoder's inputs: input_ids (P, length), and the attention_mask where ``mask``."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return {key: tokens[key].to(device) for key in ("input_ids", "attention_mask")[:1 + mask]}
 
 
 def _run(folder: TeacherFolder, key: str, prompts: list[str], device, length=None,
@@ -158,9 +159,11 @@ def _run(folder: TeacherFolder, key: str, prompts: list[str], device, length=Non
     tokenizer, encoder = load_text_encoder(folder, text, device)
     if length is None:  # a tokenizer_config.json without model_max_length gives a huge one: the positions bound it
         length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    # StableDiffusionPipeline passes the padding mask where the encoder's config asks for it; the other pipelines never
+    mask = folder.family == "sd" and bool(getattr(encoder.config, "use_attention_mask", False))
     found = {name: [] for name in outputs}
     for i in range(0, len(prompts), CHUNK):
-        out = encoder(_tokens(tokenizer, prompts[i:i + CHUNK], length, device),
+        out = encoder(**_tokens(tokenizer, prompts[i:i + CHUNK], length, device, mask),
                       output_hidden_states="penultimate" in outputs)
         for name in outputs:
             value = out.hidden_states[-2] if name == "penultimate" else getattr(out, OUTPUTS[name])
