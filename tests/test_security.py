@@ -57,8 +57,8 @@ def fifo(path: Path) -> Path:
 
 def test_auto_map_tokenizer_runs_nothing_even_when_stdin_says_yes(tmp_path, monkeypatch, capsys):
     """A pipeline whose tokenizer and text-encoder configs point (auto_map) at Python files of the folder: with "y"
-    on stdin, the CLIP classes emd_fast names load the folder and never import those files; a tokenizer class of
-    the folder's own is refused in one line."""
+    on stdin, the CLIP classes emd_fast names load the folder and never import those files; a tokenizer or text
+    encoder class other than the pipeline's own (an Auto* class would follow auto_map) is refused in one line."""
     pytest.importorskip("diffusers")
     from emd_fast.teachers.diffusers_folder import encode_prompts, inspect_folder
 
@@ -85,7 +85,13 @@ def test_auto_map_tokenizer_runs_nothing_even_when_stdin_says_yes(tmp_path, monk
         with pytest.raises(ValueError, match=f"tokenizer is a {named[1]}: not supported") as e:
             encode_prompts(inspect_folder(folder), ["a cat"])
         assert "\n" not in str(e.value)
-    assert "\n" not in str(e.value) and not marker.exists()
+    index.write_text(json.dumps(json.loads(index.read_text()) | {"tokenizer": ["transformers", "CLIPTokenizer"]}))
+    for named in (["transformers", "AutoModel"], ["evil", "Evil"], ["transformers", "CLIPVisionModel"]):
+        index.write_text(json.dumps(json.loads(index.read_text()) | {"text_encoder": named}))
+        with pytest.raises(ValueError, match=f"text_encoder is {named[1]}, not the CLIPTextModel") as e:
+            encode_prompts(inspect_folder(folder), ["a cat"])
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
 
 
 WRITER = '''

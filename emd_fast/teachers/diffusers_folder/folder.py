@@ -307,7 +307,7 @@ def _text_encoders(root: Path, index: dict, family: str, pipeline: str) -> tuple
             continue
         if cls is None:
             raise ValueError(f"{root}: {pipeline} without {key} ({want}): a refiner or image-to-image folder?")
-        if cls != want and family != "sd":
+        if cls != want:  # only the pipeline's own class: an Auto* class would follow the folder's auto_map to its code
             raise ValueError(f"{root}: {key} is {cls}, not the {want} of {pipeline}")
         encoder = root / key
         config = read_folder_json(encoder / "config.json", f"{key} config") if encoder.is_dir() else {}
