@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from .errors import STOP_SIGNALS, CheckpointError, Stopped, out_of_memory
@@ -59,6 +60,14 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """What every command's parser shares: --debug, and usage errors in one line (``one_line_errors``)."""
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return one_line_errors(parser)
+
+
+def path_arg(text: str) -> Path:
+    """A path option's value; an empty one (an unset shell variable: ``--out "$RUN"``) is refused, not read as the
+    current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return Path(text)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -13,16 +13,15 @@ is kept, and carries a model card (README.md). docs/export.md says more.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .cli import add_debug_flag, run_as_process, run_command
+from .cli import add_debug_flag, path_arg, run_as_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emd_fast.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", type=Path, help="a finished run directory (its last checkpoint), or a checkpoint .json")
-    p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or empty)")
+    p.add_argument("run", type=path_arg, help="a finished run directory (its last checkpoint), or a checkpoint .json")
+    p.add_argument("--out", type=path_arg, required=True, help="the folder to write (new, or empty)")
     p.add_argument("--lora-file", action="store_true",
                    help="LoRA run of a text-to-image diffusers teacher: the teacher's UNet and a LoRA file "
                         "(pipe.load_lora_weights) instead of merged weights")

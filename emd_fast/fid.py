@@ -16,13 +16,12 @@ the file as TorchScript instead (code: only for a file you trust). Nothing is do
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, one_line_errors, run_as_process, run_command
+from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, one_line_errors, path_arg, run_as_process, run_command
 from .evaluation.image_metrics import FID, FeatureStats, InceptionFeatures
 from .evaluation.images import read_images
 from .evaluation.inception import convert_inception
@@ -35,23 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     calc = sub.add_parser("calc", help="FID of a run's generator against reference statistics")
-    calc.add_argument("run", type=Path, help="run directory (its newest checkpoint) or a checkpoint .json")
-    calc.add_argument("--ref", type=Path, required=True, help="reference statistics .npz (mu, sigma)")
+    calc.add_argument("run", type=path_arg, help="run directory (its newest checkpoint) or a checkpoint .json")
+    calc.add_argument("--ref", type=path_arg, required=True, help="reference statistics .npz (mu, sigma)")
     calc.add_argument("--n", type=int, default=50_000, help="generated images")
     calc.add_argument("--seed", type=int, default=None,
                       help="seed of z and of the labels (default: the one of the FID the run reports)")
     ref = sub.add_parser("ref", help="reference statistics (mu, sigma) of real images")
-    ref.add_argument("images", type=Path, help="folder of images, or an .npz")
-    ref.add_argument("out", type=Path, help="output .npz")
+    ref.add_argument("images", type=path_arg, help="folder of images, or an .npz")
+    ref.add_argument("out", type=path_arg, help="output .npz")
     for s in (calc, ref):
-        s.add_argument("--inception", type=Path, required=True,
+        s.add_argument("--inception", type=path_arg, required=True,
                        help="Inception-v3 weights: inception-2015-12-05.pt (read as data) or its .safetensors")
         s.add_argument("--inception-torchscript", action="store_true", help=INCEPTION_TORCHSCRIPT_HELP)
         s.add_argument("--batch", type=int, default=250, help="images per batch")
         s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     convert = sub.add_parser("convert", help="Inception-v3 weights to safetensors, read as data (no code runs)")
-    convert.add_argument("src", type=Path, help="inception-2015-12-05.pt (TorchScript archive) or a state dict file")
-    convert.add_argument("dst", type=Path, help="output .safetensors")
+    convert.add_argument("src", type=path_arg,
+                         help="inception-2015-12-05.pt (TorchScript archive) or a state dict file")
+    convert.add_argument("dst", type=path_arg, help="output .safetensors")
     for s in (calc, ref, convert):
         add_debug_flag(s)
     return one_line_errors(p)

@@ -16,13 +16,12 @@ import copy
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import add_debug_flag, run_as_process, run_command
+from .cli import add_debug_flag, path_arg, run_as_process, run_command
 from .evaluation.image_metrics import DigitsClassifier
 from .evaluation.images import class_rows, save_grid
 from .files import make_dirs, write_text_atomic
@@ -140,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=1000, help="teacher Heun samples scored at the end")
-    p.add_argument("--out", type=Path, default=digits.ASSETS, help="where the weights and digits_info.json go")
+    p.add_argument("--out", type=path_arg, default=digits.ASSETS, help="where the weights and digits_info.json go")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return add_debug_flag(p)

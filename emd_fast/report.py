@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import add_debug_flag, run_as_process, run_command
+from .cli import add_debug_flag, path_arg, run_as_process, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emd_fast.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", type=Path, nargs="+", help="run directories (of python -m emd_fast.train)")
-    p.add_argument("--out", type=Path, default=Path("report"), help="folder the report is written to")
+    p.add_argument("runs", type=path_arg, nargs="+", help="run directories (of python -m emd_fast.train)")
+    p.add_argument("--out", type=path_arg, default=Path("report"), help="folder the report is written to")
     p.add_argument("--metrics", nargs="+", default=None,
                    help="metrics.jsonl keys to draw (default: curves of the losses and of every evaluation metric "
                         "that changes; the sweep: FID or FD and recall, or the problem's main metrics)")

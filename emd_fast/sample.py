@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import add_debug_flag, run_as_process, run_command
+from .cli import add_debug_flag, path_arg, run_as_process, run_command
 from .evaluation.images import class_rows, is_image_shape, save_grid, save_png_folder, to_uint8
 from .files import atomic_write, make_dirs, run_subdir
 from .training.build import load_run
@@ -65,7 +65,7 @@ def output_kind(path: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m emd_fast.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", type=Path, help="run directory (its newest checkpoint) or a checkpoint .json")
+    p.add_argument("run", type=path_arg, help="run directory (its newest checkpoint) or a checkpoint .json")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--labels", type=int, nargs="+", help="class label of each sample, e.g. --labels 3 3 7")
     which.add_argument("--per-class", type=int, help="N samples of every class, a row per class "

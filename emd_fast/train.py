@@ -11,7 +11,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, run_as_process, run_command
+from .cli import INCEPTION_TORCHSCRIPT_HELP, add_debug_flag, path_arg, run_as_process, run_command
 from .emd import VARIANTS, Z_STEPS
 from .execution.backends import BACKENDS
 from .schedules import SCHEDULES, WEIGHTINGS
@@ -36,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded teachers: ring2d (the default) = 8 unequal modes in 2-D; gmm16d = 10 modes in "
                         "16-D; digits = class-conditional U-Net on sklearn's 8x8 digits. Hyperparameters for a "
                         "--teacher file: edm-imagenet64, edm-cifar10 (docs/presets.md). Their defaults: see the end")
-    a.add_argument("--teacher", type=Path, default=None,
+    a.add_argument("--teacher", type=path_arg, default=None,
                    help="a teacher network file: NVlabs/EDM's network pickle (.pkl: ADM, DDPM++, NCSN++ with EDM/VP/VE "
                         "preconditioning, read without EDM's code), NVlabs/EDM2's (docs/teachers_edm2.md), or its "
                         "emd_fast .safetensors conversion "
                         "(python -m emd_fast.edm_import); or a diffusers folder (a UNet2DModel folder with "
                         "scheduler_config.json, or a pipeline folder with model_index.json: pixel or latent "
                         "text-to-image; needs the diffusers extra); generator and student start from it")
-    a.add_argument("--prompts", type=Path, default=None,
+    a.add_argument("--prompts", type=path_arg, default=None,
                    help="text-to-image diffusers teacher: a text file of prompts, one per line; their embeddings "
                         "are computed once and cached in the run directory (prompt_embeddings.safetensors)")
     a.add_argument("--guidance-scale", type=float, default=None,
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"conditional, 0: unconditional; default {DEFAULT_GUIDANCE}, this project's choice: the EMD "
                         f"paper's value could not be read); FLUX.1-dev's embedded guidance (default {FLUX_GUIDANCE}, "
                         f"the pipeline's), given to generator and student too; none for FLUX.1-schnell")
-    a.add_argument("--mixture", type=Path, default=None,
+    a.add_argument("--mixture", type=path_arg, default=None,
                    help="your own Gaussian mixture: .json or .npz with means (M, D), weights (M,) and covs (M, D, D) "
                         "or variances (M,) / (M, D); exact teacher, MLP networks")
     a.add_argument("--labels", type=int, nargs="+", default=None,
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "deferred: a device-side flag makes the fused Adam skip non-finite updates and the run "
                         "stops at the next log write (every %d steps), before any checkpoint" % LOG_EVERY)
     c = p.add_argument_group("compilation (with --compile or --fast)")
-    c.add_argument("--compile-cache", type=Path, default=None,
+    c.add_argument("--compile-cache", type=path_arg, default=None,
                    help="directory of torch.compile's artefacts (default: <out>/compile_cache): a resume, or any run "
                         "given the same directory (the runs of a sweep), starts warm; $TORCHINDUCTOR_CACHE_DIR wins")
     o = p.add_argument_group("optimisation")
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--ema-rampup", type=float, default=0.05,
                    help="EMA half-life at most this fraction of the samples seen so far (0: no ramp-up)")
     r = p.add_argument_group("run")
-    r.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>_K<K>_seed<seed>)")
+    r.add_argument("--out", type=path_arg, default=None, help="run directory (default: runs/<preset>_K<K>_seed<seed>)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    r.add_argument("--resume-from", type=Path, default=None,
+    r.add_argument("--resume-from", type=path_arg, default=None,
                    help="continue from this checkpoint (.json) of the run in --out, e.g. when the newest is corrupt "
                         "(implies --resume)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -154,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the phases of every N-th iteration (synchronising the device; 0: never)")
     r.add_argument("--eval-samples", type=int, default=2000, help="samples used by the metrics")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--inception", type=Path, default=None,
+    r.add_argument("--inception", type=path_arg, default=None,
                    help="image runs: Inception-v3 weights (NVlabs' inception-2015-12-05.pt: its tensors are read as "
                         "data, its code never runs; or its .safetensors from python -m emd_fast.fid convert; never "
                         "downloaded); digits: adds FID to the real digits to the metrics; with --fid-ref: FID")
-    r.add_argument("--fid-ref", type=Path, default=None,
+    r.add_argument("--fid-ref", type=path_arg, default=None,
                    help="FID reference statistics in EDM's format (.npz with mu, sigma; e.g. EDM's "
                         "fid-refs/imagenet-64x64.npz): FID of --fid-samples EMA samples every --fid-every steps and "
                         "at the end")
@@ -193,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "to_q,to_k,to_v,to_out.0); "
                          "default: the architecture's list (docs/lora.md)")
     v = p.add_argument_group("EDM2 teachers (docs/teachers_edm2.md)")
-    v.add_argument("--vae", type=Path, default=None,
+    v.add_argument("--vae", type=path_arg, default=None,
                    help="a latent teacher (EDM2's ImageNet-512 pickles): a local diffusers AutoencoderKL folder of the "
                         "VAE its samples are latents of (stabilityai/sd-vae-ft-mse; config.json and weights, never "
                         "downloaded) to decode them for metrics, plots, FID and emd_fast.sample; without it the run "
                         "trains on the latents and does not decode them")
-    v.add_argument("--guide", type=Path, default=None,
+    v.add_argument("--guide", type=path_arg, default=None,
                    help="guide the teacher with a second network file g of the same samples (EDM2's guidance: an "
                         "unconditional network, or a smaller, less trained one: autoguidance): the teacher becomes "
                         "g + w (D - g), w = --guide-weight; generator and student start from --teacher")

@@ -325,6 +325,9 @@ def test_stop_signals_from_the_first_instant(argv, sig, delay, tmp_path):
     (["--fid-ref", "{file}", "--inception", "{file}"], "FID is for image runs"),
     (["--K", "2.5"], "argument --K: invalid int value"),
     (["--out", "{deep}"], "cannot create the run directory"),
+    (["--out", ""], "argument --out: an empty path (an unset shell variable?)"),
+    (["--out", " "], "argument --out: an empty path"),
+    (["--mixture", ""], "argument --mixture: an empty path"),
     (["--mixture", "{dir}"], "a directory, not a regular file"),
 ])
 def test_bad_training_input_is_one_line(args, message, tmp_path, capsys):
@@ -336,6 +339,56 @@ def test_bad_training_input_is_one_line(args, message, tmp_path, capsys):
         assert message in one_line_exit_2(capsys, exit_code(train.main, [*out, *SMALL, "--steps", "1", *argv]))
     finally:
         remove_deep_chain(tmp_path, "a")
+
+
+def test_a_new_run_never_writes_into_a_folder_that_is_not_a_run(tmp_path, capsys):
+    """A new run takes a new or empty directory, or a run directory (one without checkpoints starts again there);
+    a folder of the user's (files named as a run's among them) is refused in one line and left as it was."""
+    folder = tmp_path / "project"
+    (folder / "samples").mkdir(parents=True)
+    files = {"config.json": b'{"my": "settings"}', "metrics.jsonl": b"x", "samples/final.png": b"png", "notes": b"n"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    err = one_line_exit_2(capsys, exit_code(train.main, ["--out", str(folder), *SMALL, "--steps", "1"]))
+    assert "is neither empty nor a run directory (it holds config.json, metrics.jsonl, notes and 1 more)" in err
+    assert {name: (folder / name).read_bytes() for name in files} == files
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.jsonl", "notes", "samples"]
+    empty, stopped = tmp_path / "empty", tmp_path / "stopped"
+    empty.mkdir()
+    stopped.mkdir()
+    (stopped / ".lock").touch()  # what a run stopped before its first checkpoint leaves, with its config and log
+    (stopped / "config.json").write_text("{}")
+    for out in (empty, stopped):
+        assert exit_code(train.main, ["--out", str(out), *SMALL, "--steps", "1"]) == 0
+        assert list_checkpoints(out / "checkpoints")
+
+
+def test_a_failed_resume_deletes_nothing(finished_run, tmp_path, capsys):
+    """--resume that finds no checkpoint record deletes nothing (a tensors file without its record is no orphan to
+    clean while nothing is resumed); a resume removes only what a killed write left: temporary files, and a tensors
+    file newer than every record."""
+    import shutil
+
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    ckpts = out / "checkpoints"
+    newest = list_checkpoints(ckpts)[-1]
+    records = tmp_path / "records"
+    records.mkdir()
+    for meta in list_checkpoints(ckpts):
+        meta.rename(records / meta.name)
+    kept = sorted(p.name for p in ckpts.iterdir())
+    assert "no checkpoint" in one_line_exit_2(capsys, exit_code(train.main, ["--out", str(out), "--resume"]))
+    assert sorted(p.name for p in ckpts.iterdir()) == kept
+    for meta in records.iterdir():
+        meta.rename(ckpts / meta.name)
+    step = int(newest.stem[5:])
+    older = ckpts / f"step_{step - 1:07d}.safetensors"  # its record gone (moved away by the user): left in place
+    older.write_bytes(b"weights")
+    killed = ckpts / f"step_{step + 2:07d}.safetensors"  # the newest write, killed before its record
+    killed.write_bytes(b"half")
+    (ckpts / "x.tmp").write_bytes(b"t")
+    assert exit_code(train.main, ["--out", str(out), "--resume", "--steps", str(step + 1)]) == 0
+    assert older.read_bytes() == b"weights" and not killed.exists() and not (ckpts / "x.tmp").exists()
 
 
 def remove_deep_chain(top, name: str) -> None:

@@ -358,7 +358,8 @@ def test_nonsense_ranges_are_refused(tmp_path, capsys, args, msg):
 
 def test_checkpoint_integrity_and_recovery(tmp_path, capsys):
     """The step and config are covered by the checkpoint's hash; stray files are no checkpoints; orphans from a killed
-    write are removed; a corrupt newest checkpoint names the newest intact one and --resume-from continues from it;
+    write (newer than every checkpoint) are removed; a corrupt newest checkpoint names the newest intact one and
+    --resume-from continues from it, the later checkpoints set aside;
     a torn last line of metrics.jsonl does not block a resume; files follow the umask."""
     out = tmp_path / "r"
     assert run(out, "--steps", "8", "--keep", "0") == 0
@@ -383,11 +384,32 @@ def test_checkpoint_integrity_and_recovery(tmp_path, capsys):
     assert f"the newest intact checkpoint is {ckpts / 'step_0000004.json'}" in err and "--resume-from" in err
     assert not (ckpts / "step_0000012.safetensors").exists() and not (ckpts / "step_0000012.safetensors.tmp").exists()
     assert run(out, "--resume-from", str(ckpts / "step_0000004.json"), "--steps", "10") == 0
+    aside = ckpts / "abandoned_after_step_0000004"  # the abandoned step 8, the corrupt one
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000008.json", "step_0000008.safetensors"]
+    assert "later checkpoints (step 8) are set aside in" in capsys.readouterr().err
     straight = tmp_path / "straight"
     assert run(straight, "--steps", "10") == 0
     a, b = final_tensors(straight), final_tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r[0] for r in losses(out)] == list(range(1, 11))
+
+
+def test_a_branch_from_an_earlier_checkpoint_is_what_resume_and_sample_continue(tmp_path, capsys):
+    """--resume-from an earlier checkpoint abandons the later ones: they are set aside (not deleted, not pruned in
+    place of the branch point), so the next --resume continues the branch, exactly as a straight run of the branch."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert run(out, "--steps", "8", "--ckpt-every", "2") == 0  # 4, 6, 8 kept
+    assert run(out, "--resume-from", str(ckpts / "step_0000004.json"), "--steps", "5", "--ckpt-every", "2") == 0
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_0000004.json", "step_0000005.json"]
+    assert run(out, "--resume", "--steps", "7", "--ckpt-every", "2") == 0
+    assert [r[0] for r in losses(out)] == list(range(1, 8))
+    straight = tmp_path / "straight"
+    assert run(straight, "--steps", "5", "--ckpt-every", "2") == 0
+    assert run(straight, "--resume", "--steps", "7", "--ckpt-every", "2") == 0
+    a, b = final_tensors(straight), final_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    aside = sorted(p.name for p in (ckpts / "abandoned_after_step_0000004").iterdir())
+    assert aside == ["step_0000006.json", "step_0000006.safetensors", "step_0000008.json", "step_0000008.safetensors"]
 
 
 def current_umask():

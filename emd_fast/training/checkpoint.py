@@ -3,8 +3,8 @@
 ``step_0001000.safetensors`` is written first, then ``step_0001000.json`` which records the tensors file's
 SHA-256 and a SHA-256 of its own content (step and config included); each is written to a temporary file, fsync-ed
 and renamed, so a checkpoint is either complete (its JSON exists and both hashes match) or invisible. An interrupted
-write never replaces a good checkpoint; what it leaves (temporary files, a tensors file without its JSON) is removed
-by ``remove_orphans``. Files get the usual permissions of the user's umask and are never written through a link
+write never replaces a good checkpoint; what it leaves (temporary files, a tensors file newer than every JSON) is
+removed by ``remove_orphans``. Files get the usual permissions of the user's umask and are never written through a link
 (``emd_fast.files``); a checkpoint is read only from regular files (a FIFO or device named like one is refused).
 """
 from __future__ import annotations
@@ -50,18 +50,46 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints (a ``step_<7+ digits>.json`` exists), oldest first; other files are not checkpoints."""
     found = [p for p in Path(directory).glob("step_*.json") if CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def set_aside_later(directory: Path, step: int) -> tuple[Path | None, list[int]]:
+    """Move the checkpoints of ``directory`` after ``step`` into a folder of their own,
+    ``abandoned_after_step_<step>`` (``_2``, ... if taken), where no resume, sample or pruning looks: a run that
+    continues from an earlier checkpoint (--resume-from) abandons them, and its newest checkpoint is then its own.
+    Nothing is deleted. Returns (that folder, the steps moved), (None, []) if there were none."""
+    later = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
+    if not later:
+        return None, []
+    target, n = directory / f"abandoned_after_step_{step:07d}", 1
+    while os.path.lexists(target):
+        n += 1
+        target = directory / f"abandoned_after_step_{step:07d}_{n}"
+    target.mkdir()
+    for meta in later:  # the tensors first: a kill in between leaves a record without tensors, never the reverse
+        for path in (meta.with_suffix(".safetensors"), meta):
+            if os.path.lexists(path):
+                path.rename(target / path.name)
+    return target, [checkpoint_step(p) for p in later]
+
+
+def checkpoint_step(name) -> int:
+    """The step of a checkpoint file name ``step_<digits>.json`` (a Path or a str)."""
+    return int(CHECKPOINT_NAME.fullmatch(Path(name).name).group(1))
 
 
 def remove_orphans(directory: Path) -> list[Path]:
-    """Delete what interrupted writes leave in a checkpoint directory: temporary files and tensors files without
-    their JSON. Returns the removed paths."""
+    """Delete what interrupted writes leave in a checkpoint directory: temporary files, and a tensors file without
+    its JSON that is newer than every checkpoint (its write was killed before the JSON's). A tensors file without its
+    JSON among older checkpoints is no interrupted write (its record was moved away) and stays. Returns the removed
+    paths."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    complete = {p.stem for p in list_checkpoints(directory)}
-    orphans = [p for p in directory.glob("*.tmp")] + [p for p in directory.glob("step_*.safetensors")
-                                                     if p.stem not in complete]
+    newest = max((checkpoint_step(p) for p in list_checkpoints(directory)), default=-1)
+    orphans = [p for p in directory.glob("*.tmp")] + [
+        p for p in directory.glob("step_*.safetensors")
+        if CHECKPOINT_NAME.fullmatch(p.stem + ".json") and checkpoint_step(p.stem + ".json") > newest]
     for p in orphans:  # a link is removed itself, never followed; a private write folder with what it holds
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -22,7 +22,13 @@ from ..execution.profiling import PhaseTimer
 from ..files import read_bytes, run_subdir, write_json_atomic, write_text_atomic
 from ..progress import Progress
 from .build import Run
-from .checkpoint import config_differences, list_checkpoints, load_resume_checkpoint, save_checkpoint
+from .checkpoint import (
+    config_differences,
+    list_checkpoints,
+    load_resume_checkpoint,
+    save_checkpoint,
+    set_aside_later,
+)
 from .config import DIST_TIMEOUT_S, GRAPHS_NOT_DISTRIBUTED, RUNTIME_KEYS, check_shard, file_hashes, jsonable, resolve
 from .cost import run_cost
 from .lifecycle import StopSignals, check_batch_memory, first_step
@@ -168,7 +174,7 @@ def fastest_step(run: Run, cfg: dict, ranks: Ranks, notes: list[str]):
 
 def restore(run: Run, tensors: dict[str, torch.Tensor], state: dict, latest: Path, saved_cfg: dict) -> None:
     """Continue from a checkpoint: every tensor of the Distiller, new random streams per process if the number of
-    processes changed, the metrics log cut back to the checkpoint's step."""
+    processes changed, the metrics log cut back to the checkpoint's step and later checkpoints set aside."""
     if differences := config_differences(state.get("config"), saved_cfg):
         raise CheckpointError(f"{latest} was written by another config ({differences})")
     ranks, distiller = run.ranks, run.distiller
@@ -177,6 +183,11 @@ def restore(run: Run, tensors: dict[str, torch.Tensor], state: dict, latest: Pat
         distiller.reseed(rank_seed(run.cfg["seed"], ranks.rank, state["step"]))
     if ranks.main:
         truncate_metrics(run.cfg["out"] / "metrics.jsonl", state["step"])
+        folder, steps = set_aside_later(run.cfg["out"] / "checkpoints", state["step"])
+        if folder:
+            print(f"note: the run continues from step {state['step']}: its later checkpoints (step"
+                  f"{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}) are set aside in {folder}, where no "
+                  f"--resume or sample looks; delete that folder if you do not need them", file=sys.stderr)
         written = state.get("execution")  # absent in checkpoints written before it was recorded
         if written and (changed := config_differences(written, execution_record(run.cfg, distiller))):
             print(f"note: {latest.name} was computed with other execution options than this resume has "

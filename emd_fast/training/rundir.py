@@ -28,8 +28,10 @@ class RunLock:
     directory gets a RunError naming the holder's pid. The lock file is opened without following a link (a planted
     link is refused) and created with the umask's mode."""
 
+    NAME = ".lock"
+
     def __init__(self, directory: Path):
-        self.path = Path(directory) / ".lock"
+        self.path = Path(directory) / self.NAME
 
     def __enter__(self) -> "RunLock":
         try:
@@ -91,6 +93,8 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
             raise RunError(f"--out {out}: cannot create the run directory ({e.strerror or e})") from None
     if not out.is_dir():
         raise CheckpointError(f"--resume: {out} is not a run directory ({describe(out)})")
+    if not made and not cfg["resume"]:
+        check_run_directory(out)
     try:
         lock.enter_context(RunLock(out))
     except BaseException:
@@ -104,8 +108,20 @@ def open_run_directory(cfg: dict, lock: contextlib.ExitStack) -> tuple[bool, Pat
         run_subdir(ckpt_dir)  # a link there would put (and clean) checkpoints elsewhere
     if not cfg["resume"] and list_checkpoints(ckpt_dir):
         raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resume_from = resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None  # a failed resume deletes nothing
     remove_orphans(ckpt_dir)
-    return owned, resume_checkpoint(cfg, ckpt_dir) if cfg["resume"] else None
+    return owned, resume_from
+
+
+def check_run_directory(out: Path) -> None:
+    """RunError unless an existing ``out`` may take a new run: empty, or a run directory (it holds the .lock every run
+    makes: a run stopped before its first checkpoint starts again there). Anything else is the user's, never written
+    over (``--out .`` in a project folder, an unset shell variable)."""
+    found = sorted(os.listdir(out))
+    if found and RunLock.NAME not in found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise RunError(f"--out {out} is neither empty nor a run directory (it holds {shown}): choose a new or empty "
+                       f"directory")
 
 
 def remove_new_run(out: Path) -> None:
