@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -72,3 +73,21 @@ def check_like(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) 
     """Float dtypes for all, and the shape and device of ``ref`` for every tensor in ``others``."""
     check_float(**{ref_name: ref}, **others)
     check_same(ref_name, ref, **others)
+
+
+def meminfo_bytes(path: str, key: str) -> int | None:
+    """A ``key: <n> kB`` line of a /proc file in bytes, None where there is no such file or line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key)), None)
+
+
+def check_host_memory(need: int, what: str, hint: str) -> None:
+    """ValueError (one line) if ``need`` bytes exceed the memory this machine has available (Linux; no check
+    elsewhere): ``what`` needs them, ``hint`` says what to lower."""
+    available = meminfo_bytes("/proc/meminfo", "MemAvailable:")
+    if available is not None and need > available:
+        raise ValueError(f"{what} needs {need / 2**30:.1f} GiB of memory, this machine has {available / 2**30:.1f} GiB "
+                         f"available: {hint}")

@@ -137,7 +137,7 @@ def write_samples(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(write_samples, args, oom_hint="lower --batch")
+    return run_command(write_samples, args, oom_hint="lower --batch (or --n)")
 
 
 def console() -> None:

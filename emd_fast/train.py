@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         if summary is not None:  # None: a rank other than 0 of a distributed run
             print(format_summary(summary))
 
-    return run_command(report, args, oom_hint="lower --batch, --eval-samples or --fid-samples")
+    return run_command(report, args,
+                       oom_hint="lower --batch, --eval-samples, --fid-samples or the network size (--hidden, --depth)")
 
 
 def console() -> None:

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from emd_fast import edm_import, fid, pretrain, sample, train
+from emd_fast.checks import meminfo_bytes
 from emd_fast.errors import out_of_memory
 from emd_fast.training.build import load_run
 from emd_fast.training.checkpoint import list_checkpoints
-from emd_fast.training.lifecycle import _meminfo_bytes, cpu_memory_limit
+from emd_fast.training.lifecycle import cpu_memory_limit
 
 from helpers import final_tensors, one_line_error
 
@@ -151,7 +152,7 @@ def test_checkpoint_size_estimate_is_what_is_written(finished_run):
 def test_cpu_allocations_beyond_the_available_ram_fail_instead_of_overcommitting():
     """Two untouched allocations of half the available RAM each: the kernel grants both (overcommit; touching them
     would summon the OOM killer); under cpu_memory_limit (80% of it) the second fails as an allocation error."""
-    n = int(0.5 * _meminfo_bytes("/proc/meminfo", "MemAvailable:"))
+    n = int(0.5 * meminfo_bytes("/proc/meminfo", "MemAvailable:"))
     a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
     del a, b
     with cpu_memory_limit(torch.device("cpu")):

@@ -26,12 +26,12 @@ from test_edm_import import Persistent, edm_globals, write_edm_pickle  # noqa: F
 from test_unet import random_song
 
 from emd_fast import edm_import, train
+from emd_fast.checks import meminfo_bytes
 from emd_fast.errors import CheckpointError
 from emd_fast.safe_pickle import load_torch_file
 from emd_fast.teachers.edm_pickle import load_edm_pickle
 from emd_fast.teachers.mixture import MixtureError, load_mixture
 from emd_fast.teachers.network_file import load_network, save_network
-from emd_fast.training.lifecycle import _meminfo_bytes
 
 CAP = 768 << 20  # address space a refusal may add: far below what the bombs ask for (GBs)
 SMALL = ["--teacher-fit-steps", "2", "--batch", "8", "--hidden", "8", "--depth", "1", "--eval-every", "0",
@@ -42,7 +42,7 @@ SMALL = ["--teacher-fit-steps", "2", "--batch", "8", "--hidden", "8", "--depth",
 def bounded(extra: int = CAP, seconds: int = 30):
     """The block runs with the address space capped at its size now + ``extra`` and must end within ``seconds``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    used = _meminfo_bytes("/proc/self/status", "VmSize:")
+    used = meminfo_bytes("/proc/self/status", "VmSize:")
 
     def too_long(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")

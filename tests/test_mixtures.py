@@ -54,6 +54,11 @@ def test_mixture_files_load(tmp_path, suffix, cov_key, cov):
     ({"covs": [[[1.0, 0.0], [0.0, 1.0]]] * 3}, "give exactly one of 'covs'"),
     ({"sigma": 1.0}, r"unknown entries \['sigma'\]"),
     ({"means": None}, "no 'means'"),
+    ({"means": [[1e30, 0.0], [0.0, 1.0], [1.0, 1.0]]}, r"outside what float32 computes here"),
+    ({"variances": [1e60, 1.0, 1.0]}, r"outside what float32 computes here"),
+    ({"means": [[1e-30, 0.0], [0.0, 2e-30], [1e-30, 1e-30]], "variances": [1e-60] * 3},
+     r"a data standard deviation of 1\.\d+e-30 .* outside what float32 computes here"),
+    ({"means": [[10**400, 0], [0, 1], [1, 1]]}, "cannot read mixture file .*int too large"),
 ])
 def test_bad_mixtures_are_one_line_errors(tmp_path, change, message):
     spec = {**SPEC, "variances": [0.1, 0.2, 0.05], **change}
@@ -110,3 +115,25 @@ def test_mixture_arrays_rejects_bad_random_spec():
         random_mixture(VPCosine(), seed=0, dim=0, modes=3)
     means, covs, weights = mixture_arrays({k: np.asarray(v) for k, v in {**SPEC, "variances": [1.0, 1.0, 1.0]}.items()})
     assert covs.shape == (3, 2, 2) and weights.shape == (3,)
+
+
+def test_sampling_without_a_factor_per_example_is_the_same_distribution(monkeypatch):
+    """Past SAMPLE_COV_ENTRIES (n x D x D) the samples are drawn a mode at a time instead of gathering a Cholesky
+    factor per example: the same labels and noise give the same samples (fp32 rounding), and a 2048-D mode samples
+    without an (n, 2048, 2048) tensor."""
+    import emd_fast.teachers.mixture as mixture
+
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    a = torch.randn(7, 5, 5, generator=g, dtype=torch.float64)
+    teacher = mixture.GaussianMixtureTeacher(means, a @ a.transpose(1, 2) + 0.1 * torch.eye(5),
+                                             torch.arange(1.0, 8.0, dtype=torch.float64), VPCosine())
+    gathered, labels = teacher.sample(301, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(mixture, "SAMPLE_COV_ENTRIES", 0)
+    grouped, same = teacher.sample(301, torch.Generator().manual_seed(0))
+    assert torch.equal(labels, same) and torch.allclose(grouped, gathered, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    wide = mixture.GaussianMixtureTeacher(torch.zeros(1, 2048, dtype=torch.float64), torch.full((1,), 4.0),
+                                          torch.ones(1, dtype=torch.float64), VPCosine())
+    x, _ = wide.sample(512, torch.Generator().manual_seed(0))
+    assert x.shape == (512, 2048) and abs(float(x.std()) - 2.0) < 0.02

@@ -325,6 +325,7 @@ def test_stop_signals_from_the_first_instant(argv, sig, delay, tmp_path):
     (["--fid-ref", "{file}", "--inception", "{file}"], "FID is for image runs"),
     (["--K", "2.5"], "argument --K: invalid int value"),
     (["--out", "{deep}"], "cannot create the run directory"),
+    (["--eval-samples", "1000000000000"], "--eval-samples 1000000000000 of 2-D needs 29802.3 GiB of memory"),
     (["--out", ""], "argument --out: an empty path (an unset shell variable?)"),
     (["--out", " "], "argument --out: an empty path"),
     (["--mixture", ""], "argument --mixture: an empty path"),

@@ -161,7 +161,7 @@ def test_user_mixture_run_resume_and_changed_file(tmp_path, capsys):
     (["--device", "nonsense"], "is not a device name"),
     (["--device", "mps"], "emd_fast runs on cpu or cuda devices"),
     (["--fid-ref", "{good}"], "--fid-ref needs --inception"),
-    (["--eval-samples", "100000000000"], "error: out of memory"),
+    (["--eval-samples", "100000000000"], "error: --eval-samples 100000000000 of 2-D needs 2980.2 GiB of memory"),
 ])
 def test_bad_problem_options_are_one_line_errors(tmp_path, capsys, args, msg):
     files = {"{bad}": write_mixture(tmp_path / "bad.json", weights=[0.5, 0.3, 0.3]),

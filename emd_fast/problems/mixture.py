@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import check_host_memory
 from ..evaluation.mixture_metrics import mixture_metrics, reference_metrics
 from ..evaluation.mixture_plots import plot_run
 from ..files import sha256_file
@@ -53,7 +54,10 @@ class MixtureProblem:
         self.cfg, self.teacher = cfg, teacher
         self.sigma_data = data_std(self.teacher)
         exact_rng = torch.Generator().manual_seed(seed_for(cfg["seed"], Stream.EXACT_SAMPLES))
-        self.exact, _ = self.teacher.sample(cfg["eval_samples"], exact_rng)
+        n = cfg["eval_samples"]  # held with as many generated samples, and the metrics' work on both
+        check_host_memory(4 * 4 * n * teacher.dim, f"--eval-samples {n} of {teacher.dim}-D",
+                          "lower --eval-samples")
+        self.exact, _ = self.teacher.sample(n, exact_rng)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "MixtureProblem":

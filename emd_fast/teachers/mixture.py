@@ -135,7 +135,12 @@ class GaussianMixtureTeacher:
         labels = torch.multinomial(self.weights.float().to(device), n, replacement=True, generator=generator)
         chol = torch.linalg.cholesky(self.covs).float().to(device)
         noise = torch.randn(n, self.dim, generator=generator, device=device)
-        x = self.means.float().to(device)[labels] + torch.einsum("nde,ne->nd", chol[labels], noise)
+        x = self.means.float().to(device)[labels]
+        if n * self.dim**2 <= SAMPLE_COV_ENTRIES:
+            return x + torch.einsum("nde,ne->nd", chol[labels], noise), labels
+        for k in labels.unique().tolist():  # a factor per mode drawn, not per example: (n, D, D) would not fit
+            rows = (labels == k).nonzero().squeeze(1)
+            x[rows] += noise[rows] @ chol[k].T
         return x, labels
 
     def sample_t(self, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -148,6 +153,8 @@ class GaussianMixtureTeacher:
 MAX_MODES = 10_000
 MAX_COV_ENTRIES = 1 << 22  # M x D x D (32 MiB of float64; ~90 MB in the run's config.json)
 MIN_RELATIVE_VARIANCE = 1e-10  # of the data's variance, per mode and direction
+DATA_SCALES = (1e-10, 1e15)  # the data's std and the largest |mean| or mode std: squares and sums stay float32
+SAMPLE_COV_ENTRIES = 1 << 24  # n x D x D of the per-example Cholesky factors one sampling call may gather
 MIXTURE_JSON_BYTES = 256 << 20
 
 
@@ -204,7 +211,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             return {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
     except FileRefused as e:
         raise MixtureError(str(e)) from None
-    except (ValueError, TypeError) as e:  # ragged lists, strings where numbers belong
+    except (ValueError, TypeError, OverflowError) as e:  # ragged lists, strings where numbers, too large integers
         raise MixtureError(f"cannot read mixture file {path}: {str(e).splitlines()[0]}") from None
 
 
@@ -250,7 +257,8 @@ def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.
     asym = np.abs(covs - covs.transpose(0, 2, 1)).max(axis=(1, 2))
     if (asym > 1e-9 * np.abs(covs).max(axis=(1, 2))).any():
         raise MixtureError(f"{source}: covs[{int(asym.argmax())}] is not symmetric")
-    low = np.linalg.eigvalsh(covs).min(axis=1)
+    eigenvalues = np.linalg.eigvalsh(covs)
+    low = eigenvalues.min(axis=1)
     if (low <= 0).any():
         k = int(low.argmin())
         raise MixtureError(f"{source}: covs[{k}] is not positive definite (smallest eigenvalue {low[k]:.4g})")
@@ -258,6 +266,11 @@ def mixture_arrays(spec: dict, source: str = "mixture") -> tuple[np.ndarray, np.
     variance = float((weights @ (means**2 + np.diagonal(covs, axis1=1, axis2=2)) - mean**2).mean())
     if not math.isfinite(variance):
         raise MixtureError(f"{source}: means and covariances so large that the data's variance overflows")
+    scale = max(float(np.abs(means).max()), math.sqrt(float(eigenvalues.max())))
+    if not (DATA_SCALES[0] <= math.sqrt(variance) and scale <= DATA_SCALES[1]):
+        raise MixtureError(f"{source}: a data standard deviation of {math.sqrt(variance):.4g} with means and standard "
+                           f"deviations up to {scale:.4g} is outside what float32 computes here (both within "
+                           f"[{DATA_SCALES[0]:g}, {DATA_SCALES[1]:g}]): rescale the mixture")
     if (low < MIN_RELATIVE_VARIANCE * variance).any():
         k = int(low.argmin())
         raise MixtureError(f"{source}: covs[{k}] has variance {low[k]:.4g} along one direction, below "

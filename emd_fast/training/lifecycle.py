@@ -7,10 +7,10 @@ import math
 import resource
 import signal
 import threading
-from pathlib import Path
 
 import torch
 
+from ..checks import meminfo_bytes
 from ..errors import STOP_SIGNALS, RunError, out_of_memory
 from ..execution.distributed import Ranks
 from .distiller import Distiller
@@ -47,8 +47,8 @@ def cpu_memory_limit(device: torch.device):
     """On a CPU (Linux), the process's address space limited to its size now plus 80% of the RAM available: an
     allocation beyond that fails (and is caught) instead of succeeding on overcommit and summoning the kernel's OOM
     killer, and the rest of the machine keeps some memory."""
-    available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
-    used = _meminfo_bytes("/proc/self/status", "VmSize:")
+    available = meminfo_bytes("/proc/meminfo", "MemAvailable:")
+    used = meminfo_bytes("/proc/self/status", "VmSize:")
     if device.type != "cpu" or available is None or used is None:
         yield
         return
@@ -60,15 +60,6 @@ def cpu_memory_limit(device: torch.device):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _meminfo_bytes(path: str, key: str) -> int | None:
-    """A ``key: <n> kB`` line of a /proc file in bytes, None where there is no such file or line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key)), None)
 
 
 def first_step(step, distiller: Distiller, device: torch.device):
@@ -105,7 +96,7 @@ def check_batch_memory(distiller: Distiller, device: torch.device) -> None:
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
-        available = _meminfo_bytes("/proc/meminfo", "MemAvailable:")
+        available = meminfo_bytes("/proc/meminfo", "MemAvailable:")
     need = 6 * 4 * math.prod(distiller.shape) * distiller.batch
     if available is not None and need > available:
         raise RunError(f"--batch {distiller.batch} needs at least {need / 2**30:.1f} GiB of memory for its samples and "
