@@ -369,8 +369,22 @@ def test_sweep_reads_equal_time_from_idle_seconds_per_step_when_given():
 
 def test_report_refuses_what_is_not_a_run_directory(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for target in (tmp_path / "empty", tmp_path / "missing"):
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "empty", tmp_path / "missing", tmp_path / "file"):
         assert report.main([str(target), "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and str(target) in err, err
+    assert "file is not a run directory (a regular file)" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_report_out_must_be_a_directory(tmp_path, capsys):
+    """--out naming a file is one line (it was "[Errno 17] File exists"), and the file is left as it was."""
+    out = tmp_path / "run"
+    assert run(out, "--steps", "2") == 0
+    (tmp_path / "afile").write_text("mine")
+    capsys.readouterr()
+    assert report.main([str(out), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path / 'afile'} exists and is not a directory (a regular file)\n", err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ..files import describe, make_dirs
 from ..training.cost import run_cost
 from ..training.loggers import TAGS
 from .images import figure, save_figure
@@ -73,7 +74,7 @@ class RunDir:
     def read(cls, path: Path) -> "RunDir":
         path = Path(path)
         if not path.is_dir():
-            raise NotARun(f"{path}: no such directory")
+            raise NotARun(f"{path} is not a run directory ({describe(path)})")
         config = _read_json(path / "config.json")
         if not isinstance(config, dict) or not (path / "metrics.jsonl").is_file():
             raise NotARun(f"{path} is not an emd_fast run directory (no readable config.json and metrics.jsonl; a "
@@ -342,7 +343,10 @@ def make_report(paths: list[Path], out: Path, metrics: list[str] | None = None, 
     directory that is not a run's. step_time: the sweep's seconds per step per value, measured apart (``sweep``)."""
     runs = [RunDir.read(p) for p in paths]
     keys = label_runs(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(out)
+    except OSError as e:
+        raise NotARun(f"--out {e}") from None
     figures = {}
     panels = curve_keys(runs, metrics)
     for name, x in (("curves_steps.png", "step"), ("curves_time.png", "wall_s")):
