@@ -123,8 +123,9 @@ class DiffusersProblem(ImageProblem):
     cached)."""
 
     reads = "diffusers teachers (--teacher DIR: a diffusers model or pipeline folder)"
-    options = frozenset({"prompts", "grad_checkpoint", "resolution", "max_sequence_length"})
-    option_notes = {"resolution": "latent diffusers teachers (--teacher DIR: SD, SDXL, SD3 / FLUX pipelines)",
+    options = frozenset({"prompts", "grad_checkpoint", "resolution", "max_sequence_length", "guidance_scale"})
+    option_notes = {"guidance_scale": "text-to-image diffusers teachers (--teacher DIR: SD, SDXL, SD3, FLUX)",
+                    "resolution": "latent diffusers teachers (--teacher DIR: SD, SDXL, SD3 / FLUX pipelines)",
                     "max_sequence_length": "SD3 / FLUX teachers (--teacher DIR: their pipeline folders)"}
 
     def __init__(self, teacher: GuidedTeacher, cfg: dict, sigma_data: float, num_classes: int, folder):

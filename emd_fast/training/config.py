@@ -164,6 +164,10 @@ def validate(cfg: dict) -> None:
     check_lora_options(cfg)
     if cfg.get("fid_ref") and not cfg.get("inception"):
         raise RunError("--fid-ref needs --inception (the Inception-v3 weights the statistics were made with)")
+    if cfg.get("inception_torchscript") and not cfg.get("inception"):
+        raise RunError("--inception-torchscript says how to read --inception, which is not given")
+    if cfg.get("compile_cache") and not cfg.get("compile"):
+        raise RunError("--compile-cache keeps the artefacts of --compile (or --fast), which is not given")
     image_run = bool(cfg.get("teacher")) or cfg["preset"] == "digits"
     for key in ("inception", "fid_ref"):
         if cfg.get(key) and not image_run:
