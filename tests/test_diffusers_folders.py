@@ -114,9 +114,10 @@ def two_variants(folder):
     (lambda f: replace_scheduler(f, "DPMSolverMultistepScheduler", use_flow_sigmas=True), "use_flow_sigmas True"),
     (lambda f: replace_scheduler(f, "DDPMScheduler", num_train_timesteps=20000),  # fp32 alphas_cumprod underflow
      "scheduler_config.json: alphas_cumprod must be"),
-    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps="1000"), "'num_train_timesteps': '1000'"),
+    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps="1000"),
+     "num_train_timesteps '1000' in scheduler_config.json: need an int in [2, 100000]"),
     (lambda f: edit_json(f / "scheduler_config.json", trained_betas="0.1"), "scheduler_config.json: no noise levels"),
-    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps=-3), "scheduler_config.json: no noise lev"),
+    (lambda f: edit_json(f / "scheduler_config.json", num_train_timesteps=-3), "num_train_timesteps -3 in scheduler"),
 ])
 def test_bad_folders_are_one_line_errors(breakage, message, tmp_path, capsys):
     folder = pixel_folder(tmp_path / "m")

@@ -447,9 +447,7 @@ def _check_discrete_scheduler(directory: Path, sched: dict) -> None:
         if sched.get(key, plain) != plain:  # EDM-style continuous timesteps (CosXL), flow matching
             raise ValueError(f"{directory}: {scheduler_class} with {key} {sched[key]!r} is not supported "
                              f"(only discrete-timestep noise levels of a beta schedule)")
-    steps = sched.get("num_train_timesteps", 1000)
-    if isinstance(steps, (int, float)) and steps > MAX_TIMESTEPS:  # diffusers would allocate a table that long
-        raise ValueError(f"{directory}: num_train_timesteps {steps!r}: at most {MAX_TIMESTEPS}")
+    _check_timesteps(directory, sched.get("num_train_timesteps", 1000))
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{directory}: prediction type {prediction!r} is not supported; choose one of "
@@ -457,6 +455,13 @@ def _check_discrete_scheduler(directory: Path, sched: dict) -> None:
     if sched.get("trained_betas") is None and sched.get("beta_schedule", "linear") not in BETA_SCHEDULES:
         raise ValueError(f"{directory}: beta schedule {sched.get('beta_schedule')!r} is not supported; "
                          f"choose one of {BETA_SCHEDULES}")
+
+
+def _check_timesteps(directory: Path, n) -> None:
+    """A scheduler's num_train_timesteps: an int in [2, MAX_TIMESTEPS] (diffusers allocates tables that long)."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= MAX_TIMESTEPS):
+        raise ValueError(f"{directory}: num_train_timesteps {n!r} in scheduler_config.json: need an int in [2, "
+                         f"{MAX_TIMESTEPS}]")
 
 
 def _number(value) -> bool:
@@ -473,10 +478,7 @@ def _check_flow_scheduler(directory: Path, sched: dict, model_class: str) -> Non
     if sched.get("invert_sigmas"):
         raise ValueError(f"{directory}: {FLOW_SCHEDULER} with invert_sigmas (time running backwards, Mochi's) is not "
                          f"supported")
-    n = sched["num_train_timesteps"]
-    if not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= MAX_TIMESTEPS):
-        raise ValueError(f"{directory}: num_train_timesteps {n!r} in scheduler_config.json: need an int in [2, "
-                         f"{MAX_TIMESTEPS}]")
+    _check_timesteps(directory, sched["num_train_timesteps"])
     if not (_number(sched["shift"]) and sched["shift"] > 0):
         raise ValueError(f"{directory}: shift {sched.get('shift')!r} in scheduler_config.json: need a number > 0")
     if sched.get("use_dynamic_shifting"):

@@ -106,8 +106,8 @@ def noise_scheduler(folder: TeacherFolder):
     try:
         return diffusers_module().DDPMScheduler(**options)
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a number of the wrong type
-        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from {options}: "
-                         f"{first_lines(e)}") from None
+        raise ValueError(f"{folder.scheduler}/scheduler_config.json: no noise levels from its "
+                         f"{', '.join(sorted(options))}: {first_lines(e)[:200]}") from None
 
 
 def load_schedule(folder: TeacherFolder, shape: tuple[int, int, int] | None = None) -> Schedule:
