@@ -49,7 +49,7 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints (a ``step_<7+ digits>.json`` exists), oldest first; other files are not checkpoints."""
-    found = [p for p in Path(directory).glob("step_*.json") if CHECKPOINT_NAME.fullmatch(p.name)]
+    found = [p for p in Path(directory).glob("step_*.json") if checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
 
 
@@ -73,9 +73,10 @@ def set_aside_later(directory: Path, step: int) -> tuple[Path | None, list[int]]
     return target, [checkpoint_step(p) for p in later]
 
 
-def checkpoint_step(name) -> int:
-    """The step of a checkpoint file name ``step_<digits>.json`` (a Path or a str)."""
-    return int(CHECKPOINT_NAME.fullmatch(Path(name).name).group(1))
+def checkpoint_step(path) -> int | None:
+    """The step a checkpoint record's name ``step_<7+ digits>.json`` gives (a Path or a str); None for another name."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def remove_orphans(directory: Path) -> list[Path]:
@@ -89,7 +90,7 @@ def remove_orphans(directory: Path) -> list[Path]:
     newest = max((checkpoint_step(p) for p in list_checkpoints(directory)), default=-1)
     orphans = [p for p in directory.glob("*.tmp")] + [
         p for p in directory.glob("step_*.safetensors")
-        if CHECKPOINT_NAME.fullmatch(p.stem + ".json") and checkpoint_step(p.stem + ".json") > newest]
+        if (step := checkpoint_step(p.with_suffix(".json"))) is not None and step > newest]
     for p in orphans:  # a link is removed itself, never followed; a private write folder with what it holds
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -111,8 +112,8 @@ def load_checkpoint(meta_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                               f"sha256 and state_sha256)")
     if state["state_sha256"] != _state_hash(state):
         raise CheckpointError(f"checkpoint {meta_path} is corrupt: its content does not match its SHA-256")
-    match = CHECKPOINT_NAME.fullmatch(meta_path.name)
-    if match and int(match.group(1)) != state["step"]:
+    step = checkpoint_step(meta_path)
+    if step is not None and step != state["step"]:
         raise CheckpointError(f"checkpoint {meta_path} holds step {state['step']}, not the step of its name")
     name = state["tensors_file"]
     if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
@@ -169,7 +170,7 @@ def resume_checkpoint(cfg: dict, ckpt_dir: Path) -> Path:
 def checkpoint_record(path: Path, what: str) -> Path:
     """The record (.json) of the checkpoint ``path`` names: a step_*.json, or the .safetensors beside one;
     CheckpointError for anything else (e.g. a run's metrics.jsonl)."""
-    if path.suffix not in (".json", ".safetensors") or not CHECKPOINT_NAME.fullmatch(path.with_suffix(".json").name):
+    if path.suffix not in (".json", ".safetensors") or checkpoint_step(path.with_suffix(".json")) is None:
         raise CheckpointError(f"{what} {path}: not a checkpoint (checkpoints/step_<step>.json or its .safetensors)")
     return path.with_suffix(".json")
 
