@@ -20,7 +20,13 @@ from emd_fast import train
 
 import diffusers_models
 from diffusers_models import SD_BETAS, edit_json  # noqa: F401 - shared with the family tests
-from helpers import final_tensors, no_compile_cache_chosen, one_line_error, train_cli  # noqa: F401 - shared with the family tests
+from helpers import (  # noqa: F401 - shared with the family tests
+    final_tensors,
+    losses,
+    no_compile_cache_chosen,
+    one_line_error,
+    train_cli,
+)
 
 WORDS = ["a", "cat", "dog", "red", "photo", "of"]
 PROMPTS = ["a red cat", "a photo of a dog"]
@@ -253,11 +259,9 @@ def compiles_regionally_as_eager(folder: Path, tmp_path: Path, monkeypatch, caps
     assert train_main(comp, *args, "--compile") == 0
     names = ", ".join(f"{name} ({blocks} blocks)" for name in ("generator", "student", "teacher network"))
     assert f"regional): compiled {names}" in capsys.readouterr().err
-    losses = [[[row[k] for k in ("loss_g", "loss_s")] for row in map(json.loads, (run / "metrics.jsonl").read_text()
-                                                                        .splitlines()) if "loss_g" in row]
-              for run in (eager, comp)]
-    assert len(losses[0]) == 12
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+    curves = [[row[1:] for row in losses(run)] for run in (eager, comp)]  # (loss_g, loss_s) per step
+    assert len(curves[0]) == 12
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-6)
     graphs = json.loads((comp / "summary.json").read_text())["compiled_graphs"]
     assert graphs["warmup"] > 0 and graphs["after_warmup"] == 0, graphs
 
